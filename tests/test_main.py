@@ -1,0 +1,120 @@
+"""Whole-script behaviour through real subprocesses: import purity, DRY_RUN, config errors, single-process and
+2-rank torchrun (gloo) training runs that evaluate and exit 0 on every rank."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+SCRIPT = str(REPO / "train_gpt.py")
+
+
+def tiny_env(demo_subset: dict, **overrides: str) -> dict[str, str]:
+    """The environment of a tiny real run on the demo subset (step-based schedule, every stage exercised)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(DATA_PATH=demo_subset["data_path"], TOKENIZER_PATH=demo_subset["tokenizer_path"],
+               VOCAB_SIZE=str(demo_subset["vocab_size"]), MODEL_DIM="32", NUM_HEADS="4", NUM_KV_HEADS="2",
+               MLP_MULT="2", TRAIN_SEQ_LEN="32", TRAIN_BATCH_TOKENS="256", GRAD_ACCUM_STEPS="1", ITERATIONS="12",
+               MAX_WALLCLOCK_SECONDS="0", WARMDOWN_ITERS="6", LR_WARMUP_STEPS="2", SWA_EVERY="2", VAL_LOSS_EVERY="6",
+               VAL_BATCH_SIZE="1024", VAL_MAX_TOKENS="2048", TRAIN_LOG_EVERY="4", RUN_ID="tiny", COMPILE="0",
+               OMP_NUM_THREADS="1")
+    env.update(overrides)
+    return env
+
+
+def run(cmd: list[str], env: dict[str, str], cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def test_import_has_no_side_effects(tmp_path):
+    code = ("import os, torch, train_gpt; "
+            "assert not torch.cuda.is_initialized(); "
+            "assert not torch.distributed.is_initialized(); "
+            "print(sorted(os.listdir('.')))")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "", "MODEL_DIM": "not-a-number"}
+    out = run([sys.executable, "-c", code], env, tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]" and out.stderr == ""  # no prints, no files, env not read
+
+
+def test_dry_run_prints_config_count_and_table(tmp_path):
+    env = {**os.environ, "DRY_RUN": "1"}
+    out = run([sys.executable, SCRIPT], env, tmp_path)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    config = json.loads(lines[0].removeprefix("config:"))
+    assert config["model_dim"] == 880 and config["prog_depth"] == "0.30:2,0.50:3,1.0:4"
+    assert "model_params:23662344" in lines
+    rows = [line for line in lines if line.startswith("param ")]
+    assert len(rows) == 6 + 3 * 10  # 6 model-level tensors + 10 per block
+    assert any("blocks.0.mlp.fc.weight shape:2640x880 group:muon dtype:float32 store:q(levels=16" in r for r in rows)
+    assert list(tmp_path.iterdir()) == []  # no logs, no data, no device work
+
+
+@pytest.mark.parametrize("env_update, message", [
+    ({"MODEL_DIM": "88O"}, "MODEL_DIM must be a number"),
+    ({"WARMDOWN_ITER": "3000"}, "did you mean WARMDOWN_ITERS"),
+    ({"PRESET": "nope"}, "unknown PRESET"),
+    ({"NUM_HEADS": "7"}, "NUM_HEADS=7 must divide MODEL_DIM=880"),
+    ({"PROG_DEPTH": "0.3:2,0.5:9"}, "PROG_DEPTH repeats 9"),
+])
+def test_bad_config_fails_fast_with_exit_code_2(tmp_path, env_update, message):
+    out = run([sys.executable, SCRIPT], {**os.environ, **env_update}, tmp_path)
+    assert out.returncode == 2
+    assert out.stderr.count("\n") == 1 and message in out.stderr and out.stdout == ""
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_batch_that_does_not_split_across_ranks_fails_with_exit_code_2(tmp_path, demo_subset):
+    env = tiny_env(demo_subset, TRAIN_BATCH_TOKENS="96")  # 96 tokens are not whole 32-token rows per... 3 rows
+    env.update(GRAD_ACCUM_STEPS="2")
+    out = run([sys.executable, SCRIPT], env, tmp_path)
+    assert out.returncode == 2 and "does not split" in out.stderr
+
+
+def read_log(tmp_path: Path, run_id: str = "tiny") -> tuple[str, list[dict]]:
+    text = (tmp_path / "logs" / f"{run_id}.txt").read_text()
+    records = [json.loads(line) for line in (tmp_path / "logs" / f"{run_id}.jsonl").read_text().splitlines()]
+    return text, records
+
+
+def test_single_process_run_logs_every_stage(tmp_path, demo_subset):
+    out = run([sys.executable, SCRIPT], tiny_env(demo_subset), tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    text, records = read_log(tmp_path)
+    assert text.startswith('"""Depth-recurrent GPT')  # the source heads the log file, not the console
+    assert '"""Depth-recurrent' not in out.stdout
+    for pattern in [r"^model_params:\d+$", r"^world_size:1 ", r"^step:1/12 train_loss:[\d.]+ ",
+                    r"^step:6/12 val_loss:[\d.]+ val_bpb:[\d.]+ train_time:\d+ms step_avg:[\d.]+ms$",
+                    r"^prog_depth:switch repeats:3 step:4 frac:0.333$", r"^prog_depth:switch repeats:4 step:6 ",
+                    r"^swa:start step:\d+$", r"^swa:apply checkpoints:\d+$",
+                    r"^final_float_exact val_loss:\d+\.\d{8} val_bpb:\d+\.\d{8}$"]:
+        assert re.search(pattern, out.stdout, re.M), pattern
+    assert [r["name"] for r in records] == ["val", "val", "val", "final_float"]
+    assert records[-1]["repeats"] == 4 and records[0]["val_bpb"] > records[-1]["val_bpb"]
+
+
+def test_wallclock_cap_stops_early(tmp_path, demo_subset):
+    env = tiny_env(demo_subset, MAX_WALLCLOCK_SECONDS="2", ITERATIONS="100000", VAL_LOSS_EVERY="0")
+    out = run([sys.executable, SCRIPT], env, tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert re.search(r"^stopping_early: wallclock_cap train_time:\d+ms step:\d+/100000$", out.stdout, re.M)
+    assert "final_float_exact" in out.stdout
+
+
+def test_torchrun_two_gloo_ranks_train_evaluate_and_exit_zero(tmp_path, demo_subset):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT]
+    out = run(cmd, tiny_env(demo_subset), tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]  # torchrun exits 0 only when every rank did
+    assert re.search(r"^world_size:2 ", out.stdout, re.M)
+    assert len(re.findall(r"^final_float_exact ", out.stdout, re.M)) == 1  # rank 0 logs, once
+    text, records = read_log(tmp_path)
+    assert records[-1]["name"] == "final_float" and records[-1]["val_bpb"] == records[-1]["val_bpb"]  # not NaN

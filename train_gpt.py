@@ -1,0 +1,1072 @@
+"""Depth-recurrent GPT for the OpenAI Parameter Golf challenge (16,000,000-byte artifact, 10 min on 8xH100).
+
+A re-implementation of the PR #1453 line (3 shared blocks x 4 repeats, cross-repeat skips, value embeddings,
+XSA on the last layers, LeakyReLU(0.5)^2, Muon with progressive depth and SWA) that runs the same on CUDA and
+on CPU, in one process or under torchrun, and fixes the reference's defects (fp32 RoPE and recurrence scalars,
+compile work outside the timed budget, an explicit LR warmup, clean exit on every rank).
+
+Run (record config, 8 GPUs):   torchrun --standalone --nproc_per_node=8 train_gpt.py
+Run (CPU demo, 2 processes):   PRESET=demo torchrun --standalone --nproc_per_node=2 train_gpt.py
+Inspect a config, no work:     DRY_RUN=1 MODEL_DIM=768 python3 train_gpt.py
+Every knob is an environment variable named like the reference's (MODEL_DIM, PROG_DEPTH, ...); see Config.
+Lineage: #148 recurrence, #784 XSA + LeakyReLU^2, #835 progressive depth, #1384 SWA, #1453 mixed quantization.
+
+Contents
+  1. IMPORTS
+  2. CONFIG         frozen typed config from env vars, presets, validation
+  3. RUNTIME        device, torchrun, autocast, compile, logging, shutdown (the only impure section with 9-10)
+  4. SCHEDULES      LR warmup/warmdown, Muon momentum, progressive depth, SWA cadence
+  5. DATA           challenge shards, the sequential train stream, validation tokens
+  6. BYTES          SentencePiece byte tables and the bits-per-byte meter
+  7. MODEL          attention with XSA, MLP, block, the recurrent GPT
+  8. PARAMETERS     the parameter policy table and the optimizers built from it
+  9. EVALUATION     non-overlapping validation
+ 10. TRAINING       compile priming, the train step, the timed loop, SWA
+ 11. MAIN
+"""
+
+# === 1. IMPORTS ===
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import json
+import math
+import os
+import re
+import secrets
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Mapping
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# === 2. CONFIG ===
+# One frozen dataclass; the env var of a field is its upper-cased name. Defaults are the #1453 submitted run
+# (README command + SUMMARY block), not the reference script's own defaults, which differ in 8 places.
+
+
+class ConfigError(ValueError):
+    """A bad knob: reported as one line and exit code 2 before any work starts."""
+
+
+@dataclass(frozen=True)
+class Config:
+    # run and paths
+    data_path: str = "./data/datasets/fineweb10B_sp1024"
+    tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"
+    run_id: str = ""  # empty: rank 0 draws one at start-up and shares it
+    seed: int = 1337
+    dry_run: bool = False
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    autocast: bool = True  # bf16 autocast on both CUDA and CPU
+    compile: str = "auto"  # auto (on for CUDA) | 0 | 1
+    # length and cadence
+    iterations: int = 20000
+    max_wallclock_seconds: float = 600.0  # 0: step-based schedules over ITERATIONS
+    train_batch_tokens: int = 524288
+    train_seq_len: int = 1024
+    grad_accum_steps: int = 0  # 0: 8 // world_size when that divides, else 1
+    lr_warmup_steps: int = 50
+    warmdown_iters: int = 3000
+    val_batch_size: int = 524288
+    val_loss_every: int = 1000
+    val_max_tokens: int = 0  # 0: the whole validation split; >0 caps it (CPU runs)
+    train_log_every: int = 200
+    # architecture
+    vocab_size: int = 1024
+    num_layers: int = 3
+    num_repeats: int = 4
+    model_dim: int = 880
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    mlp_mult: float = 3.0
+    num_value_embeds: int = 2
+    xsa_last_n: int = 4
+    qk_gain_init: float = 1.5
+    logit_softcap: float = 30.0
+    rope_base: float = 10000.0
+    tied_embed_init_std: float = 0.005
+    # optimizer
+    tied_embed_lr: float = 0.021
+    matrix_lr: float = 0.018
+    scalar_lr: float = 0.018
+    muon_momentum: float = 0.95
+    muon_backend_steps: int = 5
+    muon_momentum_warmup_start: float = 0.85
+    muon_momentum_warmup_steps: int = 500
+    muon_wd: float = 0.04
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip_norm: float = 0.3  # 0 disables
+    # progressive depth and SWA
+    prog_depth: str = "0.30:2,0.50:3,1.0:4"  # frac:repeats, fractions of the run (wallclock, else steps)
+    swa_enabled: bool = True
+    swa_start_frac: float = 0.6  # reference name; it is an LR-scale threshold, not a fraction of the run
+    swa_every: int = 30
+    # quantization (levels L give 2L+1 codes: 63 -> "int7", 16 -> "int5")
+    quant_levels: int = 63
+    mlp_quant_levels: int = 16
+
+    def __post_init__(self) -> None:
+        for problem in _config_problems(self):
+            raise ConfigError(problem)
+
+    @property
+    def head_dim(self) -> int:
+        return self.model_dim // self.num_heads
+
+    @property
+    def depth_schedule(self) -> tuple[tuple[float, int], ...]:
+        return parse_prog_depth(self.prog_depth)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> "Config":
+        """Parse knobs by annotation on top of PRESET's defaults; reject typos of knob names."""
+        knobs = {f.name.upper(): f for f in dataclasses.fields(cls)}
+        for key in environ:
+            if key in knobs or key in NON_KNOB_ENV:
+                continue
+            close = difflib.get_close_matches(key, list(knobs), n=1, cutoff=0.85)
+            if close:
+                raise ConfigError(f"unknown env var {key}; did you mean {close[0]}?")
+        preset = environ.get("PRESET", "pr1453")
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown PRESET={preset!r}; known: {', '.join(sorted(PRESETS))}")
+        values = dict(PRESETS[preset])
+        for key, f in knobs.items():
+            if key in environ:
+                values[f.name] = _parse_value(key, environ[key], f.type)
+        return cls(**values)
+
+
+# Env vars that are not knobs but may sit near a knob's name (torchrun's, our preset selector).
+NON_KNOB_ENV = frozenset({"PRESET", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK"})
+
+PRESETS: dict[str, dict[str, object]] = {
+    "pr1453": {},
+    # A CPU-sized model on the embedded State of the Union demo corpus (python3 data/prepare_demo.py).
+    "demo": dict(
+        data_path="./data/datasets/demo_sp1024",
+        tokenizer_path="./data/tokenizers/demo_1024_bpe.model",
+        model_dim=128, num_heads=4, num_kv_heads=2, train_seq_len=256, train_batch_tokens=4096, grad_accum_steps=1,
+        max_wallclock_seconds=240.0, warmdown_iters=150, lr_warmup_steps=20, muon_momentum_warmup_steps=100,
+        swa_every=10, val_batch_size=16384, val_loss_every=100, val_max_tokens=65536, train_log_every=25,
+    ),
+}
+
+
+def _parse_value(key: str, raw: str, annotation: str) -> object:
+    kind = annotation if isinstance(annotation, str) else annotation.__name__
+    text = raw.strip()
+    try:
+        if kind == "int":
+            return int(text)
+        if kind == "float":
+            return float(text)
+    except ValueError:
+        raise ConfigError(f"{key} must be a number ({kind}), got {raw!r}") from None
+    if kind == "bool":
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{key} must be 0 or 1, got {raw!r}")
+    return raw
+
+
+def parse_prog_depth(spec: str) -> tuple[tuple[float, int], ...]:
+    """'0.30:2,0.50:3,1.0:4' -> ((0.3, 2), (0.5, 3), (1.0, 4)); raises ConfigError when malformed."""
+    pairs = []
+    for item in spec.split(","):
+        frac, sep, reps = item.strip().partition(":")
+        try:
+            pairs.append((float(frac), int(reps)))
+        except ValueError:
+            raise ConfigError(f"PROG_DEPTH item {item.strip()!r} is not frac:repeats (e.g. 0.30:2)") from None
+        if not sep:
+            raise ConfigError(f"PROG_DEPTH item {item.strip()!r} is not frac:repeats (e.g. 0.30:2)")
+    return tuple(pairs)
+
+
+def _config_problems(c: Config) -> Iterator[str]:
+    """Yield every validation failure; the first one is raised."""
+    positive = ("num_layers", "num_repeats", "model_dim", "num_heads", "num_kv_heads", "vocab_size", "iterations",
+                "train_batch_tokens", "train_seq_len", "val_batch_size", "swa_every", "muon_backend_steps")
+    for name in positive:
+        if getattr(c, name) <= 0:
+            yield f"{name.upper()} must be > 0, got {getattr(c, name)}"
+    for name in ("mlp_mult", "logit_softcap", "rope_base", "tied_embed_init_std", "qk_gain_init"):
+        if not getattr(c, name) > 0:
+            yield f"{name.upper()} must be > 0, got {getattr(c, name)}"
+    non_negative = ("max_wallclock_seconds", "grad_accum_steps", "lr_warmup_steps", "warmdown_iters", "val_loss_every",
+                    "val_max_tokens", "xsa_last_n", "num_value_embeds", "grad_clip_norm", "muon_wd",
+                    "muon_momentum_warmup_steps", "train_log_every")
+    for name in non_negative:
+        if getattr(c, name) < 0:
+            yield f"{name.upper()} must be >= 0, got {getattr(c, name)}"
+    if c.model_dim % max(c.num_heads, 1):
+        yield f"NUM_HEADS={c.num_heads} must divide MODEL_DIM={c.model_dim}"
+    elif c.head_dim % 2:
+        yield f"head dim MODEL_DIM/NUM_HEADS={c.head_dim} must be even for RoPE"
+    if c.num_heads % max(c.num_kv_heads, 1):
+        yield f"NUM_KV_HEADS={c.num_kv_heads} must divide NUM_HEADS={c.num_heads}"
+    if c.vocab_size > 65536:
+        yield f"VOCAB_SIZE={c.vocab_size} does not fit the uint16 shard format"
+    if c.train_batch_tokens % c.train_seq_len:
+        yield f"TRAIN_BATCH_TOKENS={c.train_batch_tokens} must be a multiple of TRAIN_SEQ_LEN={c.train_seq_len}"
+    if c.device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?", c.device):
+        yield f"DEVICE must be auto, cpu, cuda or cuda:N, got {c.device!r}"
+    if c.compile not in ("auto", "0", "1"):
+        yield f"COMPILE must be auto, 0 or 1, got {c.compile!r}"
+    if not c.tokenizer_path.endswith(".model"):
+        yield f"TOKENIZER_PATH must be a SentencePiece .model file, got {c.tokenizer_path!r}"
+    if not 0 < c.swa_start_frac <= 1:
+        yield f"SWA_START_FRAC must be in (0, 1], got {c.swa_start_frac}"
+    for name in ("quant_levels", "mlp_quant_levels"):
+        if not 1 <= getattr(c, name) <= 127:
+            yield f"{name.upper()} must be in 1..127 (int8 codes), got {getattr(c, name)}"
+    yield from _depth_schedule_problems(c)
+
+
+def _depth_schedule_problems(c: Config) -> Iterator[str]:
+    schedule = parse_prog_depth(c.prog_depth)
+    fracs = [f for f, _ in schedule]
+    if any(not 0 < f <= 1 for f in fracs) or fracs != sorted(set(fracs)):
+        yield f"PROG_DEPTH fractions must be increasing and in (0, 1], got {c.prog_depth!r}"
+    for _, reps in schedule:
+        if not 1 <= reps <= c.num_repeats:
+            yield f"PROG_DEPTH repeats {reps} must be in 1..NUM_REPEATS={c.num_repeats}"
+    if schedule[-1][1] != c.num_repeats:
+        yield f"PROG_DEPTH must end at NUM_REPEATS={c.num_repeats} (the depth that is exported), got {c.prog_depth!r}"
+
+
+# === 3. RUNTIME ===
+# Everything that touches a device, torchrun, the clock or the file system. The numerical core below takes its
+# device from its tensors, so this object is the only place with "cuda" in it.
+
+
+def generate_run_id() -> str:
+    return time.strftime("%Y%m%d_%H%M%S") + "_" + secrets.token_hex(3)
+
+
+class Runtime:
+    """Owns device, process group, autocast, compile, logging and shutdown for one rank."""
+
+    def __init__(self, cfg: Config, environ: Mapping[str, str]):
+        self.distributed = "RANK" in environ and "WORLD_SIZE" in environ
+        self.rank = int(environ.get("RANK", 0))
+        self.world_size = int(environ.get("WORLD_SIZE", 1))
+        self.local_rank = int(environ.get("LOCAL_RANK", 0))
+        self.is_main = self.rank == 0
+        want = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = torch.device(f"cuda:{self.local_rank}" if want == "cuda" else want)
+        self.is_cuda = self.device.type == "cuda"
+        if self.is_cuda:
+            torch.cuda.set_device(self.device)
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        if self.distributed:
+            backend = "nccl" if self.is_cuda else "gloo"
+            dist.init_process_group(backend, device_id=self.device if self.is_cuda else None)
+            dist.barrier()
+        self.use_compile = cfg.compile == "1" or (cfg.compile == "auto" and self.is_cuda)
+        self.use_autocast = cfg.autocast
+        run_id = self.broadcast_object(cfg.run_id or generate_run_id())
+        self.cfg = dataclasses.replace(cfg, run_id=run_id)
+        self.log_path = Path("logs") / f"{run_id}.txt"
+        if self.is_main:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed)
+
+    # --- collectives (no-ops in one process) ---
+    def broadcast_object(self, obj: object) -> object:
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def all_reduce(self, tensor: Tensor, op: str = "sum") -> Tensor:
+        if self.distributed:
+            dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+        return tensor
+
+    def max_scalar(self, value: float) -> float:
+        return self.all_reduce(torch.tensor([value], dtype=torch.float64, device=self.device), "max").item()
+
+    def average_gradients(self, params: list[nn.Parameter]) -> None:
+        """One flat all-reduce of every gradient (a missing one counts as zero)."""
+        if not self.distributed:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        self.all_reduce(flat).div_(self.world_size)
+        for p, chunk in zip(params, flat.split([g.numel() for g in grads])):
+            p.grad = chunk.view_as(p)
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    # --- execution context ---
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.use_autocast)
+
+    def compile(self, fn: Callable) -> Callable:
+        if not self.use_compile:
+            return fn
+        # One graph per (depth, grad mode): every one is primed before the clock starts.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        return torch.compile(fn, fullgraph=True, dynamic=False)
+
+    def sync(self) -> None:
+        if self.is_cuda:
+            torch.cuda.synchronize(self.device)
+
+    def device_name(self) -> str:
+        return torch.cuda.get_device_name(self.device) if self.is_cuda else f"cpu({os.cpu_count()} cores)"
+
+    def peak_memory_line(self) -> str:
+        if not self.is_cuda:
+            return "peak_memory: n/a (cpu)"
+        mib = 1024 * 1024
+        return (f"peak_memory allocated:{torch.cuda.max_memory_allocated() // mib}MiB "
+                f"reserved:{torch.cuda.max_memory_reserved() // mib}MiB")
+
+    # --- logging (rank 0 only) ---
+    def log(self, line: str, console: bool = True) -> None:
+        if not self.is_main:
+            return
+        if console:
+            print(line, flush=True)
+        with self.log_path.open("a", encoding="utf-8") as fh:
+            fh.write(line + "\n")
+
+    def log_json(self, record: dict) -> None:
+        if self.is_main:
+            with self.log_path.with_suffix(".jsonl").open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record, sort_keys=True) + "\n")
+
+    def shutdown(self, code: int = 0) -> None:
+        """Every rank leaves the same way: barrier, destroy the group, flush, hard exit (gloo can abort at exit)."""
+        if self.distributed:
+            with contextlib.suppress(Exception):
+                dist.barrier()
+                dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+# === 4. SCHEDULES ===
+# Pure functions of (step, elapsed time, config). "progress" is the fraction of the run done: of the wallclock
+# budget when MAX_WALLCLOCK_SECONDS > 0, else of ITERATIONS (the reference never left depth 2 in that mode).
+
+
+def run_progress(cfg: Config, step: int, elapsed_ms: float) -> float:
+    if cfg.max_wallclock_seconds > 0:
+        return min(elapsed_ms / (1000.0 * cfg.max_wallclock_seconds), 1.0)
+    return min(step / cfg.iterations, 1.0)
+
+
+def lr_scale(cfg: Config, step: int, elapsed_ms: float) -> float:
+    """Linear warmup over LR_WARMUP_STEPS, then 1, then a linear warmdown to 0 at the end of the run.
+
+    With a wallclock budget the warmdown starts when the remaining time drops below WARMDOWN_ITERS mean steps
+    (the reference rule; elapsed excludes compile, so it no longer depends on the compile cache). The explicit
+    warmup replaces the reference's accidental one, which came from compile time inflating the mean step.
+    """
+    warm = min(1.0, (step + 1) / cfg.lr_warmup_steps) if cfg.lr_warmup_steps else 1.0
+    if cfg.max_wallclock_seconds > 0:
+        remaining_ms = max(1000.0 * cfg.max_wallclock_seconds - elapsed_ms, 0.0)
+        warmdown_ms = cfg.warmdown_iters * elapsed_ms / max(step, 1)
+        cool = remaining_ms / warmdown_ms if remaining_ms < warmdown_ms else 1.0
+    else:
+        cool = min(1.0, max(cfg.iterations - step, 0) / cfg.warmdown_iters) if cfg.warmdown_iters else 1.0
+    return warm * cool
+
+
+def muon_momentum_at(cfg: Config, step: int) -> float:
+    ramp = min(step / cfg.muon_momentum_warmup_steps, 1.0) if cfg.muon_momentum_warmup_steps else 1.0
+    return (1 - ramp) * cfg.muon_momentum_warmup_start + ramp * cfg.muon_momentum
+
+
+def repeats_at(cfg: Config, progress: float) -> int:
+    """Repeats of the first PROG_DEPTH phase whose fraction is still ahead; the last phase after that."""
+    for frac, reps in cfg.depth_schedule:
+        if progress < frac:
+            return reps
+    return cfg.depth_schedule[-1][1]
+
+
+def swa_due(cfg: Config, step: int, repeats: int, scale: float) -> bool:
+    """Collect every SWA_EVERY steps at full depth once the LR scale is below SWA_START_FRAC (reference rule)."""
+    return cfg.swa_enabled and repeats == cfg.num_repeats and scale < cfg.swa_start_frac and step % cfg.swa_every == 0
+
+
+# === 5. DATA ===
+# Challenge shards: 256 little-endian int32 header (magic, version, token count), then uint16 tokens. Training
+# reads the sorted train shards as one endless sequential stream; each micro-step every rank takes the same
+# world*(local+1) tokens and keeps its own slice, so no two ranks ever see the same tokens.
+
+SHARD_MAGIC = 20240520
+SHARD_VERSION = 1
+SHARD_HEADER_INTS = 256
+
+
+def read_shard(path: Path) -> np.ndarray:
+    """Tokens of one shard as uint16; any header or size mismatch raises ValueError naming the file."""
+    header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
+    if header.size != SHARD_HEADER_INTS or header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
+        raise ValueError(f"{path}: not a challenge shard (want magic {SHARD_MAGIC} version {SHARD_VERSION})")
+    count = int(header[2])
+    expected = 4 * SHARD_HEADER_INTS + 2 * count
+    if path.stat().st_size != expected:
+        raise ValueError(f"{path}: size {path.stat().st_size} bytes, header says {count} tokens ({expected} bytes)")
+    return np.fromfile(path, dtype="<u2", count=count, offset=4 * SHARD_HEADER_INTS)
+
+
+def shard_paths(data_path: str, split: str) -> list[Path]:
+    paths = sorted(Path(data_path).glob(f"fineweb_{split}_*.bin"))
+    if not paths:
+        raise FileNotFoundError(f"no fineweb_{split}_*.bin shards in {data_path}")
+    return paths
+
+
+class TokenStream:
+    """The train shards read strictly in order, wrapping to the first shard after the last."""
+
+    def __init__(self, paths: list[Path]):
+        self.paths = paths
+        self.file_index = 0
+        self.offset = 0
+        self.tokens = read_shard(paths[0])
+
+    def take(self, n: int) -> np.ndarray:
+        parts = []
+        while n > 0:
+            if self.offset == len(self.tokens):
+                self.file_index = (self.file_index + 1) % len(self.paths)
+                self.tokens, self.offset = read_shard(self.paths[self.file_index]), 0
+            part = self.tokens[self.offset:self.offset + n]
+            parts.append(part)
+            self.offset += len(part)
+            n -= len(part)
+        return np.concatenate(parts)
+
+
+class TrainBatches:
+    """Per micro-step (inputs, targets) of shape (local_tokens / seq_len, seq_len) for one rank."""
+
+    def __init__(self, stream: TokenStream, rank: int, world_size: int, local_tokens: int, seq_len: int,
+                 device: torch.device):
+        self.stream, self.rank, self.world_size = stream, rank, world_size
+        self.local_tokens, self.seq_len, self.device = local_tokens, seq_len, device
+
+    def next(self) -> tuple[Tensor, Tensor]:
+        span = self.local_tokens + 1
+        chunk = self.stream.take(span * self.world_size)[self.rank * span:(self.rank + 1) * span]
+        local = torch.from_numpy(chunk.astype(np.int64)).to(self.device)
+        return local[:-1].view(-1, self.seq_len), local[1:].view(-1, self.seq_len)
+
+
+def grad_accum_for(cfg: Config, world_size: int) -> int:
+    """GRAD_ACCUM_STEPS, or 8 // world (the challenge's global batch on any GPU count that divides 8)."""
+    if cfg.grad_accum_steps:
+        return cfg.grad_accum_steps
+    return 8 // world_size if 8 % world_size == 0 else 1
+
+
+def local_batch_tokens(cfg: Config, world_size: int) -> int:
+    accum = grad_accum_for(cfg, world_size)
+    per_micro = cfg.train_batch_tokens // (world_size * accum)
+    if per_micro * world_size * accum != cfg.train_batch_tokens or per_micro % cfg.train_seq_len:
+        raise ConfigError(f"TRAIN_BATCH_TOKENS={cfg.train_batch_tokens} does not split into world_size={world_size}"
+                          f" x grad_accum={accum} micro-batches of whole TRAIN_SEQ_LEN={cfg.train_seq_len} rows")
+    return per_micro
+
+
+def load_val_tokens(cfg: Config) -> Tensor:
+    """All val shards concatenated (capped by VAL_MAX_TOKENS), cut to whole TRAIN_SEQ_LEN blocks + 1 target."""
+    tokens = np.concatenate([read_shard(p) for p in shard_paths(cfg.data_path, "val")])
+    if cfg.val_max_tokens:
+        tokens = tokens[:cfg.val_max_tokens + 1]
+    usable = (len(tokens) - 1) // cfg.train_seq_len * cfg.train_seq_len
+    if usable <= 0:
+        raise ValueError(f"validation split has {len(tokens)} tokens, fewer than TRAIN_SEQ_LEN={cfg.train_seq_len}")
+    return torch.from_numpy(tokens[:usable + 1].astype(np.int64))
+
+
+# === 6. BYTES ===
+# val_bpb = sum NLL / (ln 2 * sum bytes), bytes counted from the SentencePiece pieces exactly as the challenge
+# does: a leading U+2581 is one space byte unless the previous token is a boundary (control/unknown) token,
+# byte-fallback pieces are one byte, control/unknown/unused pieces are zero bytes.
+
+
+@dataclass(frozen=True)
+class ByteTables:
+    base_bytes: Tensor  # (V,) int32
+    has_space: Tensor  # (V,) bool
+    is_boundary: Tensor  # (V,) bool
+
+    def to(self, device: torch.device) -> "ByteTables":
+        return ByteTables(*(t.to(device) for t in (self.base_bytes, self.has_space, self.is_boundary)))
+
+
+def build_byte_tables(sp, vocab_size: int) -> ByteTables:
+    """Per-token byte tables from a sentencepiece.SentencePieceProcessor; ids past its vocab are boundaries."""
+    size = max(sp.vocab_size(), vocab_size)
+    base = torch.zeros(size, dtype=torch.int32)
+    space = torch.zeros(size, dtype=torch.bool)
+    boundary = torch.ones(size, dtype=torch.bool)
+    for i in range(sp.vocab_size()):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            continue
+        boundary[i] = False
+        piece = sp.id_to_piece(i)
+        if sp.is_byte(i):
+            base[i] = 1
+        else:
+            space[i] = piece.startswith("\u2581")
+            base[i] = len(piece.removeprefix("\u2581").encode("utf-8"))
+    return ByteTables(base, space, boundary)
+
+
+def target_bytes(prev: Tensor, target: Tensor, tables: ByteTables) -> Tensor:
+    """Bytes of each target token given the token before it (same shapes, int32)."""
+    space = tables.has_space[target] & ~tables.is_boundary[prev]
+    return tables.base_bytes[target] + space.int()
+
+
+class BpbMeter:
+    """Float64 sums of NLL, tokens and bytes; reduced across ranks once, safe when nothing was scored."""
+
+    def __init__(self, device: torch.device):
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)
+
+    def add(self, nll_sum: Tensor, tokens: int | Tensor, nbytes: Tensor) -> None:
+        self.sums += torch.stack([nll_sum.double(), torch.as_tensor(tokens, dtype=torch.float64,
+                                  device=self.sums.device), nbytes.double()])
+
+    def reduce(self, rt: Runtime) -> "BpbMeter":
+        rt.all_reduce(self.sums)
+        return self
+
+    def result(self) -> tuple[float, float]:
+        """(val_loss in nats/token, val_bpb); NaN when no token was scored."""
+        nll, tokens, nbytes = self.sums.tolist()
+        if tokens == 0 or nbytes == 0:
+            return float("nan"), float("nan")
+        return nll / tokens, nll / (math.log(2) * nbytes)
+
+
+# === 7. MODEL ===
+# 3 physical blocks applied R times (12 effective layers). Per effective layer the stream gets a loop embedding,
+# two value-embedding lookups with per-layer scales and, from the second repeat on, a scaled copy of what the
+# same block produced in the previous repeat. Output projections start at zero, so step 0 is the tied embedding.
+
+RMS_EPS = torch.finfo(torch.float32).eps  # the reference's weightless RMSNorm eps, even for bf16 inputs
+
+
+def rms_norm(x: Tensor) -> Tensor:
+    return F.rms_norm(x, (x.size(-1),), eps=RMS_EPS)
+
+
+def rope_tables(seq_len: int, head_dim: int, base: float, device: torch.device) -> tuple[Tensor, Tensor]:
+    """cos/sin of shape (T, head_dim/2) in fp32: the reference built these in bf16 (only 513 distinct positions)."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+    angles = torch.arange(seq_len, dtype=torch.float32, device=device)[:, None] * inv_freq[None, :]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Half-split rotation of (B, H, T, hd): [x1 cos + x2 sin, -x1 sin + x2 cos]."""
+    half = x.size(-1) // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+
+
+def remove_self_value(y: Tensor, v: Tensor) -> Tensor:
+    """XSA: drop from each head's output (B, H, T, hd) its component along its own position's value direction."""
+    b, h, t, hd = y.shape
+    kv = v.size(1)
+    y = y.view(b, kv, h // kv, t, hd)  # query head i reads kv head i // group, as in SDPA's GQA
+    unit = F.normalize(v, dim=-1, eps=1e-12).unsqueeze(2)
+    y = y - (y * unit).sum(-1, keepdim=True) * unit
+    return y.view(b, h, t, hd)
+
+
+def xsa_start(depth: int, xsa_last_n: int) -> int:
+    """First effective layer with XSA at the current depth (XSA follows the depth as it grows)."""
+    return max(0, depth - xsa_last_n) if xsa_last_n > 0 else depth
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        kv_dim = cfg.num_kv_heads * cfg.head_dim
+        self.c_q = nn.Linear(cfg.model_dim, cfg.model_dim, bias=False)
+        self.c_k = nn.Linear(cfg.model_dim, kv_dim, bias=False)
+        self.c_v = nn.Linear(cfg.model_dim, kv_dim, bias=False)
+        self.proj = nn.Linear(cfg.model_dim, cfg.model_dim, bias=False)
+        nn.init.zeros_(self.proj.weight)
+        self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.qk_gain_init))
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], use_xsa: bool) -> Tensor:
+        b, t, d = x.shape
+        q = self.c_q(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.c_k(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = self.c_v(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(rms_norm(q), *rope), apply_rope(rms_norm(k), *rope)
+        q = q * self.q_gain.to(q.dtype)[None, :, None, None]
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        if use_xsa:
+            y = remove_self_value(y, v)
+        return self.proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        hidden = int(cfg.mlp_mult * cfg.model_dim)
+        self.fc = nn.Linear(cfg.model_dim, hidden, bias=False)
+        self.proj = nn.Linear(hidden, cfg.model_dim, bias=False)
+        nn.init.zeros_(self.proj.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(F.leaky_relu(self.fc(x), negative_slope=0.5).square())
+
+
+class Block(nn.Module):
+    """Pre-norm block; resid_mix blends the stream with x0 (the normed embedding) before attention."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.attn_scale = nn.Parameter(torch.ones(cfg.model_dim))
+        self.mlp_scale = nn.Parameter(torch.ones(cfg.model_dim))
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(cfg.model_dim), torch.zeros(cfg.model_dim))))
+
+    def forward(self, x: Tensor, x0: Tensor, rope: tuple[Tensor, Tensor], use_xsa: bool) -> Tensor:
+        x = self.resid_mix[0] * x + self.resid_mix[1] * x0
+        x = x + self.attn_scale * self.attn(rms_norm(x), rope, use_xsa)
+        return x + self.mlp_scale * self.mlp(rms_norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        depth, d = cfg.num_layers * cfg.num_repeats, cfg.model_dim
+        self.tok_emb = nn.Embedding(cfg.vocab_size, d)
+        nn.init.normal_(self.tok_emb.weight, std=cfg.tied_embed_init_std)
+        self.value_embeds = nn.ModuleList(nn.Embedding(cfg.vocab_size, d) for _ in range(cfg.num_value_embeds))
+        self.value_scales = nn.Parameter(torch.zeros(depth, cfg.num_value_embeds, d))
+        self.loop_embed = nn.Parameter(torch.zeros(depth, d))
+        self.cross_repeat_scales = nn.Parameter(torch.zeros(cfg.num_layers, cfg.num_repeats - 1, d))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+
+    def forward(self, ids: Tensor, repeats: int, targets: Tensor | None = None) -> Tensor:
+        """ids (B, T) -> fp32 logits (B, T, V), or per-token NLL (B, T) when targets are given.
+
+        `repeats` (1..NUM_REPEATS) is the current depth; a compiled forward keeps one graph per value.
+        """
+        cfg, n_blocks = self.cfg, len(self.blocks)
+        x = x0 = rms_norm(self.tok_emb(ids))  # (B, T, D), fp32 residual stream
+        values = [table(ids) for table in self.value_embeds]
+        rope = rope_tables(ids.size(1), cfg.head_dim, cfg.rope_base, ids.device)
+        first_xsa = xsa_start(n_blocks * repeats, cfg.xsa_last_n)
+        previous = [x] * n_blocks  # placeholders; read only from the second repeat on
+        for r in range(repeats):
+            for j, block in enumerate(self.blocks):
+                layer = r * n_blocks + j
+                x = x + self.loop_embed[layer]
+                for k, value in enumerate(values):
+                    x = x + self.value_scales[layer, k] * value
+                if r > 0:  # stateful recurrence: what block j produced one repeat ago
+                    x = x + self.cross_repeat_scales[j, r - 1] * previous[j]
+                x = block(x, x0, rope, use_xsa=layer >= first_xsa)
+                previous[j] = x
+        return self.head(rms_norm(x), targets)
+
+    def head(self, h: Tensor, targets: Tensor | None) -> Tensor:
+        """Tied head and tanh softcap in fp32: bf16 logits near the cap have 0.125-nat resolution."""
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            logits = F.linear(h.float(), self.tok_emb.weight.float())
+            logits = self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
+            if targets is None:
+                return logits
+            nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+            return nll.view_as(targets)
+
+
+# === 8. PARAMETERS ===
+# One table decides, for every parameter, its optimizer group, training dtype and how the artifact stores it
+# (q_attn: QUANT_LEVELS per-row codes, q_mlp: MLP_QUANT_LEVELS, fp16/fp32: passed through). Every parameter
+# must match exactly one rule; a new module without a rule fails at build time instead of silently not training.
+
+
+@dataclass(frozen=True)
+class ParamRule:
+    pattern: str
+    group: str  # muon | embed | scalar
+    dtype: torch.dtype
+    store: str  # q_attn | q_mlp | fp16 | fp32
+
+
+PARAM_RULES = (
+    ParamRule(r"tok_emb\.weight|value_embeds\.\d+\.weight", "embed", torch.float32, "q_attn"),
+    ParamRule(r"blocks\.\d+\.attn\.(c_q|c_k|c_v|proj)\.weight", "muon", torch.float32, "q_attn"),
+    ParamRule(r"blocks\.\d+\.mlp\.(fc|proj)\.weight", "muon", torch.float32, "q_mlp"),
+    ParamRule(r"blocks\.\d+\.(attn\.q_gain|attn_scale|mlp_scale|resid_mix)", "scalar", torch.float32, "fp32"),
+    # Recurrence scalars: fp32 in training (the reference trained them in bf16), fp16 in the artifact.
+    ParamRule(r"loop_embed|value_scales|cross_repeat_scales", "scalar", torch.float32, "fp16"),
+)
+
+
+@dataclass(frozen=True)
+class ParamRow:
+    name: str
+    shape: tuple[int, ...]
+    rule: ParamRule
+
+
+def param_table(model: nn.Module) -> list[ParamRow]:
+    """Match every named parameter to exactly one PARAM_RULES entry; raise on none or several."""
+    rows = []
+    for name, p in model.named_parameters():
+        hits = [rule for rule in PARAM_RULES if re.fullmatch(rule.pattern, name)]
+        if len(hits) != 1:
+            raise AssertionError(f"parameter {name} matches {len(hits)} PARAM_RULES entries, want exactly 1")
+        rows.append(ParamRow(name, tuple(p.shape), hits[0]))
+    return rows
+
+
+def store_label(cfg: Config, store: str) -> str:
+    levels = {"q_attn": cfg.quant_levels, "q_mlp": cfg.mlp_quant_levels}.get(store)
+    return store if levels is None else f"q(levels={levels},bits={math.log2(2 * levels + 1):.2f})"
+
+
+def apply_param_dtypes(model: nn.Module) -> None:
+    params = dict(model.named_parameters())
+    for row in param_table(model):
+        params[row.name].data = params[row.name].data.to(row.rule.dtype)
+
+
+def build_optimizers(model: nn.Module, cfg: Config, fused: bool) -> dict[str, torch.optim.Optimizer]:
+    """Muon for block matrices, Adam for embeddings and scalars; each group remembers its base LR.
+
+    torch.optim.Muon keeps momentum as an EMA (buf = mu buf + (1-mu) g); that is the reference's buf = mu buf + g
+    scaled by (1-mu), which Newton-Schulz normalises away, so updates match at constant momentum.
+    """
+    params = dict(model.named_parameters())
+    by_group: dict[str, list[nn.Parameter]] = {"muon": [], "embed": [], "scalar": []}
+    for row in param_table(model):
+        by_group[row.rule.group].append(params[row.name])
+    adam = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, weight_decay=0.0, fused=fused)
+    optimizers = {
+        "muon": torch.optim.Muon(by_group["muon"], lr=cfg.matrix_lr, weight_decay=cfg.muon_wd,
+                                 momentum=cfg.muon_momentum_warmup_start, nesterov=True,
+                                 ns_steps=cfg.muon_backend_steps, adjust_lr_fn="original"),
+        "embed": torch.optim.Adam(by_group["embed"], lr=cfg.tied_embed_lr, **adam),
+        "scalar": torch.optim.Adam(by_group["scalar"], lr=cfg.scalar_lr, **adam),
+    }
+    for opt in optimizers.values():
+        for group in opt.param_groups:
+            group["base_lr"] = group["lr"]
+    return optimizers
+
+
+# === 9. EVALUATION ===
+# The periodic and final float evals score the validation tokens in non-overlapping TRAIN_SEQ_LEN blocks, split
+# contiguously across ranks. Batches are padded to a fixed row count so a compiled forward sees one shape.
+
+ModelFn = Callable[..., Tensor]  # (ids, repeats, targets) -> per-token NLL
+
+
+@torch.inference_mode()
+def eval_blocks(cfg: Config, rt: Runtime, model_fn: ModelFn, val_tokens: Tensor, tables: ByteTables,
+                repeats: int) -> tuple[float, float]:
+    seq = cfg.train_seq_len
+    n_seqs = (len(val_tokens) - 1) // seq
+    first, last = n_seqs * rt.rank // rt.world_size, n_seqs * (rt.rank + 1) // rt.world_size
+    rows = eval_rows(cfg, rt.world_size)
+    meter = BpbMeter(rt.device)
+    for start in range(first, last, rows):
+        n = min(rows, last - start)
+        chunk = val_tokens[start * seq:(start + n) * seq + 1].to(rt.device)
+        x, y = chunk[:-1].view(n, seq), chunk[1:].view(n, seq)
+        pad = rows - n
+        with rt.autocast():
+            nll = model_fn(F.pad(x, (0, 0, 0, pad)), repeats, F.pad(y, (0, 0, 0, pad)))[:n]
+        meter.add(nll.sum(), y.numel(), target_bytes(x, y, tables).sum())
+    return meter.reduce(rt).result()
+
+
+def eval_rows(cfg: Config, world_size: int) -> int:
+    return max(1, cfg.val_batch_size // (world_size * cfg.train_seq_len))
+
+
+# === 10. TRAINING ===
+# The clock covers only optimizer steps: compile priming for every depth happens before it starts, periodic
+# validation pauses it, and all ranks take decisions (depth, LR, stop) from the max of their elapsed times.
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    train_ms: float = 0.0
+    repeats: int = 0
+    swa_sum: dict[str, Tensor] | None = None
+    swa_count: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+class TrainClock:
+    """Training milliseconds so far; paused around validation, synchronised with the device at each edge."""
+
+    def __init__(self, rt: Runtime):
+        self.rt, self.banked_ms, self.started = rt, 0.0, None
+
+    def start(self) -> None:
+        self.rt.sync()
+        self.started = time.perf_counter()
+
+    def pause(self) -> None:
+        self.banked_ms = self.elapsed_ms()
+        self.started = None
+
+    def elapsed_ms(self) -> float:
+        if self.started is None:
+            return self.banked_ms
+        self.rt.sync()
+        return self.banked_ms + 1000 * (time.perf_counter() - self.started)
+
+
+@dataclass
+class Trainer:
+    cfg: Config
+    rt: Runtime
+    model: GPT
+    model_fn: ModelFn
+    optimizers: dict[str, torch.optim.Optimizer]
+    batches: TrainBatches
+    val_tokens: Tensor
+    tables: ByteTables
+
+    def __post_init__(self) -> None:
+        self.clock = TrainClock(self.rt)
+
+    def prime_compiled_graphs(self) -> float:
+        """Run one forward+backward and one eval forward per scheduled depth on dummy tokens; returns ms."""
+        if not self.rt.use_compile:
+            return 0.0
+        start = time.perf_counter()
+        rows = self.batches.local_tokens // self.cfg.train_seq_len
+        dummy = torch.zeros(rows, self.cfg.train_seq_len, dtype=torch.int64, device=self.rt.device)
+        dummy_eval = torch.zeros(eval_rows(self.cfg, self.rt.world_size), self.cfg.train_seq_len,
+                                 dtype=torch.int64, device=self.rt.device)
+        for reps in sorted({r for _, r in self.cfg.depth_schedule}):
+            with self.rt.autocast():
+                self.model_fn(dummy, reps, dummy).mean().backward()
+            with torch.inference_mode(), self.rt.autocast():
+                self.model_fn(dummy_eval, reps, dummy_eval)
+        self.model.zero_grad(set_to_none=True)
+        self.rt.sync()
+        return 1000 * (time.perf_counter() - start)
+
+    def train_step(self, state: TrainState, scale: float, accum: int) -> Tensor:
+        """Forward/backward over `accum` micro-batches, average across ranks, clip, step every optimizer."""
+        params = list(self.model.parameters())
+        loss_sum = torch.zeros((), device=self.rt.device)
+        for _ in range(accum):
+            x, y = self.batches.next()
+            with self.rt.autocast():
+                loss = self.model_fn(x, state.repeats, y).mean()
+            (loss / accum).backward()
+            loss_sum += loss.detach()
+        self.rt.average_gradients(params)
+        momentum = muon_momentum_at(self.cfg, state.step)
+        for opt in self.optimizers.values():
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * scale
+                if "momentum" in group:
+                    group["momentum"] = momentum
+        if self.cfg.grad_clip_norm > 0:
+            nn.utils.clip_grad_norm_(params, self.cfg.grad_clip_norm)
+        for opt in self.optimizers.values():
+            opt.step()
+        self.model.zero_grad(set_to_none=True)
+        return loss_sum / accum
+
+    def validate(self, state: TrainState, name: str, repeats: int) -> tuple[float, float]:
+        start = time.perf_counter()
+        loss, bpb = eval_blocks(self.cfg, self.rt, self.model_fn, self.val_tokens, self.tables, repeats)
+        eval_ms = 1000 * (time.perf_counter() - start)
+        record = dict(event="eval", name=name, step=state.step, repeats=repeats, val_loss=loss, val_bpb=bpb,
+                      train_time_ms=state.train_ms, eval_time_ms=eval_ms)
+        self.rt.log_json(record)
+        state.history.append(record)
+        return loss, bpb
+
+    def run(self) -> TrainState:
+        """The timed loop: validate on cadence, pick depth and LR from progress, step, collect SWA, stop."""
+        cfg, rt = self.cfg, self.rt
+        accum = grad_accum_for(cfg, rt.world_size)
+        state = TrainState(repeats=repeats_at(cfg, 0.0))
+        budget_ms = 1000.0 * cfg.max_wallclock_seconds
+        self.clock.start()
+        while True:
+            state.train_ms = rt.max_scalar(self.clock.elapsed_ms())
+            out_of_time = budget_ms > 0 and state.train_ms >= budget_ms
+            done = out_of_time or state.step >= cfg.iterations
+            if out_of_time:
+                rt.log(f"stopping_early: wallclock_cap train_time:{state.train_ms:.0f}ms step:{state.step}/{cfg.iterations}")
+            if done or (cfg.val_loss_every and state.step % cfg.val_loss_every == 0):
+                self.clock.pause()
+                loss, bpb = self.validate(state, "val", state.repeats)
+                rt.log(f"step:{state.step}/{cfg.iterations} val_loss:{loss:.4f} val_bpb:{bpb:.4f} "
+                       f"train_time:{state.train_ms:.0f}ms step_avg:{state.train_ms / max(state.step, 1):.2f}ms")
+                self.clock.start()
+            if done:
+                return state
+            self.advance(state, accum)
+
+    def advance(self, state: TrainState, accum: int) -> None:
+        """One optimizer step plus its bookkeeping (depth switch, SWA, train log)."""
+        cfg, rt = self.cfg, self.rt
+        progress = run_progress(cfg, state.step, state.train_ms)
+        repeats = repeats_at(cfg, progress)
+        if repeats != state.repeats:
+            state.repeats = repeats
+            rt.log(f"prog_depth:switch repeats:{repeats} step:{state.step} frac:{progress:.3f}")
+        scale = lr_scale(cfg, state.step, state.train_ms)
+        loss = self.train_step(state, scale, accum)
+        state.step += 1
+        if swa_due(cfg, state.step, state.repeats, scale):
+            if state.swa_sum is None:
+                rt.log(f"swa:start step:{state.step}")
+            swa_collect(state, self.model)
+        if state.step <= 10 or state.step % max(cfg.train_log_every, 1) == 0:
+            loss = rt.all_reduce(loss.detach().clone()) / rt.world_size
+            now_ms = self.clock.elapsed_ms()
+            rt.log(f"step:{state.step}/{cfg.iterations} train_loss:{loss.item():.4f} lr_scale:{scale:.4f} "
+                   f"repeats:{state.repeats} train_time:{now_ms:.0f}ms step_avg:{now_ms / state.step:.2f}ms")
+
+
+@torch.no_grad()
+def swa_collect(state: TrainState, model: nn.Module) -> None:
+    """Add the current weights to the fp32 running sum, on the training device (no per-step host copies)."""
+    if state.swa_sum is None:
+        state.swa_sum = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+    else:
+        for n, p in model.named_parameters():
+            state.swa_sum[n] += p.detach().float()
+    state.swa_count += 1
+
+
+@torch.no_grad()
+def swa_apply(state: TrainState, model: nn.Module) -> int:
+    """Average the collected checkpoints plus the final weights into the model; returns how many were averaged."""
+    if state.swa_sum is None:
+        return 0
+    swa_collect(state, model)
+    for n, p in model.named_parameters():
+        p.copy_((state.swa_sum[n] / state.swa_count).to(p.dtype))
+    return state.swa_count
+
+
+# === 11. MAIN ===
+
+
+def describe_params(cfg: Config, model: nn.Module) -> list[str]:
+    lines = [f"model_params:{sum(p.numel() for p in model.parameters())}"]
+    for row in param_table(model):
+        shape = "x".join(map(str, row.shape))
+        lines.append(f"param name:{row.name} shape:{shape} group:{row.rule.group} "
+                     f"dtype:{str(row.rule.dtype).removeprefix('torch.')} store:{store_label(cfg, row.rule.store)}")
+    return lines
+
+
+def dry_run(cfg: Config) -> None:
+    """Print the resolved config, parameter count and table; the model is built on the meta device (no memory)."""
+    print("config:" + json.dumps(dataclasses.asdict(cfg), sort_keys=True))
+    with torch.device("meta"):
+        model = GPT(cfg)
+    print("\n".join(describe_params(cfg, model)))
+
+
+def build_model(cfg: Config, rt: Runtime) -> GPT:
+    """Initialise on CPU from the seeded RNG (identical on every rank), then move and apply the dtype policy."""
+    model = GPT(cfg).to(rt.device)
+    apply_param_dtypes(model)
+    return model
+
+
+def log_header(cfg: Config, rt: Runtime, model: GPT, n_val: int) -> None:
+    rt.log(Path(__file__).read_text(encoding="utf-8"), console=False)
+    rt.log(f"python:{sys.version.split()[0]} torch:{torch.__version__}", console=False)
+    rt.log(f"logs:{rt.log_path} run_id:{cfg.run_id}")
+    rt.log("config:" + json.dumps(dataclasses.asdict(cfg), sort_keys=True))
+    rt.log(describe_params(cfg, model)[0])
+    rt.log(f"world_size:{rt.world_size} device:{rt.device_name()} grad_accum_steps:{grad_accum_for(cfg, rt.world_size)} "
+           f"compile:{int(rt.use_compile)} autocast:{int(rt.use_autocast)}")
+    rt.log(f"train_shards:{len(shard_paths(cfg.data_path, 'train'))} val_tokens:{n_val} seed:{cfg.seed}")
+
+
+def main() -> None:
+    try:
+        cfg = Config.from_env(os.environ)
+    except ConfigError as err:
+        print(f"config_error: {err}", file=sys.stderr)
+        sys.exit(2)
+    if cfg.dry_run:
+        dry_run(cfg)
+        return
+    rt = Runtime(cfg, os.environ)
+    cfg = rt.cfg
+    try:
+        local_tokens = local_batch_tokens(cfg, rt.world_size)
+    except ConfigError as err:
+        print(f"config_error: {err}", file=sys.stderr)
+        rt.shutdown(2)
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=cfg.tokenizer_path)
+    if sp.vocab_size() != cfg.vocab_size:
+        raise ValueError(f"{cfg.tokenizer_path} has {sp.vocab_size()} pieces, VOCAB_SIZE={cfg.vocab_size}")
+    tables = build_byte_tables(sp, cfg.vocab_size).to(rt.device)
+    val_tokens = load_val_tokens(cfg)
+    model = build_model(cfg, rt)
+    log_header(cfg, rt, model, len(val_tokens) - 1)
+    batches = TrainBatches(TokenStream(shard_paths(cfg.data_path, "train")), rt.rank, rt.world_size, local_tokens,
+                           cfg.train_seq_len, rt.device)
+    trainer = Trainer(cfg, rt, model, rt.compile(model), build_optimizers(model, cfg, fused=rt.is_cuda), batches,
+                      val_tokens, tables)
+    rt.log(f"compile_warmup_ms:{trainer.prime_compiled_graphs():.0f} (outside the training clock)")
+    state = trainer.run()
+    rt.log(rt.peak_memory_line())
+    rt.log(f"swa:apply checkpoints:{swa_apply(state, model)}")
+    loss, bpb = trainer.validate(state, "final_float", cfg.num_repeats)
+    rt.log(f"final_float val_loss:{loss:.4f} val_bpb:{bpb:.4f} "
+           f"eval_time:{state.history[-1]['eval_time_ms']:.0f}ms")
+    rt.log(f"final_float_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
+    rt.shutdown(0)
+
+
+if __name__ == "__main__":
+    main()
