@@ -136,7 +136,7 @@ class Config:
         for key in environ:
             if key in knobs or key in NON_KNOB_ENV:
                 continue
-            close = difflib.get_close_matches(key, list(knobs), n=1, cutoff=0.85)
+            close = difflib.get_close_matches(key.upper(), [*knobs, "PRESET"], n=1, cutoff=0.85)
             if close:
                 raise ConfigError(f"unknown env var {key}; did you mean {close[0]}?")
         preset = environ.get("PRESET", "pr1453")
@@ -205,12 +205,17 @@ def _config_problems(c: Config) -> Iterator[str]:
     for name in positive:
         if getattr(c, name) <= 0:
             yield f"{name.upper()} must be > 0, got {getattr(c, name)}"
-    for name in ("mlp_mult", "logit_softcap", "rope_base", "tied_embed_init_std", "qk_gain_init"):
-        if not getattr(c, name) > 0:
-            yield f"{name.upper()} must be > 0, got {getattr(c, name)}"
-    non_negative = ("max_wallclock_seconds", "grad_accum_steps", "lr_warmup_steps", "warmdown_iters", "val_loss_every",
-                    "val_max_tokens", "xsa_last_n", "num_value_embeds", "grad_clip_norm", "muon_wd",
-                    "muon_momentum_warmup_steps", "train_log_every")
+    for name in ("mlp_mult", "logit_softcap", "rope_base", "tied_embed_init_std", "qk_gain_init", "adam_eps"):
+        if not 0 < getattr(c, name) < math.inf:
+            yield f"{name.upper()} must be a finite number > 0, got {getattr(c, name)}"
+    for name in ("tied_embed_lr", "matrix_lr", "scalar_lr", "muon_wd", "grad_clip_norm", "max_wallclock_seconds"):
+        if not 0 <= getattr(c, name) < math.inf:
+            yield f"{name.upper()} must be a finite number >= 0, got {getattr(c, name)}"
+    for name in ("beta1", "beta2", "muon_momentum", "muon_momentum_warmup_start"):
+        if not 0 <= getattr(c, name) < 1:
+            yield f"{name.upper()} must be in [0, 1), got {getattr(c, name)}"
+    non_negative = ("grad_accum_steps", "lr_warmup_steps", "warmdown_iters", "val_loss_every", "val_max_tokens",
+                    "xsa_last_n", "num_value_embeds", "muon_momentum_warmup_steps", "train_log_every")
     for name in non_negative:
         if getattr(c, name) < 0:
             yield f"{name.upper()} must be >= 0, got {getattr(c, name)}"
@@ -380,21 +385,24 @@ def run_progress(cfg: Config, step: int, elapsed_ms: float) -> float:
     return min(step / cfg.iterations, 1.0)
 
 
-def lr_scale(cfg: Config, step: int, elapsed_ms: float) -> float:
-    """Linear warmup over LR_WARMUP_STEPS, then 1, then a linear warmdown to 0 at the end of the run.
+def warmdown_scale(cfg: Config, step: int, elapsed_ms: float) -> float:
+    """1 until the warmdown, then linear to 0 at the end of the run.
 
     With a wallclock budget the warmdown starts when the remaining time drops below WARMDOWN_ITERS mean steps
-    (the reference rule; elapsed excludes compile, so it no longer depends on the compile cache). The explicit
-    warmup replaces the reference's accidental one, which came from compile time inflating the mean step.
+    (the reference rule; elapsed excludes compile time, so it no longer depends on the compile cache).
     """
-    warm = min(1.0, (step + 1) / cfg.lr_warmup_steps) if cfg.lr_warmup_steps else 1.0
     if cfg.max_wallclock_seconds > 0:
         remaining_ms = max(1000.0 * cfg.max_wallclock_seconds - elapsed_ms, 0.0)
         warmdown_ms = cfg.warmdown_iters * elapsed_ms / max(step, 1)
-        cool = remaining_ms / warmdown_ms if remaining_ms < warmdown_ms else 1.0
-    else:
-        cool = min(1.0, max(cfg.iterations - step, 0) / cfg.warmdown_iters) if cfg.warmdown_iters else 1.0
-    return warm * cool
+        return remaining_ms / warmdown_ms if remaining_ms < warmdown_ms else 1.0
+    return min(1.0, max(cfg.iterations - step, 0) / cfg.warmdown_iters) if cfg.warmdown_iters else 1.0
+
+
+def lr_scale(cfg: Config, step: int, elapsed_ms: float) -> float:
+    """Linear warmup over LR_WARMUP_STEPS times the warmdown. The explicit warmup replaces the reference's
+    accidental one, which came from compile time inflating the mean step time of the first steps."""
+    warm = min(1.0, (step + 1) / cfg.lr_warmup_steps) if cfg.lr_warmup_steps else 1.0
+    return warm * warmdown_scale(cfg, step, elapsed_ms)
 
 
 def muon_momentum_at(cfg: Config, step: int) -> float:
@@ -410,9 +418,11 @@ def repeats_at(cfg: Config, progress: float) -> int:
     return cfg.depth_schedule[-1][1]
 
 
-def swa_due(cfg: Config, step: int, repeats: int, scale: float) -> bool:
-    """Collect every SWA_EVERY steps at full depth once the LR scale is below SWA_START_FRAC (reference rule)."""
-    return cfg.swa_enabled and repeats == cfg.num_repeats and scale < cfg.swa_start_frac and step % cfg.swa_every == 0
+def swa_due(cfg: Config, step: int, repeats: int, warmdown: float) -> bool:
+    """Collect every SWA_EVERY steps at full depth once the warmdown scale is below SWA_START_FRAC (the reference
+    rule; the warmup factor is left out so that a small LR at the start never counts)."""
+    return (cfg.swa_enabled and repeats == cfg.num_repeats and warmdown < cfg.swa_start_frac
+            and step % cfg.swa_every == 0)
 
 
 # === 5. DATA ===
@@ -818,7 +828,8 @@ def eval_blocks(cfg: Config, rt: Runtime, model_fn: ModelFn, val_tokens: Tensor,
 
 
 def eval_rows(cfg: Config, world_size: int) -> int:
-    return max(1, cfg.val_batch_size // (world_size * cfg.train_seq_len))
+    """Rows per eval batch: VAL_BATCH_SIZE split over ranks and grad-accumulation steps, as in training memory."""
+    return max(1, cfg.val_batch_size // (world_size * grad_accum_for(cfg, world_size) * cfg.train_seq_len))
 
 
 # === 10. TRAINING ===
@@ -876,15 +887,18 @@ class Trainer:
         if not self.rt.use_compile:
             return 0.0
         start = time.perf_counter()
-        rows = self.batches.local_tokens // self.cfg.train_seq_len
-        dummy = torch.zeros(rows, self.cfg.train_seq_len, dtype=torch.int64, device=self.rt.device)
-        dummy_eval = torch.zeros(eval_rows(self.cfg, self.rt.world_size), self.cfg.train_seq_len,
-                                 dtype=torch.int64, device=self.rt.device)
+        seq, device = self.cfg.train_seq_len, self.rt.device
+        rows = self.batches.local_tokens // seq
         for reps in sorted({r for _, r in self.cfg.depth_schedule}):
+            # Distinct input and target tensors, and eval tensors made under inference_mode: dynamo guards on
+            # aliasing and on the inference flag, so anything else would recompile inside the timed loop.
+            x, y = (torch.zeros(rows, seq, dtype=torch.int64, device=device) for _ in range(2))
             with self.rt.autocast():
-                self.model_fn(dummy, reps, dummy).mean().backward()
+                self.model_fn(x, reps, y).mean().backward()
             with torch.inference_mode(), self.rt.autocast():
-                self.model_fn(dummy_eval, reps, dummy_eval)
+                x, y = (torch.zeros(eval_rows(self.cfg, self.rt.world_size), seq, dtype=torch.int64, device=device)
+                        for _ in range(2))
+                self.model_fn(x, reps, y)
         self.model.zero_grad(set_to_none=True)
         self.rt.sync()
         return 1000 * (time.perf_counter() - start)
@@ -957,7 +971,7 @@ class Trainer:
         scale = lr_scale(cfg, state.step, state.train_ms)
         loss = self.train_step(state, scale, accum)
         state.step += 1
-        if swa_due(cfg, state.step, state.repeats, scale):
+        if swa_due(cfg, state.step, state.repeats, warmdown_scale(cfg, state.step - 1, state.train_ms)):
             if state.swa_sum is None:
                 rt.log(f"swa:start step:{state.step}")
             swa_collect(state, self.model)

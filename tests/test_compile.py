@@ -48,5 +48,7 @@ def test_compiled_run_primes_every_graph_before_the_clock(tmp_path, demo_subset)
     assert re.search(r"^world_size:1 .* compile:1 ", out.stdout, re.M)
     warmup_ms = int(re.search(r"^compile_warmup_ms:(\d+)", out.stdout, re.M).group(1))
     assert warmup_ms > 0
-    assert "Recompiling" not in out.stderr  # every graph the loop and the evals use was primed
+    # Priming compiles the train graph, then recompiles once for the eval (grad-mode) graph; any further compile
+    # would have happened inside the timed loop or an eval.
+    assert out.stderr.count("Recompiling function forward") == 1, out.stderr[-3000:]
     assert re.search(r"^final_float_exact val_loss:\d+\.\d{8} val_bpb:\d+\.\d{8}$", out.stdout, re.M)

@@ -1,0 +1,278 @@
+"""Section 2 (CONFIG): defaults, env parsing, presets, validation, batch arithmetic."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import pytest
+
+import train_gpt
+from train_gpt import Config, ConfigError
+
+# The #1453 submitted run (README command + SUMMARY block, spec section 1), plus the defaults it relied on.
+PR1453 = dict(
+    model_dim=880, mlp_mult=3.0, num_layers=3, num_repeats=4, num_heads=8, num_kv_heads=4, num_value_embeds=2,
+    vocab_size=1024, prog_depth="0.30:2,0.50:3,1.0:4", warmdown_iters=3000, swa_enabled=True, swa_start_frac=0.6,
+    swa_every=30, quant_levels=63, mlp_quant_levels=16, matrix_lr=0.018, scalar_lr=0.018, tied_embed_lr=0.021,
+    tied_embed_init_std=0.005, muon_wd=0.04, muon_momentum=0.95, muon_momentum_warmup_start=0.85,
+    muon_momentum_warmup_steps=500, muon_backend_steps=5, beta1=0.9, beta2=0.95, adam_eps=1e-8,
+    train_batch_tokens=524288, train_seq_len=1024, max_wallclock_seconds=600.0, iterations=20000,
+    grad_clip_norm=0.3, xsa_last_n=4, qk_gain_init=1.5, logit_softcap=30.0, rope_base=10000.0,
+    val_batch_size=524288, train_log_every=200, seed=1337,
+    data_path="./data/datasets/fineweb10B_sp1024", tokenizer_path="./data/tokenizers/fineweb_1024_bpe.model",
+)
+
+
+# --- defaults and presets ---
+
+
+def test_defaults_are_the_pr1453_submitted_run():
+    cfg = Config()
+    got = {name: getattr(cfg, name) for name in PR1453}
+    assert got == PR1453
+    assert cfg.head_dim == 110
+    assert cfg.depth_schedule == ((0.30, 2), (0.50, 3), (1.0, 4))
+
+
+def test_from_env_with_empty_environment_equals_defaults():
+    assert Config.from_env({}) == Config()
+
+
+def test_preset_pr1453_equals_defaults():
+    assert Config.from_env({"PRESET": "pr1453"}) == Config()
+
+
+def test_preset_demo_values():
+    cfg = Config.from_env({"PRESET": "demo"})
+    preset = train_gpt.PRESETS["demo"]
+    # Every value the preset names is applied; everything else keeps the #1453 value.
+    assert {k: getattr(cfg, k) for k in preset} == preset
+    assert all(getattr(cfg, f.name) == f.default for f in dataclasses.fields(Config) if f.name not in preset)
+    # It points at what data/prepare_demo.py builds (vocab 1024, so VOCAB_SIZE stays the default).
+    assert cfg.data_path == "./data/datasets/demo_sp1024"
+    assert cfg.tokenizer_path == "./data/tokenizers/demo_1024_bpe.model"
+    assert cfg.vocab_size == 1024
+    # CPU-sized: a smaller model, a smaller batch, a capped validation split, still a wallclock run.
+    assert cfg.model_dim < 880 and cfg.train_batch_tokens < 524288 and cfg.train_seq_len <= 1024
+    assert 0 < cfg.val_max_tokens and cfg.max_wallclock_seconds > 0
+    # The demo batch splits into whole rows on 1 and 2 CPU processes (the documented demo launches).
+    for world in (1, 2):
+        local = train_gpt.local_batch_tokens(cfg, world)
+        assert local % cfg.train_seq_len == 0
+        assert local * world * train_gpt.grad_accum_for(cfg, world) == cfg.train_batch_tokens
+
+
+def test_explicit_env_vars_override_a_preset():
+    env = {"PRESET": "demo", "MODEL_DIM": "96", "SWA_EVERY": "7", "VAL_MAX_TOKENS": "0"}
+    cfg = Config.from_env(env)
+    assert (cfg.model_dim, cfg.swa_every, cfg.val_max_tokens) == (96, 7, 0)
+    preset = train_gpt.PRESETS["demo"]
+    assert preset["swa_every"] != 7 and preset["val_max_tokens"] != 0  # the overrides really override
+    rest = {k: v for k, v in preset.items() if k not in ("model_dim", "swa_every", "val_max_tokens")}
+    assert {k: getattr(cfg, k) for k in rest} == rest  # the rest is still the preset's
+    cfg = Config.from_env({"PRESET": "pr1453", "WARMDOWN_ITERS": "10"})
+    assert cfg.warmdown_iters == 10 and cfg.model_dim == 880
+
+
+def test_unknown_preset_is_rejected():
+    with pytest.raises(ConfigError, match="PRESET"):
+        Config.from_env({"PRESET": "record"})
+
+
+# --- parsing by annotation ---
+
+
+@pytest.mark.parametrize("key, raw, field, value", [
+    ("MODEL_DIM", "768", "model_dim", 768),
+    ("MODEL_DIM", " 768 ", "model_dim", 768),
+    ("ITERATIONS", "5", "iterations", 5),
+    ("MATRIX_LR", "0.02", "matrix_lr", 0.02),
+    ("MATRIX_LR", "1e-3", "matrix_lr", 1e-3),
+    ("MLP_MULT", "2", "mlp_mult", 2.0),
+    ("MAX_WALLCLOCK_SECONDS", "0", "max_wallclock_seconds", 0.0),
+    ("RUN_ID", "my_run", "run_id", "my_run"),
+    ("DEVICE", "cpu", "device", "cpu"),
+    ("COMPILE", "0", "compile", "0"),
+    ("PROG_DEPTH", "0.5:2,1.0:4", "prog_depth", "0.5:2,1.0:4"),
+    ("SWA_ENABLED", "0", "swa_enabled", False),
+    ("SWA_ENABLED", "1", "swa_enabled", True),
+    ("SWA_ENABLED", "false", "swa_enabled", False),
+    ("SWA_ENABLED", "true", "swa_enabled", True),
+    ("AUTOCAST", "False", "autocast", False),
+    ("DRY_RUN", "TRUE", "dry_run", True),
+])
+def test_from_env_parses_by_annotation(key, raw, field, value):
+    cfg = Config.from_env({key: raw})
+    got = getattr(cfg, field)
+    assert got == value and type(got) is type(value)
+
+
+@pytest.mark.parametrize("raw", ["2", "maybe", "", "-1", "10", "tru"])
+def test_bool_knobs_are_strict(raw):
+    with pytest.raises(ConfigError, match="SWA_ENABLED"):
+        Config.from_env({"SWA_ENABLED": raw})
+
+
+@pytest.mark.parametrize("key, raw", [
+    ("MODEL_DIM", "abc"),
+    ("MODEL_DIM", "880.0"),  # an int knob does not accept a float spelling
+    ("MODEL_DIM", ""),
+    ("NUM_REPEATS", "four"),
+    ("MATRIX_LR", "fast"),
+    ("MAX_WALLCLOCK_SECONDS", "10m"),
+    ("TRAIN_BATCH_TOKENS", "512k"),
+])
+def test_non_numbers_are_rejected_naming_the_knob(key, raw):
+    with pytest.raises(ConfigError, match=key):
+        Config.from_env({key: raw})
+
+
+# --- validation: every error is a ConfigError naming the knob ---
+
+
+@pytest.mark.parametrize("env, knob", [
+    ({"NUM_HEADS": "7"}, "NUM_HEADS"),  # 7 does not divide 880
+    ({"MODEL_DIM": "888", "NUM_HEADS": "8", "NUM_KV_HEADS": "4"}, "MODEL_DIM"),  # head dim 111 is odd
+    ({"NUM_KV_HEADS": "3"}, "NUM_KV_HEADS"),  # 3 does not divide 8
+    ({"PROG_DEPTH": "0.3-2"}, "PROG_DEPTH"),
+    ({"PROG_DEPTH": "abc"}, "PROG_DEPTH"),
+    ({"PROG_DEPTH": "0.3:x"}, "PROG_DEPTH"),
+    ({"PROG_DEPTH": ""}, "PROG_DEPTH"),
+    ({"PROG_DEPTH": "0.3:2,,1.0:4"}, "PROG_DEPTH"),
+    ({"PROG_DEPTH": "0.3:5,1.0:4"}, "PROG_DEPTH"),  # repeats > NUM_REPEATS
+    ({"PROG_DEPTH": "0.3:0,1.0:4"}, "PROG_DEPTH"),  # repeats < 1
+    ({"PROG_DEPTH": "0.5:2,0.3:3,1.0:4"}, "PROG_DEPTH"),  # fractions not increasing
+    ({"PROG_DEPTH": "0.5:2,0.5:3,1.0:4"}, "PROG_DEPTH"),  # repeated fraction
+    ({"PROG_DEPTH": "0.5:2,1.5:4"}, "PROG_DEPTH"),  # fraction past 1
+    ({"PROG_DEPTH": "0.3:2,1.0:3"}, "PROG_DEPTH"),  # does not end at NUM_REPEATS
+    ({"NUM_REPEATS": "5"}, "NUM_REPEATS"),  # default schedule ends at 4
+    ({"NUM_REPEATS": "0"}, "NUM_REPEATS"),
+    ({"TRAIN_SEQ_LEN": "0"}, "TRAIN_SEQ_LEN"),
+    ({"TRAIN_SEQ_LEN": "1000"}, "TRAIN_BATCH_TOKENS"),  # 524288 is no multiple of 1000
+    ({"VOCAB_SIZE": "70000"}, "VOCAB_SIZE"),
+    ({"SWA_START_FRAC": "0"}, "SWA_START_FRAC"),
+    ({"SWA_START_FRAC": "1.5"}, "SWA_START_FRAC"),
+    ({"QUANT_LEVELS": "128"}, "QUANT_LEVELS"),
+    ({"MLP_QUANT_LEVELS": "0"}, "MLP_QUANT_LEVELS"),
+    ({"DEVICE": "tpu"}, "DEVICE"),
+    ({"COMPILE": "yes"}, "COMPILE"),
+    ({"TOKENIZER_PATH": "tok.vocab"}, "TOKENIZER_PATH"),
+    ({"WARMDOWN_ITERS": "-1"}, "WARMDOWN_ITERS"),
+    ({"LOGIT_SOFTCAP": "0"}, "LOGIT_SOFTCAP"),
+    ({"MLP_MULT": "-2"}, "MLP_MULT"),
+])
+def test_validation_errors_name_the_knob(env, knob):
+    with pytest.raises(ConfigError, match=knob):
+        Config.from_env(env)
+
+
+@pytest.mark.parametrize("key, raw", [
+    ("MATRIX_LR", "-0.01"),
+    ("TIED_EMBED_LR", "nan"),
+    ("SCALAR_LR", "-1"),
+    ("BETA2", "1.5"),
+    ("ADAM_EPS", "-1"),
+    ("MUON_MOMENTUM", "1.5"),
+    ("MAX_WALLCLOCK_SECONDS", "nan"),  # run_progress -> nan: full depth from step 0, no warmdown, no stop
+    ("GRAD_CLIP_NORM", "nan"),  # silently disables clipping (nan > 0 is False)
+])
+def test_out_of_range_optimizer_and_float_knobs_are_config_errors(key, raw):
+    # ConfigError's contract: a bad knob is one line and exit code 2 before any work starts. Without range
+    # checks these surface late (torch's Adam/Muon constructors raise a plain ValueError for the LRs, BETA2 and
+    # ADAM_EPS, after the process group is up) or never (MUON_MOMENTUM > 1 diverges; a nan budget or clip norm
+    # silently changes the run).
+    with pytest.raises(ConfigError, match=key):
+        Config.from_env({key: raw})
+
+
+def test_validation_also_runs_on_direct_construction():
+    with pytest.raises(ConfigError, match="NUM_KV_HEADS"):
+        Config(num_kv_heads=3)
+    with pytest.raises(ConfigError, match="PROG_DEPTH"):
+        Config(num_repeats=5, prog_depth="0.3:2,1.0:4")
+
+
+def test_valid_non_default_schedules_are_accepted():
+    cfg = Config.from_env({"NUM_REPEATS": "5", "PROG_DEPTH": "0.3:2,0.5:3,0.75:4,1.0:5"})
+    assert cfg.depth_schedule == ((0.3, 2), (0.5, 3), (0.75, 4), (1.0, 5))
+    assert Config(prog_depth="1.0:4").depth_schedule == ((1.0, 4),)
+
+
+@pytest.mark.parametrize("typo, meant", [
+    ("WARMDOWN_ITER", "WARMDOWN_ITERS"),
+    ("MODEL_DIMS", "MODEL_DIM"),
+    ("NUM_REPEAT", "NUM_REPEATS"),
+    ("SWA_EVERYY", "SWA_EVERY"),
+])
+def test_near_miss_env_var_names_are_rejected(typo, meant):
+    with pytest.raises(ConfigError, match=typo) as err:
+        Config.from_env({typo: "1"})
+    assert meant in re.findall(r"[A-Z_]+", str(err.value))  # the suggestion, as a whole word
+
+
+@pytest.mark.parametrize("typo", ["PRESETS", "PRESE", "PRESET_"])
+def test_near_miss_of_preset_is_rejected(typo):
+    # PRESET is not a dataclass field, but a typo of it is just as silent: PRESETS=demo would run the full
+    # 23.7M-parameter record config on a CPU.
+    with pytest.raises(ConfigError, match=typo) as err:
+        Config.from_env({typo: "demo"})
+    assert "PRESET" in re.findall(r"[A-Z_]+", str(err.value))  # the suggestion, as a whole word
+
+
+def test_unrelated_env_vars_are_ignored():
+    env = {
+        "PATH": "/usr/bin:/bin", "HOME": "/root", "OMP_NUM_THREADS": "2", "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29500", "LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+        "GROUP_RANK": "0", "ROLE_RANK": "0", "GROUP_WORLD_SIZE": "1", "ROLE_WORLD_SIZE": "1",
+        "TORCHELASTIC_RUN_ID": "none", "TORCHELASTIC_RESTART_COUNT": "0", "TORCHELASTIC_MAX_RESTARTS": "0",
+        "CUDA_VISIBLE_DEVICES": "0,1", "PYTHONPATH": "/x", "LD_LIBRARY_PATH": "/y", "MKL_NUM_THREADS": "2",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    assert Config.from_env(env) == Config()
+
+
+def test_config_is_frozen():
+    cfg = Config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.model_dim = 512  # type: ignore[misc]
+
+
+def test_parse_prog_depth():
+    assert train_gpt.parse_prog_depth("0.30:2, 0.50:3 ,1.0:4") == ((0.3, 2), (0.5, 3), (1.0, 4))
+    with pytest.raises(ConfigError, match="PROG_DEPTH"):
+        train_gpt.parse_prog_depth("0.3")
+
+
+# --- batch arithmetic ---
+
+
+@pytest.mark.parametrize("world, accum", [(1, 8), (2, 4), (4, 2), (8, 1), (3, 1), (16, 1)])
+def test_grad_accum_for_defaults_to_8_over_world(world, accum):
+    assert train_gpt.grad_accum_for(Config(), world) == accum
+
+
+def test_grad_accum_steps_override():
+    cfg = Config(grad_accum_steps=3, train_batch_tokens=3 * 2 * 1024)
+    assert train_gpt.grad_accum_for(cfg, 1) == 3
+    assert train_gpt.grad_accum_for(cfg, 2) == 3
+    assert train_gpt.local_batch_tokens(cfg, 2) == 1024
+
+
+@pytest.mark.parametrize("world, local", [(1, 65536), (2, 65536), (4, 65536), (8, 65536), (16, 32768)])
+def test_local_batch_tokens_keeps_the_global_batch(world, local):
+    cfg = Config()
+    got = train_gpt.local_batch_tokens(cfg, world)
+    assert got == local
+    assert got * world * train_gpt.grad_accum_for(cfg, world) == cfg.train_batch_tokens
+
+
+@pytest.mark.parametrize("env, world", [
+    ({}, 3),  # 524288 / 3 is not whole
+    ({"TRAIN_BATCH_TOKENS": "4096"}, 1),  # 4096 / 8 micro-steps = 512 tokens, half a 1024 row
+    ({"TRAIN_BATCH_TOKENS": "6144", "GRAD_ACCUM_STEPS": "1"}, 4),  # 1536 tokens per rank
+])
+def test_local_batch_tokens_rejects_partial_rows(env, world):
+    cfg = Config.from_env(env)
+    with pytest.raises(ConfigError, match="TRAIN_BATCH_TOKENS"):
+        train_gpt.local_batch_tokens(cfg, world)
