@@ -273,6 +273,7 @@ class Runtime:
         self.world_size = int(environ.get("WORLD_SIZE", 1))
         self.local_rank = int(environ.get("LOCAL_RANK", 0))
         self.is_main = self.rank == 0
+        # RANK is the global rank (multi-node safe); LOCAL_RANK only picks this node's GPU.
         want = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         self.device = torch.device(f"cuda:{self.local_rank}" if want == "cuda" else want)
         self.is_cuda = self.device.type == "cuda"
@@ -286,11 +287,13 @@ class Runtime:
             dist.barrier()
         self.use_compile = cfg.compile == "1" or (cfg.compile == "auto" and self.is_cuda)
         self.use_autocast = cfg.autocast
+        # Rank 0 draws the run id so every rank names the same log, artifact and records folder.
         run_id = self.broadcast_object(cfg.run_id or generate_run_id())
         self.cfg = dataclasses.replace(cfg, run_id=run_id)
         self.log_path = Path("logs") / f"{run_id}.txt"
         if self.is_main:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        # Same seed on every rank: models are initialised identically, so no weight broadcast is needed.
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
 
@@ -314,6 +317,8 @@ class Runtime:
         """One flat all-reduce of every gradient (a missing one counts as zero)."""
         if not self.distributed:
             return
+        # A flat buffer instead of DDP: no re-wrap at depth switches and one collective per step; ~95 MB at the
+        # record size is a few ms on NVLink next to ~140 ms steps. Unused tensors (depth 1) send zeros.
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.reshape(-1) for g in grads])
         self.all_reduce(flat).div_(self.world_size)
@@ -331,6 +336,7 @@ class Runtime:
     def compile(self, fn: Callable) -> Callable:
         if not self.use_compile:
             return fn
+        # fullgraph: a graph break fails loudly here instead of silently slowing an 8xH100 run.
         # One graph per (depth, grad mode): every one is primed before the clock starts.
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         return torch.compile(fn, fullgraph=True, dynamic=False)
@@ -366,6 +372,8 @@ class Runtime:
     def shutdown(self, code: int = 0) -> None:
         """Every rank leaves the same way: barrier, destroy the group, flush, hard exit (gloo can abort at exit)."""
         if self.distributed:
+            # The reference's ranks 1-7 died here with ZeroDivisionError; gloo may also abort in its
+            # destructors, hence the hard exit after flushing.
             with contextlib.suppress(Exception):
                 dist.barrier()
                 dist.destroy_process_group()
@@ -465,7 +473,7 @@ class TokenStream:
 
     def take(self, n: int) -> np.ndarray:
         parts = []
-        while n > 0:
+        while n > 0:  # a request may span several shards (and wrap around the last one)
             if self.offset == len(self.tokens):
                 self.file_index = (self.file_index + 1) % len(self.paths)
                 self.tokens, self.offset = read_shard(self.paths[self.file_index]), 0
@@ -485,6 +493,8 @@ class TrainBatches:
         self.local_tokens, self.seq_len, self.device = local_tokens, seq_len, device
 
     def next(self) -> tuple[Tensor, Tensor]:
+        # Every rank reads the same chunk and keeps its slice: the extra token per rank is only a target, so the
+        # pair between adjacent rank spans is never trained on (as in the challenge's loader).
         span = self.local_tokens + 1
         chunk = self.stream.take(span * self.world_size)[self.rank * span:(self.rank + 1) * span]
         local = torch.from_numpy(chunk.astype(np.int64)).to(self.device)
@@ -541,11 +551,11 @@ def build_byte_tables(sp, vocab_size: int) -> ByteTables:
     space = torch.zeros(size, dtype=torch.bool)
     boundary = torch.ones(size, dtype=torch.bool)
     for i in range(sp.vocab_size()):
-        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):  # BOS etc.: scored, but zero bytes
             continue
         boundary[i] = False
         piece = sp.id_to_piece(i)
-        if sp.is_byte(i):
+        if sp.is_byte(i):  # <0xNN> stands for exactly one UTF-8 byte, whatever its piece text
             base[i] = 1
         else:
             space[i] = piece.startswith("\u2581")
@@ -555,6 +565,7 @@ def build_byte_tables(sp, vocab_size: int) -> ByteTables:
 
 def target_bytes(prev: Tensor, target: Tensor, tables: ByteTables) -> Tensor:
     """Bytes of each target token given the token before it (same shapes, int32)."""
+    # The U+2581 of a word right after BOS is not a byte of the text: it is the tokenizer's word marker.
     space = tables.has_space[target] & ~tables.is_boundary[prev]
     return tables.base_bytes[target] + space.int()
 
@@ -604,7 +615,7 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Half-split rotation of (B, H, T, hd): [x1 cos + x2 sin, -x1 sin + x2 cos]."""
     half = x.size(-1) // 2
     x1, x2 = x[..., :half], x[..., half:]
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # angles were exact in fp32; only the product is bf16
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
 
 
@@ -613,6 +624,7 @@ def remove_self_value(y: Tensor, v: Tensor) -> Tensor:
     b, h, t, hd = y.shape
     kv = v.size(1)
     y = y.view(b, kv, h // kv, t, hd)  # query head i reads kv head i // group, as in SDPA's GQA
+    # y - (y . v_hat) v_hat: attention output keeps only what is not the token's own value direction.
     unit = F.normalize(v, dim=-1, eps=1e-12).unsqueeze(2)
     y = y - (y * unit).sum(-1, keepdim=True) * unit
     return y.view(b, h, t, hd)
@@ -641,7 +653,9 @@ class Attention(nn.Module):
         k = self.c_k(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         v = self.c_v(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(rms_norm(q), *rope), apply_rope(rms_norm(k), *rope)
+        # q and k are unit-RMS, so q_gain alone sets the attention temperature per head.
         q = q * self.q_gain.to(q.dtype)[None, :, None, None]
+        # enable_gqa lets the kernel share each kv head across its query group without materialising copies.
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         if use_xsa:
             y = remove_self_value(y, v)
@@ -657,6 +671,7 @@ class MLP(nn.Module):
         nn.init.zeros_(self.proj.weight)
 
     def forward(self, x: Tensor) -> Tensor:
+        # LeakyReLU(0.5)^2 (#784): relu^2's sharpness, but negative inputs keep a 0.25 u^2 gradient path.
         return self.proj(F.leaky_relu(self.fc(x), negative_slope=0.5).square())
 
 
@@ -682,9 +697,12 @@ class GPT(nn.Module):
         super().__init__()
         self.cfg = cfg
         depth, d = cfg.num_layers * cfg.num_repeats, cfg.model_dim
+        # The small std keeps the tied head's initial logits near uniform (val_loss ~ ln V at step 0).
         self.tok_emb = nn.Embedding(cfg.vocab_size, d)
         nn.init.normal_(self.tok_emb.weight, std=cfg.tied_embed_init_std)
         self.value_embeds = nn.ModuleList(nn.Embedding(cfg.vocab_size, d) for _ in range(cfg.num_value_embeds))
+        # Per effective layer, so 3 shared blocks can still tell their 4 applications apart; all start at zero,
+        # so a layer that progressive depth has not reached yet contributes nothing until it trains.
         self.value_scales = nn.Parameter(torch.zeros(depth, cfg.num_value_embeds, d))
         self.loop_embed = nn.Parameter(torch.zeros(depth, d))
         self.cross_repeat_scales = nn.Parameter(torch.zeros(cfg.num_layers, cfg.num_repeats - 1, d))
@@ -697,7 +715,7 @@ class GPT(nn.Module):
         """
         cfg, n_blocks = self.cfg, len(self.blocks)
         x = x0 = rms_norm(self.tok_emb(ids))  # (B, T, D), fp32 residual stream
-        values = [table(ids) for table in self.value_embeds]
+        values = [table(ids) for table in self.value_embeds]  # looked up once, added at every layer
         rope = rope_tables(ids.size(1), cfg.head_dim, cfg.rope_base, ids.device)
         first_xsa = xsa_start(n_blocks * repeats, cfg.xsa_last_n)
         previous = [x] * n_blocks  # placeholders; read only from the second repeat on
@@ -915,6 +933,7 @@ class Trainer:
             loss_sum += loss.detach()
         self.rt.average_gradients(params)
         momentum = muon_momentum_at(self.cfg, state.step)
+        # One LR scale for every group (scheduled, identical on all ranks since it comes from the max elapsed).
         for opt in self.optimizers.values():
             for group in opt.param_groups:
                 group["lr"] = group["base_lr"] * scale
@@ -945,6 +964,7 @@ class Trainer:
         budget_ms = 1000.0 * cfg.max_wallclock_seconds
         self.clock.start()
         while True:
+            # The max over ranks: every rank takes the same depth, LR and stop decision at the same step.
             state.train_ms = rt.max_scalar(self.clock.elapsed_ms())
             out_of_time = budget_ms > 0 and state.train_ms >= budget_ms
             done = out_of_time or state.step >= cfg.iterations
