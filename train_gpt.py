@@ -32,11 +32,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import hashlib
 import json
 import math
 import os
 import re
 import secrets
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -69,6 +71,8 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     autocast: bool = True  # bf16 autocast on both CUDA and CPU
     compile: str = "auto"  # auto (on for CUDA) | 0 | 1
+    checkpoint_every_seconds: float = 0.0  # 0: only on SIGTERM/SIGINT; written to logs/<RUN_ID>.ckpt
+    resume: str = ""  # a checkpoint path, or "auto" for logs/<RUN_ID>.ckpt
     # length and cadence
     iterations: int = 20000
     max_wallclock_seconds: float = 600.0  # 0: step-based schedules over ITERATIONS
@@ -208,7 +212,8 @@ def _config_problems(c: Config) -> Iterator[str]:
     for name in ("mlp_mult", "logit_softcap", "rope_base", "tied_embed_init_std", "qk_gain_init", "adam_eps"):
         if not 0 < getattr(c, name) < math.inf:
             yield f"{name.upper()} must be a finite number > 0, got {getattr(c, name)}"
-    for name in ("tied_embed_lr", "matrix_lr", "scalar_lr", "muon_wd", "grad_clip_norm", "max_wallclock_seconds"):
+    for name in ("tied_embed_lr", "matrix_lr", "scalar_lr", "muon_wd", "grad_clip_norm", "max_wallclock_seconds",
+                 "checkpoint_every_seconds"):
         if not 0 <= getattr(c, name) < math.inf:
             yield f"{name.upper()} must be a finite number >= 0, got {getattr(c, name)}"
     for name in ("beta1", "beta2", "muon_momentum", "muon_momentum_warmup_start"):
@@ -310,8 +315,8 @@ class Runtime:
             dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
         return tensor
 
-    def max_scalar(self, value: float) -> float:
-        return self.all_reduce(torch.tensor([value], dtype=torch.float64, device=self.device), "max").item()
+    def all_max(self, *values: float) -> list[float]:
+        return self.all_reduce(torch.tensor(values, dtype=torch.float64, device=self.device), "max").tolist()
 
     def average_gradients(self, params: list[nn.Parameter]) -> None:
         """One flat all-reduce of every gradient (a missing one counts as zero)."""
@@ -470,6 +475,13 @@ class TokenStream:
         self.file_index = 0
         self.offset = 0
         self.tokens = read_shard(paths[0])
+
+    def position(self) -> tuple[int, int]:
+        return self.file_index, self.offset
+
+    def seek(self, file_index: int, offset: int) -> None:
+        self.file_index, self.offset = file_index, offset
+        self.tokens = read_shard(self.paths[file_index])
 
     def take(self, n: int) -> np.ndarray:
         parts = []
@@ -863,6 +875,8 @@ class TrainState:
     swa_sum: dict[str, Tensor] | None = None
     swa_count: int = 0
     history: list[dict] = field(default_factory=list)
+    checkpoint_ms: float = 0.0  # train_ms at the last checkpoint
+    interrupted: bool = False  # stopped by SIGTERM/SIGINT after writing a checkpoint
 
 
 class TrainClock:
@@ -899,6 +913,7 @@ class Trainer:
 
     def __post_init__(self) -> None:
         self.clock = TrainClock(self.rt)
+        self.signalled = False
 
     def prime_compiled_graphs(self) -> float:
         """Run one forward+backward and one eval forward per scheduled depth on dummy tokens; returns ms."""
@@ -956,16 +971,25 @@ class Trainer:
         state.history.append(record)
         return loss, bpb
 
-    def run(self) -> TrainState:
+    def run(self, state: TrainState | None = None) -> TrainState:
         """The timed loop: validate on cadence, pick depth and LR from progress, step, collect SWA, stop."""
         cfg, rt = self.cfg, self.rt
         accum = grad_accum_for(cfg, rt.world_size)
-        state = TrainState(repeats=repeats_at(cfg, 0.0))
-        budget_ms = 1000.0 * cfg.max_wallclock_seconds
+        state = state or TrainState(repeats=repeats_at(cfg, 0.0))
+        budget_ms, every_ms = 1000.0 * cfg.max_wallclock_seconds, 1000.0 * cfg.checkpoint_every_seconds
+        for sig in (signal.SIGTERM, signal.SIGINT):  # torchrun forwards these to every rank
+            signal.signal(sig, lambda *_: setattr(self, "signalled", True))
+        self.clock.banked_ms = state.train_ms
         self.clock.start()
         while True:
             # The max over ranks: every rank takes the same depth, LR and stop decision at the same step.
-            state.train_ms = rt.max_scalar(self.clock.elapsed_ms())
+            state.train_ms, signalled = rt.all_max(self.clock.elapsed_ms(), float(self.signalled))
+            if signalled or (every_ms and state.train_ms - state.checkpoint_ms >= every_ms):
+                self.save_checkpoint(state)
+                if signalled:
+                    rt.log(f"stopped: signal step:{state.step} (continue with RESUME={self.checkpoint_path()})")
+                    state.interrupted = True
+                    return state
             out_of_time = budget_ms > 0 and state.train_ms >= budget_ms
             done = out_of_time or state.step >= cfg.iterations
             if out_of_time:
@@ -979,6 +1003,42 @@ class Trainer:
             if done:
                 return state
             self.advance(state, accum)
+
+    def checkpoint_path(self) -> Path:
+        return self.rt.log_path.with_suffix(".ckpt")
+
+    def save_checkpoint(self, state: TrainState) -> None:
+        """Everything a bit-identical continuation needs, written by rank 0 (temp file + rename: never torn).
+
+        Model, optimizer moments and stream position are identical on every rank, so one copy serves all.
+        """
+        self.clock.pause()
+        state.checkpoint_ms, path = state.train_ms, self.checkpoint_path()
+        if self.rt.is_main:
+            payload = dict(config=resume_key(self.cfg), model=self.model.state_dict(), swa_sum=state.swa_sum,
+                           optimizers={k: opt.state_dict() for k, opt in self.optimizers.items()},
+                           stream=list(self.batches.stream.position()), rng=torch.get_rng_state(),
+                           state=json.dumps({k: getattr(state, k) for k in RESUMED_STATE}))
+            torch.save(payload, path.with_name(path.name + ".tmp"))
+            os.replace(path.with_name(path.name + ".tmp"), path)
+        self.rt.barrier()
+        self.rt.log(f"checkpoint:saved path:{path} step:{state.step} train_time:{state.train_ms:.0f}ms")
+        self.clock.start()
+
+    def load_checkpoint(self, path: Path) -> TrainState:
+        """Restore a checkpoint of this same configuration (loaded with weights_only: no code runs)."""
+        payload = torch.load(path, map_location=self.rt.device, weights_only=True)
+        saved, ours = json.loads(payload["config"]), json.loads(resume_key(self.cfg))
+        changed = sorted(k for k in ours if saved.get(k) != ours[k])
+        if changed:
+            raise ConfigError(f"{path} is a checkpoint of another configuration (differs in: {', '.join(changed)})")
+        self.model.load_state_dict(payload["model"])
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(payload["optimizers"][name])
+        self.batches.stream.seek(*payload["stream"])
+        torch.set_rng_state(payload["rng"].cpu())
+        self.rt.log(f"checkpoint:resumed path:{path}")
+        return TrainState(swa_sum=payload["swa_sum"], **json.loads(payload["state"]))
 
     def advance(self, state: TrainState, accum: int) -> None:
         """One optimizer step plus its bookkeeping (depth switch, SWA, train log)."""
@@ -1000,6 +1060,22 @@ class Trainer:
             now_ms = self.clock.elapsed_ms()
             rt.log(f"step:{state.step}/{cfg.iterations} train_loss:{loss.item():.4f} lr_scale:{scale:.4f} "
                    f"repeats:{state.repeats} train_time:{now_ms:.0f}ms step_avg:{now_ms / state.step:.2f}ms")
+
+
+RESUMED_STATE = ("step", "train_ms", "repeats", "swa_count", "history", "checkpoint_ms")
+
+
+def resume_key(cfg: Config) -> str:
+    """The configuration a checkpoint must match: everything but the knobs that only name or steer the run."""
+    skip = ("run_id", "resume", "checkpoint_every_seconds")
+    return json.dumps({k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}, sort_keys=True)
+
+
+def weights_sha256(model: nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, p in model.named_parameters():
+        digest.update(name.encode() + p.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 @torch.no_grad()
@@ -1092,14 +1168,31 @@ def main() -> None:
     trainer = Trainer(cfg, rt, model, rt.compile(model), build_optimizers(model, cfg, fused=rt.is_cuda), batches,
                       val_tokens, tables)
     rt.log(f"compile_warmup_ms:{trainer.prime_compiled_graphs():.0f} (outside the training clock)")
-    state = trainer.run()
+    state = trainer.run(resume_from(cfg, rt, trainer))
+    if state.interrupted:
+        rt.shutdown(0)
     rt.log(rt.peak_memory_line())
     rt.log(f"swa:apply checkpoints:{swa_apply(state, model)}")
+    rt.log(f"weights_sha256:{weights_sha256(model)}")
     loss, bpb = trainer.validate(state, "final_float", cfg.num_repeats)
     rt.log(f"final_float val_loss:{loss:.4f} val_bpb:{bpb:.4f} "
            f"eval_time:{state.history[-1]['eval_time_ms']:.0f}ms")
     rt.log(f"final_float_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
     rt.shutdown(0)
+
+
+def resume_from(cfg: Config, rt: Runtime, trainer: Trainer) -> TrainState | None:
+    """RESUME=<path>|auto: the checkpoint's state, or exit 2 with one line when it cannot be used."""
+    if not cfg.resume:
+        return None
+    path = trainer.checkpoint_path() if cfg.resume == "auto" else Path(cfg.resume)
+    try:
+        if not path.is_file():
+            raise ConfigError(f"RESUME={cfg.resume}: no checkpoint at {path}")
+        return trainer.load_checkpoint(path)
+    except ConfigError as err:
+        print(f"config_error: {err}", file=sys.stderr)
+        rt.shutdown(2)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def main() -> None:
         state.step += 1
         if i >= warmup:
             times.append(time.perf_counter() - start)
-    median = rt.max_scalar(statistics.median(times))
+    median = rt.all_max(statistics.median(times))[0]
     tokens = cfg.train_batch_tokens
     rt.log(f"bench:train world_size:{rt.world_size} threads:{torch.get_num_threads()} dim:{cfg.model_dim} "
            f"layers:{cfg.num_layers}x{cfg.num_repeats} seq:{cfg.train_seq_len} rows_per_rank:{rows} "

@@ -177,7 +177,7 @@ def test_runtime_single_process(tmp_path, monkeypatch, tiny_cfg):
     assert not rt.use_compile  # COMPILE=0
     t = torch.tensor([3.0])
     assert rt.all_reduce(t) is t and t.item() == 3.0
-    assert rt.max_scalar(2.5) == 2.5
+    assert rt.all_max(2.5, 1.0) == [2.5, 1.0]
     generated = train_gpt.Runtime(tiny_cfg(), {}).cfg.run_id
     assert generated  # one is drawn when RUN_ID is empty
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -118,3 +119,51 @@ def test_torchrun_two_gloo_ranks_train_evaluate_and_exit_zero(tmp_path, demo_sub
     assert len(re.findall(r"^final_float_exact ", out.stdout, re.M)) == 1  # rank 0 logs, once
     text, records = read_log(tmp_path)
     assert records[-1]["name"] == "final_float" and records[-1]["val_bpb"] == records[-1]["val_bpb"]  # not NaN
+
+
+def torchrun_cmd() -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT]
+
+
+def exact_lines(stdout: str) -> tuple[str, str]:
+    final = re.search(r"^final_float_exact .*$", stdout, re.M).group(0)
+    return final, re.search(r"^weights_sha256:\w+$", stdout, re.M).group(0)
+
+
+def test_sigterm_checkpoint_and_resume_is_bit_identical(tmp_path, demo_subset):
+    """Kill a 2-rank torchrun run mid-training with SIGTERM, resume it, and get the uninterrupted run's bytes."""
+    env = tiny_env(demo_subset, ITERATIONS="40", WARMDOWN_ITERS="20", VAL_LOSS_EVERY="10", TRAIN_LOG_EVERY="1")
+    full = run(torchrun_cmd(), {**env, "RUN_ID": "full"}, tmp_path)
+    assert full.returncode == 0, full.stderr[-3000:]
+
+    proc = subprocess.Popen(torchrun_cmd(), env={**env, "RUN_ID": "cut"}, cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    for line in proc.stdout:
+        if line.startswith("step:5/40 train_loss"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest = proc.stdout.read()
+    proc.wait(timeout=120)
+    assert re.search(r"^checkpoint:saved path:logs/cut.ckpt step:\d+ ", rest, re.M), rest
+    assert re.search(r"^stopped: signal step:(\d+) ", rest, re.M), rest
+    assert int(re.search(r"^stopped: signal step:(\d+)", rest, re.M).group(1)) < 40
+    assert (tmp_path / "logs" / "cut.ckpt").is_file() and not list((tmp_path / "logs").glob("*.tmp"))
+    assert "final_float_exact" not in rest
+
+    resumed = run(torchrun_cmd(), {**env, "RUN_ID": "cut", "RESUME": "auto"}, tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "checkpoint:resumed path:logs/cut.ckpt" in resumed.stdout
+    assert exact_lines(resumed.stdout) == exact_lines(full.stdout)
+
+
+def test_periodic_checkpoints_and_refusals(tmp_path, demo_subset):
+    env = tiny_env(demo_subset, CHECKPOINT_EVERY_SECONDS="0.000001", ITERATIONS="3")
+    out = run([sys.executable, SCRIPT], env, tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert len(re.findall(r"^checkpoint:saved ", out.stdout, re.M)) >= 3
+    assert not list((tmp_path / "logs").glob("*.tmp"))
+    other = run([sys.executable, SCRIPT], {**env, "RESUME": "logs/tiny.ckpt", "MODEL_DIM": "64"}, tmp_path)
+    assert other.returncode == 2
+    assert "checkpoint of another configuration (differs in: model_dim)" in other.stderr
+    missing = run([sys.executable, SCRIPT], {**env, "RESUME": "auto", "RUN_ID": "nothing"}, tmp_path)
+    assert missing.returncode == 2 and "no checkpoint at logs/nothing.ckpt" in missing.stderr
