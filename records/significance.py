@@ -25,8 +25,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from scipy import stats
-
 METRIC_PRIORITY = ("final_mixer", "final_sliding_window", "final_roundtrip", "final_float", "final_int8_zlib_roundtrip")
 EXACT_LINE = re.compile(r"^(\w+)_exact val_loss:(\S+) val_bpb:(\S+)", re.M)
 SEED_LINE = re.compile(r"\bseed:(\d+)\b")
@@ -94,6 +92,8 @@ def one_sided_p(candidate: list[float], baseline: list[float] | float, margin: f
     """(t, df, p) for H1: mean(candidate) < mean(baseline) - margin. NaN when there are too few values."""
     if len(candidate) < 2 or (isinstance(baseline, list) and len(baseline) < 2):
         return math.nan, math.nan, math.nan
+    from scipy import stats  # here, not at the top: make_record.py imports this module's parsers only
+
     if isinstance(baseline, list):
         shifted = [b - margin for b in baseline]
         res = stats.ttest_ind(candidate, shifted, equal_var=False, alternative="less")
