@@ -39,6 +39,7 @@ import os
 import re
 import secrets
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -73,6 +74,7 @@ class Config:
     compile: str = "auto"  # auto (on for CUDA) | 0 | 1
     checkpoint_every_seconds: float = 0.0  # 0: only on SIGTERM/SIGINT; written to logs/<RUN_ID>.ckpt
     resume: str = ""  # a checkpoint path, or "auto" for logs/<RUN_ID>.ckpt
+    record: bool = True  # at the end, write records/<track>/<date>_<name>/ with records/make_record.py
     # length and cadence
     iterations: int = 20000
     max_wallclock_seconds: float = 600.0  # 0: step-based schedules over ITERATIONS
@@ -1067,7 +1069,7 @@ RESUMED_STATE = ("step", "train_ms", "repeats", "swa_count", "history", "checkpo
 
 def resume_key(cfg: Config) -> str:
     """The configuration a checkpoint must match: everything but the knobs that only name or steer the run."""
-    skip = ("run_id", "resume", "checkpoint_every_seconds")
+    skip = ("run_id", "resume", "checkpoint_every_seconds", "record")
     return json.dumps({k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}, sort_keys=True)
 
 
@@ -1130,7 +1132,7 @@ def build_model(cfg: Config, rt: Runtime) -> GPT:
 def log_header(cfg: Config, rt: Runtime, model: GPT, n_val: int) -> None:
     rt.log(Path(__file__).read_text(encoding="utf-8"), console=False)
     rt.log(f"python:{sys.version.split()[0]} torch:{torch.__version__}", console=False)
-    rt.log(f"logs:{rt.log_path} run_id:{cfg.run_id}")
+    rt.log(f"logs:{rt.log_path} run_id:{cfg.run_id} started:{time.strftime('%Y-%m-%dT%H:%M:%S%z')}")
     rt.log("config:" + json.dumps(dataclasses.asdict(cfg), sort_keys=True))
     rt.log(describe_params(cfg, model)[0])
     rt.log(f"world_size:{rt.world_size} device:{rt.device_name()} grad_accum_steps:{grad_accum_for(cfg, rt.world_size)} "
@@ -1178,7 +1180,19 @@ def main() -> None:
     rt.log(f"final_float val_loss:{loss:.4f} val_bpb:{bpb:.4f} "
            f"eval_time:{state.history[-1]['eval_time_ms']:.0f}ms")
     rt.log(f"final_float_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
+    if cfg.record and rt.is_main:
+        write_record(rt)
     rt.shutdown(0)
+
+
+def write_record(rt: Runtime) -> None:
+    """Run records/make_record.py on this run's log; it lives outside this file because these bytes are counted."""
+    tool = Path(__file__).parent / "records" / "make_record.py"
+    if not tool.is_file():  # e.g. the copy of this script inside a records folder
+        return rt.log("record:skipped reason:no records/make_record.py next to train_gpt.py")
+    out = subprocess.run([sys.executable, str(tool), "--log", str(rt.log_path), "--script", __file__],
+                         stdout=subprocess.PIPE, text=True, check=False).stdout.strip().splitlines()
+    rt.log(out[-1] if out else "record:skipped reason:make_record.py failed (its error is above)")
 
 
 def resume_from(cfg: Config, rt: Runtime, trainer: Trainer) -> TrainState | None:

@@ -26,7 +26,7 @@ def tiny_env(demo_subset: dict, **overrides: str) -> dict[str, str]:
                MLP_MULT="2", TRAIN_SEQ_LEN="32", TRAIN_BATCH_TOKENS="256", GRAD_ACCUM_STEPS="1", ITERATIONS="12",
                MAX_WALLCLOCK_SECONDS="0", WARMDOWN_ITERS="6", LR_WARMUP_STEPS="2", SWA_EVERY="2", VAL_LOSS_EVERY="6",
                VAL_BATCH_SIZE="1024", VAL_MAX_TOKENS="2048", TRAIN_LOG_EVERY="4", RUN_ID="tiny", COMPILE="0",
-               OMP_NUM_THREADS="1")
+               OMP_NUM_THREADS="1", RECORD="0")  # the records folder has its own tests (test_records.py)
     env.update(overrides)
     return env
 
