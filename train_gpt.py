@@ -985,14 +985,17 @@ class Trainer:
         self.clock.start()
         while True:
             # The max over ranks: every rank takes the same depth, LR and stop decision at the same step.
-            state.train_ms, signalled = rt.all_max(self.clock.elapsed_ms(), float(self.signalled))
+            before_ms, (state.train_ms, signalled) = state.train_ms, rt.all_max(self.clock.elapsed_ms(),
+                                                                               float(self.signalled))
+            last_step_ms = state.train_ms - before_ms
             if signalled or (every_ms and state.train_ms - state.checkpoint_ms >= every_ms):
                 self.save_checkpoint(state)
                 if signalled:
                     rt.log(f"stopped: signal step:{state.step} (continue with RESUME={self.checkpoint_path()})")
                     state.interrupted = True
                     return state
-            out_of_time = budget_ms > 0 and state.train_ms >= budget_ms
+            # Stop before a step that would end past the budget (the last step predicts the next one's time).
+            out_of_time = budget_ms > 0 and state.train_ms + last_step_ms > budget_ms
             done = out_of_time or state.step >= cfg.iterations
             if out_of_time:
                 rt.log(f"stopping_early: wallclock_cap train_time:{state.train_ms:.0f}ms step:{state.step}/{cfg.iterations}")
