@@ -839,6 +839,7 @@ BACKOFF_STRENGTH = 4.0  # prior mass of the lower order in the interpolated expe
 PRIOR_LOG_WEIGHT = 2.0  # the neural expert's initial log-weight, the others' is 0 (the reference's prior)
 HEDGE_COLD_START = 10_000  # the reference mixes only once its tables hold this many tokens
 ENTROPY_BINS, EVIDENCE_BINS = 6, 7  # gate buckets: floor(H in nats), floor(log2(1 + trigram context count))
+GATE_PRIOR_TOKENS = 16  # a bucket's batch-mean step shrinks by m / (m + 16): robust from 512 to 8192 targets/update
 
 
 def prior_occurrences(keys: Tensor) -> Tensor:
@@ -852,8 +853,7 @@ def prior_occurrences(keys: Tensor) -> Tensor:
 
 
 def dirichlet(pair: Tensor, total: Tensor, strength: float, base: Tensor | float) -> Tensor:
-    """Posterior mean of next-token probabilities from counts under a Dirichlet(strength * base) prior; it sums to 1
-    over the vocabulary whenever base does, at any count (empty contexts included)."""
+    """Posterior mean under a Dirichlet(strength * base) prior: sums to 1 over the vocabulary when base does."""
     return (pair + strength * base) / (total + strength)
 
 
@@ -880,9 +880,9 @@ class Mixer:
     def experts(self, pair: list[Tensor], total: list[Tensor], neural: Tensor, entropy: Tensor) -> Tensor:
         """Log-probabilities (..., 5) of the targets, or of every token when the counts are whole (V,) rows."""
         v = self.vocab
-        uni, bi, tri = (dirichlet(p, t, a * v, 1 / v) for p, t, a in zip(pair, total, ADD_ALPHA))
-        if self.reference:  # empty trigram rows clamped to 1 (mass 0.91), and e^-H for every token (mass V e^-H)
-            tri = dirichlet(pair[2], total[2].clamp(min=1), ADD_ALPHA[2] * v, 1 / v)
+        clamped = [*total[:2], total[2].clamp(min=1)] if self.reference else total  # the reference's: mass 0.91
+        uni, bi, tri = (dirichlet(p, t, a * v, 1 / v) for p, t, a in zip(pair, clamped, ADD_ALPHA))
+        if self.reference:  # e^-H for every token: mass V e^-H
             fifth = -entropy.expand_as(uni)
         else:  # the lower order fills in where the trigram context is thin
             fifth = dirichlet(pair[2], total[2], BACKOFF_STRENGTH, dirichlet(pair[1], total[1], BACKOFF_STRENGTH, uni))
@@ -939,10 +939,10 @@ class Mixer:
             table.index_put_((index,), torch.ones_like(index, dtype=torch.int32), accumulate=True)
         if self.reference and not cold:  # Hedge on the batch-mean expert losses
             self.log_weights[0] += self.eta * log_probs.mean(0)
-        elif not self.reference:  # exponentiated gradient on the mixture's log loss, per bucket (batch mean)
+        elif not self.reference:  # exponentiated gradient on the mixture's log loss, per bucket
             grad = (log_probs - mixed[:, None]).exp()  # p_k / p_mix
             onehot = F.one_hot(bucket, len(self.log_weights)).double()  # a matmul, not a float scatter: deterministic
-            self.log_weights += self.eta * (onehot.T @ grad) / onehot.sum(0).clamp(min=1)[:, None]
+            self.log_weights += self.eta * (onehot.T @ grad) / (onehot.sum(0) + GATE_PRIOR_TOKENS)[:, None]
 
 
 def mix_batch(rt: Runtime, mixer: Mixer, batch: Tensor, rows: int, log_probs: Tensor, nll: Tensor) -> Tensor:
@@ -963,10 +963,9 @@ def mix_batch(rt: Runtime, mixer: Mixer, batch: Tensor, rows: int, log_probs: Te
 
 
 # === 10. EVALUATION ===
-# Every eval scores windows from one plan: the periodic and final float evals non-overlapping TRAIN_SEQ_LEN blocks
-# (stride = window), the final sliding eval EVAL_SEQ_LEN windows every EVAL_STRIDE targets. Windows go out in global
-# batches of `rows` consecutive windows per rank, so each global batch scores one contiguous run of targets and the
-# mixer sees the stream left to right. Forwards are padded to `rows` so a compiled model sees one shape.
+# Every eval scores windows from one plan: non-overlapping TRAIN_SEQ_LEN blocks (stride = window) for the float evals,
+# EVAL_SEQ_LEN windows every EVAL_STRIDE targets for the final one. Global batches of `rows` consecutive windows per
+# rank score one contiguous run of targets (the mixer's stream); forwards are padded to `rows` rows (one shape).
 
 ModelFn = Callable[..., Tensor]  # (ids, repeats) -> fp32 logits (B, T, V)
 

@@ -117,7 +117,8 @@ def naive_mixture(tokens: list[int], logp: torch.Tensor, batches: list[tuple[int
                     totals[o][ctx[o]] += 1
         for bucket, grad in grads.items():
             if not (reference and n_tokens < cold):
-                lam[bucket] = [v + eta * g / grad[5] for v, g in zip(lam[bucket], grad)]
+                step = eta / grad[5] if reference else eta / (grad[5] + 16)  # batch mean / shrunk batch mean
+                lam[bucket] = [v + step * g for v, g in zip(lam[bucket], grad)]
     return out
 
 
