@@ -14,15 +14,16 @@ Lineage: #148 recurrence, #784 XSA + LeakyReLU^2, #835 progressive depth, #1384 
 Contents
   1. IMPORTS
   2. CONFIG         frozen typed config from env vars, presets, validation
-  3. RUNTIME        device, torchrun, autocast, compile, logging, shutdown (the only impure section with 9-10)
+  3. RUNTIME        device, torchrun, autocast, compile, logging, shutdown (the only impure section with 11-12)
   4. SCHEDULES      LR warmup/warmdown, Muon momentum, progressive depth, SWA cadence
   5. DATA           challenge shards, the sequential train stream, validation tokens
   6. BYTES          SentencePiece byte tables and the bits-per-byte meter
   7. MODEL          attention with XSA, MLP, block, the recurrent GPT
   8. PARAMETERS     the parameter policy table and the optimizers built from it
-  9. EVALUATION     non-overlapping validation
- 10. TRAINING       compile priming, the train step, the timed loop, SWA
- 11. MAIN
+  9. MIXER          the online expert mixture of the final eval (normalized, or the reference's Hedge)
+ 10. EVALUATION     the window plan, non-overlapping and sliding-window validation, the final evals
+ 11. TRAINING       compile priming, the train step, the timed loop, SWA
+ 12. MAIN
 """
 
 # === 1. IMPORTS ===
@@ -87,6 +88,13 @@ class Config:
     val_loss_every: int = 1000
     val_max_tokens: int = 0  # 0: the whole validation split; >0 caps it (CPU runs)
     train_log_every: int = 200
+    # final sliding-window and mixer evals (section 10)
+    eval_seq_len: int = 1024
+    eval_stride: int = 256  # 0: no sliding-window or mixer eval (the reference's meaning)
+    eval_batch_seqs: int = 32  # windows per forward on each rank; one mixer update per all ranks' batch
+    mixer: str = "normalized"  # normalized | reference_hedge | off
+    mixer_eta: float = 1.0  # step of the normalized mixer's exponentiated-gradient update
+    hedge_eta: float = 0.1  # learning rate of the reference Hedge
     # architecture
     vocab_size: int = 1024
     num_layers: int = 3
@@ -167,6 +175,7 @@ PRESETS: dict[str, dict[str, object]] = {
         model_dim=128, num_heads=4, num_kv_heads=2, train_seq_len=256, train_batch_tokens=4096, grad_accum_steps=1,
         max_wallclock_seconds=240.0, warmdown_iters=150, lr_warmup_steps=20, muon_momentum_warmup_steps=100,
         swa_every=10, val_batch_size=16384, val_loss_every=100, val_max_tokens=65536, train_log_every=25,
+        eval_seq_len=256, eval_stride=64, eval_batch_seqs=16,
     ),
 }
 
@@ -207,7 +216,8 @@ def parse_prog_depth(spec: str) -> tuple[tuple[float, int], ...]:
 def _config_problems(c: Config) -> Iterator[str]:
     """Yield every validation failure; the first one is raised."""
     positive = ("num_layers", "num_repeats", "model_dim", "num_heads", "num_kv_heads", "vocab_size", "iterations",
-                "train_batch_tokens", "train_seq_len", "val_batch_size", "swa_every", "muon_backend_steps")
+                "train_batch_tokens", "train_seq_len", "val_batch_size", "swa_every", "muon_backend_steps",
+                "eval_seq_len", "eval_batch_seqs")
     for name in positive:
         if getattr(c, name) <= 0:
             yield f"{name.upper()} must be > 0, got {getattr(c, name)}"
@@ -215,7 +225,7 @@ def _config_problems(c: Config) -> Iterator[str]:
         if not 0 < getattr(c, name) < math.inf:
             yield f"{name.upper()} must be a finite number > 0, got {getattr(c, name)}"
     for name in ("tied_embed_lr", "matrix_lr", "scalar_lr", "muon_wd", "grad_clip_norm", "max_wallclock_seconds",
-                 "checkpoint_every_seconds"):
+                 "checkpoint_every_seconds", "mixer_eta", "hedge_eta"):
         if not 0 <= getattr(c, name) < math.inf:
             yield f"{name.upper()} must be a finite number >= 0, got {getattr(c, name)}"
     for name in ("beta1", "beta2", "muon_momentum", "muon_momentum_warmup_start"):
@@ -238,6 +248,10 @@ def _config_problems(c: Config) -> Iterator[str]:
         yield f"TRAIN_BATCH_TOKENS={c.train_batch_tokens} must be a multiple of TRAIN_SEQ_LEN={c.train_seq_len}"
     if c.device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?", c.device):
         yield f"DEVICE must be auto, cpu, cuda or cuda:N, got {c.device!r}"
+    if not 0 <= c.eval_stride <= c.eval_seq_len:
+        yield f"EVAL_STRIDE must be in 0..EVAL_SEQ_LEN={c.eval_seq_len} (0 skips the sliding eval), got {c.eval_stride}"
+    if c.mixer not in ("normalized", "reference_hedge", "off"):
+        yield f"MIXER must be normalized, reference_hedge or off, got {c.mixer!r}"
     if c.compile not in ("auto", "0", "1"):
         yield f"COMPILE must be auto, 0 or 1, got {c.compile!r}"
     if not c.tokenizer_path.endswith(".model"):
@@ -319,6 +333,14 @@ class Runtime:
 
     def all_max(self, *values: float) -> list[float]:
         return self.all_reduce(torch.tensor(values, dtype=torch.float64, device=self.device), "max").tolist()
+
+    def all_gather(self, tensor: Tensor) -> Tensor:
+        """(world, *shape): every rank's equally shaped tensor, in rank order."""
+        if not self.distributed:
+            return tensor[None]
+        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.stack(parts)
 
     def average_gradients(self, params: list[nn.Parameter]) -> None:
         """One flat all-reduce of every gradient (a missing one counts as zero)."""
@@ -833,30 +855,209 @@ def build_optimizers(model: nn.Module, cfg: Config, fused: bool) -> dict[str, to
     return optimizers
 
 
-# === 9. EVALUATION ===
-# The periodic and final float evals score the validation tokens in non-overlapping TRAIN_SEQ_LEN blocks, split
-# contiguously across ranks. Batches are padded to a fixed row count so a compiled forward sees one shape.
+# === 9. MIXER ===
+# An online mixture over the stream of scored validation targets, to the challenge's rules: every expert is a full
+# distribution over the vocabulary from the strict prefix (C1, C2); tables and weights learn from a target only after
+# it is scored (C3, C4). MIXER=normalized: neural softmax, the reference's add-alpha unigram/bigram/hashed-trigram
+# experts and an interpolated trigram->bigram->unigram expert, weighted per context bucket (neural entropy x trigram
+# evidence) by exponentiated gradient on the mixture's log loss. MIXER=reference_hedge is #1453's mixer, for
+# comparison only: its fifth expert gives every token e^-H, so it sums to more than 1 and is not a code length.
 
-ModelFn = Callable[..., Tensor]  # (ids, repeats, targets) -> per-token NLL
+TRIGRAM_BUCKETS = 65536  # hashed (x_{t-1}, x_t) contexts, as in the reference
+TRIGRAM_HASH = (36313, 27191)  # the reference's multipliers for x_{t-1} and x_t
+ADD_ALPHA = (0.1, 0.1, 0.01)  # the reference's add-alpha smoothing of the unigram, bigram and trigram experts
+BACKOFF_STRENGTH = 4.0  # prior mass of the lower order in the interpolated expert (2..16 within 0.003 bpb on the demo)
+PRIOR_LOG_WEIGHT = 2.0  # the neural expert's initial log-weight, the others' is 0 (the reference's prior)
+HEDGE_COLD_START = 10_000  # the reference mixes only once its tables hold this many tokens
+ENTROPY_BINS, EVIDENCE_BINS = 6, 7  # gate buckets: floor(H in nats), floor(log2(1 + trigram context count))
+GATE_PRIOR_TOKENS = 16  # a bucket's batch-mean step shrinks by m / (m + 16): robust from 512 to 8192 targets/update
+
+
+def prior_occurrences(keys: Tensor) -> Tensor:
+    """How many earlier positions hold the same key, per position (a stable sort of integers: deterministic)."""
+    order = torch.sort(keys, stable=True).indices
+    ordered, ranks = keys[order], torch.arange(len(keys), device=keys.device)
+    new_key = F.pad(ordered[1:] != ordered[:-1], (1, 0), value=True)
+    out = torch.empty_like(keys)
+    out[order] = ranks - torch.cummax(torch.where(new_key, ranks, 0), 0).values
+    return out
+
+
+def dirichlet(pair: Tensor, total: Tensor, strength: float, base: Tensor | float) -> Tensor:
+    """Posterior mean under a Dirichlet(strength * base) prior: sums to 1 over the vocabulary when base does."""
+    return (pair + strength * base) / (total + strength)
+
+
+class Mixer:
+    """Mixture state for one MIXER eval. Per global batch of consecutive targets: score() mixes them with the state
+    before the batch, check() rebuilds one position's whole mixture by brute force, update() learns from the batch.
+    Every rank runs it on the same gathered inputs with integer and float64 ops, so the state is identical."""
+
+    def __init__(self, cfg: Config, val_tokens: Tensor, device: torch.device):
+        self.vocab, self.reference = cfg.vocab_size, cfg.mixer == "reference_hedge"
+        self.per_token = not self.reference  # tables count every earlier target; the reference's, earlier batches
+        self.eta = cfg.hedge_eta if self.reference else cfg.mixer_eta
+        self.tokens = F.pad(val_tokens, (1, 0)).to(device)  # a 0 stands in for the token before the first
+        rows = (1, self.vocab, TRIGRAM_BUCKETS)
+        self.pairs = [torch.zeros(r * self.vocab, dtype=torch.int32, device=device) for r in rows]  # (ctx, next)
+        self.totals = [torch.zeros(r, dtype=torch.int32, device=device) for r in rows]  # per context
+        buckets = 1 if self.reference else ENTROPY_BINS * EVIDENCE_BINS
+        self.log_weights = torch.zeros(buckets, 5, dtype=torch.float64, device=device)
+        self.log_weights[:, 0] = PRIOR_LOG_WEIGHT
+        self.weight_sum = torch.zeros(5, dtype=torch.float64, device=device)
+        self.rng = torch.Generator().manual_seed(cfg.seed)
+        self.errors = [0.0, 0.0, 0.0]  # max |mass - 1|, max mass, max |p_target brute force - p_target scored|
+
+    def experts(self, pair: list[Tensor], total: list[Tensor], neural: Tensor, entropy: Tensor) -> Tensor:
+        """Log-probabilities (..., 5) of the targets, or of every token when the counts are whole (V,) rows."""
+        v = self.vocab
+        clamped = [*total[:2], total[2].clamp(min=1)] if self.reference else total  # the reference's: mass 0.91
+        uni, bi, tri = (dirichlet(p, t, a * v, 1 / v) for p, t, a in zip(pair, clamped, ADD_ALPHA))
+        if self.reference:  # e^-H for every token: mass V e^-H
+            fifth = -entropy.expand_as(uni)
+        else:  # the lower order fills in where the trigram context is thin
+            fifth = dirichlet(pair[2], total[2], BACKOFF_STRENGTH, dirichlet(pair[1], total[1], BACKOFF_STRENGTH, uni))
+            fifth = fifth.log()
+        return torch.stack([neural.expand_as(uni), uni.log(), bi.log(), tri.log(), fifth], -1)
+
+    def score(self, first: int, nll: Tensor, entropy: Tensor) -> Tensor:
+        """Mixed NLL (n,) of targets first..first+n-1 (token first+1 onwards) from their neural NLL and entropy."""
+        v, n = self.vocab, len(nll)
+        x2, x1, y = (self.tokens[first + k:first + k + n] for k in range(3))
+        ctx = (torch.zeros_like(y), x1, (x2 * TRIGRAM_HASH[0] ^ x1 * TRIGRAM_HASH[1]) % TRIGRAM_BUCKETS)
+        keys = [c * v + y for c in ctx]
+        pair = [t[k].double() for t, k in zip(self.pairs, keys)]
+        total = [t[c].double() for t, c in zip(self.totals, ctx)]
+        if self.per_token:  # NOTE: earlier targets of this batch count, the target itself does not
+            pair = [p + prior_occurrences(k) for p, k in zip(pair, keys)]
+            total = [t + prior_occurrences(c) for t, c in zip(total, ctx)]
+        entropy = entropy.double()
+        log_probs = self.experts(pair, total, -nll.double(), entropy)  # (n, 5)
+        bucket = torch.zeros_like(y)
+        if len(self.log_weights) > 1:  # gates read only the neural entropy and the context's count, not the target
+            evidence = torch.log2(total[2] + 1).floor().clamp(max=EVIDENCE_BINS - 1).long()
+            bucket = entropy.floor().clamp(0, ENTROPY_BINS - 1).long() * EVIDENCE_BINS + evidence
+        log_w = self.log_weights[bucket].log_softmax(-1)
+        cold = self.reference and int(self.totals[0][0]) < HEDGE_COLD_START
+        if cold:  # the reference scores with the neural expert alone until its tables are warm
+            log_w = torch.tensor([0.0] + [-math.inf] * 4, dtype=torch.float64, device=y.device).expand_as(log_w)
+        mixed = torch.logsumexp(log_w + log_probs, -1)
+        self.weight_sum += log_w.exp().sum(0)
+        self.batch = (ctx, keys, y, entropy, log_probs, log_w, mixed, bucket, cold)
+        return -mixed
+
+    def check(self, j: int, neural_log_probs: Tensor) -> None:
+        """Rebuild position j's mixture over all V tokens from the tables plus this batch's earlier targets and
+        record its mass error and its distance from the scored probability."""
+        ctx, _, y, entropy, _, log_w, mixed, _, _ = self.batch
+        pair, total = [], []
+        for table, totals, c in zip(self.pairs, self.totals, ctx):
+            row, count = table.view(-1, self.vocab)[c[j]].double(), totals[c[j]].double()
+            if self.per_token:
+                same = c[:j] == c[j]
+                row, count = row + torch.bincount(y[:j][same], minlength=self.vocab), count + same.sum()
+            pair.append(row)
+            total.append(count)
+        log_probs = self.experts(pair, total, neural_log_probs.double(), entropy[j])  # (V, 5)
+        probs = torch.logsumexp(log_w[j] + log_probs, -1).exp()
+        mass, target_err = float(probs.sum()), abs(float(probs[y[j]] - mixed[j].exp()))
+        self.errors = [max(self.errors[0], abs(mass - 1)), max(self.errors[1], mass), max(self.errors[2], target_err)]
+
+    def update(self) -> None:
+        """Learn from the batch score() just mixed. NOTE: called only after every target of it was scored."""
+        ctx, keys, _, _, log_probs, _, mixed, bucket, cold = self.batch
+        for table, index in [*zip(self.pairs, keys), *zip(self.totals, ctx)]:
+            table.index_put_((index,), torch.ones_like(index, dtype=torch.int32), accumulate=True)
+        if self.reference and not cold:  # Hedge on the batch-mean expert losses
+            self.log_weights[0] += self.eta * log_probs.mean(0)
+        elif not self.reference:  # exponentiated gradient on the mixture's log loss, per bucket
+            grad = (log_probs - mixed[:, None]).exp()  # p_k / p_mix
+            onehot = F.one_hot(bucket, len(self.log_weights)).double()  # a matmul, not a float scatter: deterministic
+            self.log_weights += self.eta * (onehot.T @ grad) / (onehot.sum(0) + GATE_PRIOR_TOKENS)[:, None]
+
+
+def mix_batch(rt: Runtime, mixer: Mixer, batch: Tensor, rows: int, log_probs: Tensor, nll: Tensor) -> Tensor:
+    """Gather one global batch's neural NLL and entropy, mix them on every rank, spot-check one of this rank's
+    positions, learn; returns this rank's mixed NLL. `batch` is the window plan rows of all ranks, in order."""
+    counts = [int(c.sum()) for c in (batch[:, 1] - batch[:, 2]).split(rows)]
+    counts += [0] * (rt.world_size - len(counts))
+    features = torch.stack([nll, torch.special.entr(log_probs.exp()).sum(-1)], 1)  # (m, 2)
+    gathered = rt.all_gather(F.pad(features, (0, 0, 0, max(counts) - len(features))))
+    features = torch.cat([part[:count] for part, count in zip(gathered, counts)])
+    mixed = mixer.score(int(batch[0, 0] + batch[0, 2]), features[:, 0], features[:, 1])
+    offset = sum(counts[:rt.rank])
+    if len(nll):
+        j = int(torch.randint(len(nll), (1,), generator=mixer.rng))
+        mixer.check(offset + j, log_probs[j])
+    mixer.update()
+    return mixed[offset:offset + len(nll)]
+
+
+# === 10. EVALUATION ===
+# Every eval scores windows from one plan: non-overlapping TRAIN_SEQ_LEN blocks (stride = window) for the float evals,
+# EVAL_SEQ_LEN windows every EVAL_STRIDE targets for the final one. Global batches of `rows` consecutive windows per
+# rank score one contiguous run of targets (the mixer's stream); forwards are padded to `rows` rows (one shape).
+
+ModelFn = Callable[..., Tensor]  # (ids, repeats) -> fp32 logits (B, T, V)
+
+
+def window_plan(total: int, window: int, stride: int) -> Tensor:
+    """(n, 3) int64 rows (start, length, score_from): windows over `total` targets that score each exactly once.
+
+    Every window has length min(window, total) and ends `stride` targets after the previous one (the last ends at
+    `total`); it scores only what no earlier window scored, so past the first window each target has at least
+    window - stride tokens of context and the tail is not re-scored (the reference scored its last 256 four times).
+    """
+    length = min(window, total)
+    ends = torch.tensor([*range(length, total, stride), total])
+    starts = ends - length
+    scored_from = torch.cat([ends.new_zeros(1), ends[:-1]]) - starts
+    return torch.stack([starts, torch.full_like(starts, length), scored_from], 1)
+
+
+def scored_targets(rt: Runtime, model_fn: ModelFn, val_tokens: Tensor, windows: Tensor, rows: int,
+                   repeats: int) -> tuple[Tensor, Tensor, Tensor]:
+    """fp32 logits (m, V), previous tokens (m,) and targets (m,) of what `windows` score, in target order."""
+    length = int(windows[0, 1])
+    chunk = val_tokens[windows[:, :1] + torch.arange(length + 1)].to(rt.device)  # (n, length + 1)
+    with rt.autocast():
+        logits = model_fn(F.pad(chunk[:, :-1], (0, 0, 0, rows - len(windows))), repeats)[:len(windows)]
+    keep = torch.arange(length, device=rt.device) >= windows[:, 2:].to(rt.device)  # (n, length)
+    return logits[keep], chunk[:, :-1][keep], chunk[:, 1:][keep]
 
 
 @torch.inference_mode()
+def eval_windows(cfg: Config, rt: Runtime, model_fn: ModelFn, val_tokens: Tensor, tables: ByteTables, repeats: int,
+                 plan: Tensor, rows: int, mixer: Mixer | None = None) -> tuple[dict[str, tuple[float, float]], float]:
+    """Score `plan` with rows windows per rank per batch: ({"neural": (loss, bpb)[, "mixed": ...]}, mixer ms)."""
+    meters = {"neural": BpbMeter(rt.device), **({"mixed": BpbMeter(rt.device)} if mixer else {})}
+    mixer_ms = 0.0
+    for batch in plan.split(rows * rt.world_size):
+        own = batch[rt.rank * rows:(rt.rank + 1) * rows]
+        if len(own):
+            logits, prev, y = scored_targets(rt, model_fn, val_tokens, own, rows, repeats)
+        else:  # a rank without a window in the last batch still joins the mixer's gather
+            logits = torch.zeros(0, cfg.vocab_size, device=rt.device)
+            prev = y = torch.zeros(0, dtype=torch.int64, device=rt.device)
+        log_probs = logits.log_softmax(-1)
+        nll = -log_probs.gather(1, y[:, None]).squeeze(1)
+        nbytes = target_bytes(prev, y, tables).sum()
+        meters["neural"].add(nll.sum(), len(y), nbytes)
+        if mixer is not None:
+            rt.sync()
+            start = time.perf_counter()
+            meters["mixed"].add(mix_batch(rt, mixer, batch, rows, log_probs, nll).sum(), len(y), nbytes)
+            rt.sync()
+            mixer_ms += 1000 * (time.perf_counter() - start)
+    return {name: meter.reduce(rt).result() for name, meter in meters.items()}, mixer_ms
+
+
 def eval_blocks(cfg: Config, rt: Runtime, model_fn: ModelFn, val_tokens: Tensor, tables: ByteTables,
                 repeats: int) -> tuple[float, float]:
-    seq = cfg.train_seq_len
-    n_seqs = (len(val_tokens) - 1) // seq
-    first, last = n_seqs * rt.rank // rt.world_size, n_seqs * (rt.rank + 1) // rt.world_size
-    rows = eval_rows(cfg, rt.world_size)
-    meter = BpbMeter(rt.device)
-    for start in range(first, last, rows):
-        n = min(rows, last - start)
-        chunk = val_tokens[start * seq:(start + n) * seq + 1].to(rt.device)
-        x, y = chunk[:-1].view(n, seq), chunk[1:].view(n, seq)
-        pad = rows - n
-        with rt.autocast():
-            nll = model_fn(F.pad(x, (0, 0, 0, pad)), repeats, F.pad(y, (0, 0, 0, pad)))[:n]
-        meter.add(nll.sum(), y.numel(), target_bytes(x, y, tables).sum())
-    return meter.reduce(rt).result()
+    """The periodic and final float evals: non-overlapping TRAIN_SEQ_LEN blocks, i.e. the plan with stride = window."""
+    plan = window_plan(len(val_tokens) - 1, cfg.train_seq_len, cfg.train_seq_len)
+    results, _ = eval_windows(cfg, rt, model_fn, val_tokens, tables, repeats, plan, eval_rows(cfg, rt.world_size))
+    return results["neural"]
 
 
 def eval_rows(cfg: Config, world_size: int) -> int:
@@ -864,7 +1065,46 @@ def eval_rows(cfg: Config, world_size: int) -> int:
     return max(1, cfg.val_batch_size // (world_size * grad_accum_for(cfg, world_size) * cfg.train_seq_len))
 
 
-# === 10. TRAINING ===
+def log_eval(rt: Runtime, name: str, result: tuple[float, float], eval_ms: float, text: str = "", **fields) -> None:
+    loss, bpb = result
+    rt.log(f"{name} val_loss:{loss:.4f} val_bpb:{bpb:.4f}{text} eval_time:{eval_ms:.0f}ms")
+    rt.log(f"{name}_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
+    rt.log_json(dict(event="eval", name=name, val_loss=loss, val_bpb=bpb, eval_time_ms=eval_ms, **fields))
+
+
+def run_final_evals(cfg: Config, rt: Runtime, model_fn: ModelFn, val_tokens: Tensor,
+                    tables: ByteTables) -> dict[str, tuple[float, float]]:
+    """The sliding-window eval at full depth and, on the same forwards, the MIXER eval; logs them and returns
+    {log name: (val_loss, val_bpb)}, the same on every rank. The sliding eval's time excludes the mixer's work."""
+    if not cfg.eval_stride:
+        return {}
+    mixer = None if cfg.mixer == "off" else Mixer(cfg, val_tokens, rt.device)
+    plan = window_plan(len(val_tokens) - 1, cfg.eval_seq_len, cfg.eval_stride)
+    rt.sync()
+    start = time.perf_counter()
+    results, mixer_ms = eval_windows(cfg, rt, model_fn, val_tokens, tables, cfg.num_repeats, plan,
+                                     cfg.eval_batch_seqs, mixer)
+    total_ms = 1000 * (time.perf_counter() - start)
+    out = {"final_sliding_window": results["neural"]}
+    log_eval(rt, "final_sliding_window", out["final_sliding_window"], total_ms - mixer_ms,
+             f" window:{cfg.eval_seq_len} stride:{cfg.eval_stride}", repeats=cfg.num_repeats)
+    if mixer is None:
+        return out
+    mass_err, mass_max, target_err = rt.all_max(*mixer.errors)
+    name = "final_hedge_reference" if mixer.reference else "final_mixer"
+    if mixer.reference:
+        rt.log(f"warning: reference hedge mixture is not a normalized distribution (mass_max:{mass_max:.4g})")
+    experts = ("neural", "unigram", "bigram", "trigram", "entropy" if mixer.reference else "interpolated")
+    weights = dict(zip(experts, (mixer.weight_sum / mixer.weight_sum.sum()).tolist()))
+    out[name] = results["mixed"]
+    log_eval(rt, name, out[name], total_ms, repeats=cfg.num_repeats, mixer_mass_max_abs_err=mass_err,
+             mixer_mass_max=mass_max, mixer_target_max_abs_err=target_err, mixer_weights=weights)
+    rt.log(f"mixer_mass_max_abs_err:{mass_err:.3e} target_max_abs_err:{target_err:.3e} mean_weights " +
+           " ".join(f"{k}:{w:.4f}" for k, w in weights.items()))
+    return out
+
+
+# === 11. TRAINING ===
 # The clock covers only optimizer steps: compile priming for every depth happens before it starts, periodic
 # validation pauses it, and all ranks take decisions (depth, LR, stop) from the max of their elapsed times.
 
@@ -931,9 +1171,13 @@ class Trainer:
             with self.rt.autocast():
                 self.model_fn(x, reps, y).mean().backward()
             with torch.inference_mode(), self.rt.autocast():
-                x, y = (torch.zeros(eval_rows(self.cfg, self.rt.world_size), seq, dtype=torch.int64, device=device)
-                        for _ in range(2))
-                self.model_fn(x, reps, y)
+                self.model_fn(torch.zeros(eval_rows(self.cfg, self.rt.world_size), seq, dtype=torch.int64,
+                                          device=device), reps)
+        if self.cfg.eval_stride:  # the final sliding eval's shape, at full depth
+            length = min(self.cfg.eval_seq_len, len(self.val_tokens) - 1)
+            with torch.inference_mode(), self.rt.autocast():
+                self.model_fn(torch.zeros(self.cfg.eval_batch_seqs, length, dtype=torch.int64, device=device),
+                              self.cfg.num_repeats)
         self.model.zero_grad(set_to_none=True)
         self.rt.sync()
         return 1000 * (time.perf_counter() - start)
@@ -1105,7 +1349,7 @@ def swa_apply(state: TrainState, model: nn.Module) -> int:
     return state.swa_count
 
 
-# === 11. MAIN ===
+# === 12. MAIN ===
 
 
 def describe_params(cfg: Config, model: nn.Module) -> list[str]:
@@ -1183,6 +1427,7 @@ def main() -> None:
     rt.log(f"final_float val_loss:{loss:.4f} val_bpb:{bpb:.4f} "
            f"eval_time:{state.history[-1]['eval_time_ms']:.0f}ms")
     rt.log(f"final_float_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
+    run_final_evals(cfg, rt, trainer.model_fn, val_tokens, tables)
     if cfg.record and rt.is_main:
         write_record(rt)
     rt.shutdown(0)

@@ -40,8 +40,9 @@ def test_compiled_run_primes_every_graph_before_the_clock(tmp_path, demo_subset)
 
     One depth keeps this to two inductor graphs (train + eval); the trace test above covers every depth.
     """
+    # EVAL_SEQ_LEN = TRAIN_SEQ_LEN and EVAL_BATCH_SEQS = eval rows (32): the final sliding eval reuses the eval graph.
     env = tiny_env(demo_subset, COMPILE="1", PROG_DEPTH="1.0:4", ITERATIONS="4", VAL_LOSS_EVERY="2",
-                   TORCH_LOGS="recompiles", OMP_NUM_THREADS="2")
+                   TORCH_LOGS="recompiles", OMP_NUM_THREADS="2", EVAL_SEQ_LEN="32", EVAL_STRIDE="8")
     out = subprocess.run([sys.executable, str(REPO / "train_gpt.py")], env=env, cwd=tmp_path, capture_output=True,
                          text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -52,3 +53,4 @@ def test_compiled_run_primes_every_graph_before_the_clock(tmp_path, demo_subset)
     # would have happened inside the timed loop or an eval.
     assert out.stderr.count("Recompiling function forward") == 1, out.stderr[-3000:]
     assert re.search(r"^final_float_exact val_loss:\d+\.\d{8} val_bpb:\d+\.\d{8}$", out.stdout, re.M)
+    assert re.search(r"^final_mixer_exact val_loss:\d+\.\d{8} val_bpb:\d+\.\d{8}$", out.stdout, re.M)

@@ -161,6 +161,13 @@ def test_non_numbers_are_rejected_naming_the_knob(key, raw):
     ({"WARMDOWN_ITERS": "-1"}, "WARMDOWN_ITERS"),
     ({"LOGIT_SOFTCAP": "0"}, "LOGIT_SOFTCAP"),
     ({"MLP_MULT": "-2"}, "MLP_MULT"),
+    ({"EVAL_SEQ_LEN": "0"}, "EVAL_SEQ_LEN"),
+    ({"EVAL_STRIDE": "1025"}, "EVAL_STRIDE"),  # a stride past the window would skip targets
+    ({"EVAL_STRIDE": "-1"}, "EVAL_STRIDE"),
+    ({"EVAL_BATCH_SEQS": "0"}, "EVAL_BATCH_SEQS"),
+    ({"MIXER": "hedge"}, "MIXER"),
+    ({"MIXER_ETA": "-1"}, "MIXER_ETA"),
+    ({"HEDGE_ETA": "nan"}, "HEDGE_ETA"),
 ])
 def test_validation_errors_name_the_knob(env, knob):
     with pytest.raises(ConfigError, match=knob):
@@ -191,6 +198,15 @@ def test_validation_also_runs_on_direct_construction():
         Config(num_kv_heads=3)
     with pytest.raises(ConfigError, match="PROG_DEPTH"):
         Config(num_repeats=5, prog_depth="0.3:2,1.0:4")
+
+
+def test_eval_knobs_defaults_and_edges():
+    cfg = Config()
+    assert (cfg.eval_seq_len, cfg.eval_stride, cfg.eval_batch_seqs, cfg.mixer) == (1024, 256, 32, "normalized")
+    assert (cfg.mixer_eta, cfg.hedge_eta) == (1.0, 0.1)
+    assert Config(eval_stride=0).eval_stride == 0  # skips the sliding and mixer evals
+    assert Config(eval_stride=1024, mixer="off").eval_stride == 1024  # non-overlapping windows
+    assert Config.from_env({"MIXER": "reference_hedge"}).mixer == "reference_hedge"
 
 
 def test_valid_non_default_schedules_are_accepted():

@@ -135,8 +135,8 @@ def test_padding_the_last_batch_does_not_change_results(eval_cfg, runtime, sp):
 
 
 @pytest.mark.parametrize("world", [2, 3])
-def test_ranks_split_the_blocks_contiguously(eval_cfg, sp, world):
-    cfg = eval_cfg(val_batch_size=480)  # 30, 15 or 10 rows per batch for 1, 2, 3 ranks
+def test_ranks_split_each_global_batch_of_blocks(eval_cfg, sp, world):
+    cfg = eval_cfg(val_batch_size=480)  # 30, 3 or 2 rows per rank for 1, 2, 3 ranks (grad accum 8 // world)
     model = random_model(cfg)
     val = train_gpt.load_val_tokens(cfg)
     tables = train_gpt.build_byte_tables(sp, cfg.vocab_size)
@@ -152,9 +152,11 @@ def test_ranks_split_the_blocks_contiguously(eval_cfg, sp, world):
     assert summed[1].item() == whole[1].item() == VAL_CAP  # every target scored exactly once
     assert summed[2].item() == whole[2].item()
     assert summed[0].item() == pytest.approx(whole[0].item(), rel=1e-6)  # fp32 per-batch sums
-    # Token counts per rank are the contiguous split n*r/world .. n*(r+1)/world of the 50 blocks.
-    n = VAL_CAP // 16
-    assert [p[1].item() for p in parts] == [16 * (n * (r + 1) // world - n * r // world) for r in range(world)]
+    # Each global batch of rows * world consecutive blocks gives rank r its r-th run of `rows` blocks.
+    rows, n = train_gpt.eval_rows(cfg, world), VAL_CAP // 16
+    blocks = [sum(len(range(b + r * rows, min(b + (r + 1) * rows, n))) for b in range(0, n, rows * world))
+              for r in range(world)]
+    assert [p[1].item() for p in parts] == [16 * k for k in blocks]
 
 
 def test_eval_under_autocast_is_close(eval_cfg, runtime, sp):

@@ -26,7 +26,8 @@ def tiny_env(demo_subset: dict, **overrides: str) -> dict[str, str]:
                MLP_MULT="2", TRAIN_SEQ_LEN="32", TRAIN_BATCH_TOKENS="256", GRAD_ACCUM_STEPS="1", ITERATIONS="12",
                MAX_WALLCLOCK_SECONDS="0", WARMDOWN_ITERS="6", LR_WARMUP_STEPS="2", SWA_EVERY="2", VAL_LOSS_EVERY="6",
                VAL_BATCH_SIZE="1024", VAL_MAX_TOKENS="2048", TRAIN_LOG_EVERY="4", RUN_ID="tiny", COMPILE="0",
-               OMP_NUM_THREADS="1", RECORD="0")  # the records folder has its own tests (test_records.py)
+               EVAL_SEQ_LEN="64", EVAL_STRIDE="16", OMP_NUM_THREADS="1",
+               RECORD="0")  # the records folder has its own tests (test_records.py)
     env.update(overrides)
     return env
 
@@ -97,10 +98,16 @@ def test_single_process_run_logs_every_stage(tmp_path, demo_subset):
                     r"^step:6/12 val_loss:[\d.]+ val_bpb:[\d.]+ train_time:\d+ms step_avg:[\d.]+ms$",
                     r"^prog_depth:switch repeats:3 step:4 frac:0.333$", r"^prog_depth:switch repeats:4 step:6 ",
                     r"^swa:start step:\d+$", r"^swa:apply checkpoints:\d+$",
-                    r"^final_float_exact val_loss:\d+\.\d{8} val_bpb:\d+\.\d{8}$"]:
+                    r"^final_float_exact val_loss:\d+\.\d{8} val_bpb:\d+\.\d{8}$",
+                    r"^final_sliding_window val_loss:[\d.]+ val_bpb:[\d.]+ window:64 stride:16 eval_time:\d+ms$",
+                    r"^final_sliding_window_exact val_loss:\d+\.\d{8} val_bpb:\d+\.\d{8}$",
+                    r"^final_mixer val_loss:[\d.]+ val_bpb:[\d.]+ eval_time:\d+ms$",
+                    r"^final_mixer_exact val_loss:\d+\.\d{8} val_bpb:\d+\.\d{8}$",
+                    r"^mixer_mass_max_abs_err:\S+ target_max_abs_err:\S+ mean_weights neural:"]:
         assert re.search(pattern, out.stdout, re.M), pattern
-    assert [r["name"] for r in records] == ["val", "val", "val", "final_float"]
-    assert records[-1]["repeats"] == 4 and records[0]["val_bpb"] > records[-1]["val_bpb"]
+    assert [r["name"] for r in records] == ["val", "val", "val", "final_float", "final_sliding_window", "final_mixer"]
+    assert all(r["repeats"] == 4 for r in records[3:]) and records[0]["val_bpb"] > records[3]["val_bpb"]
+    assert records[-1]["mixer_mass_max_abs_err"] <= 1e-5 and records[-1]["eval_time_ms"] > 0
 
 
 def test_wallclock_cap_stops_early(tmp_path, demo_subset):
@@ -116,9 +123,11 @@ def test_torchrun_two_gloo_ranks_train_evaluate_and_exit_zero(tmp_path, demo_sub
     out = run(cmd, tiny_env(demo_subset), tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]  # torchrun exits 0 only when every rank did
     assert re.search(r"^world_size:2 ", out.stdout, re.M)
-    assert len(re.findall(r"^final_float_exact ", out.stdout, re.M)) == 1  # rank 0 logs, once
+    for name in ("final_float", "final_sliding_window", "final_mixer"):  # rank 0 logs, once
+        assert len(re.findall(rf"^{name}_exact ", out.stdout, re.M)) == 1, name
     text, records = read_log(tmp_path)
-    assert records[-1]["name"] == "final_float" and records[-1]["val_bpb"] == records[-1]["val_bpb"]  # not NaN
+    assert [r["name"] for r in records[-3:]] == ["final_float", "final_sliding_window", "final_mixer"]
+    assert all(r["val_bpb"] == r["val_bpb"] for r in records)  # not NaN
 
 
 def torchrun_cmd() -> list[str]:
