@@ -220,7 +220,7 @@ def one_line_error(blob: bytes) -> str:
 
 def test_truncated_artifacts_are_refused(artifact):
     blob = artifact[3]
-    for cut in (0, 5, 17, 18, len(blob) // 2, len(blob) - 1):
+    for cut in (0, 5, 8, 9, 17, 18, 49, len(blob) // 2, len(blob) - 1):
         message = one_line_error(blob[:cut])
         assert re.search(r"truncated|bad magic", message), (cut, message)
     assert "truncated" in one_line_error(blob + b"\0")
