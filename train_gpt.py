@@ -22,8 +22,9 @@ Contents
   8. PARAMETERS     the parameter policy table and the optimizers built from it
   9. MIXER          the online expert mixture of the final eval (normalized, or the reference's Hedge)
  10. EVALUATION     the window plan, non-overlapping and sliding-window validation, the final evals
- 11. TRAINING       compile priming, the train step, the timed loop, SWA
- 12. MAIN
+ 11. QUANTIZATION   clip search, GPTQ and its calibration, the artifact format, the size budget
+ 12. TRAINING       compile priming, the train step, the timed loop, SWA, checkpoints
+ 13. MAIN           train, calibrate, export, read the artifact back on every rank and evaluate it
 """
 
 # === 1. IMPORTS ===
@@ -33,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import functools
 import hashlib
 import json
 import math
@@ -40,6 +42,7 @@ import os
 import re
 import secrets
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -47,10 +50,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
+import brotli
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import zstandard
 from torch import Tensor, nn
 
 # === 2. CONFIG ===
@@ -127,9 +132,15 @@ class Config:
     swa_enabled: bool = True
     swa_start_frac: float = 0.6  # reference name; it is an LR-scale threshold, not a fraction of the run
     swa_every: int = 30
-    # quantization (levels L give 2L+1 codes: 63 -> "int7", 16 -> "int5")
+    # quantization and artifact (levels L give 2L+1 codes: 63 -> "int7", 16 -> "int5")
     quant_levels: int = 63
     mlp_quant_levels: int = 16
+    quant_method: str = "gptq"  # gptq | clip | ref (the reference's percentile grid, kept for comparison)
+    gptq_calib: str = "train"  # train (read inside the training budget) | selfgen (text the model samples, #1204)
+    gptq_calib_batches: int = 16  # per rank; one batch has the shape of a training micro-batch
+    gptq_reserve_seconds: float = 8.0  # taken off MAX_WALLCLOCK_SECONDS for train-data calibration
+    compressor: str = "auto"  # zstd | brotli | auto (keeps the smaller)
+    eval_only: str = ""  # an artifact path: load it and run only the roundtrip eval
 
     def __post_init__(self) -> None:
         for problem in _config_problems(self):
@@ -142,6 +153,11 @@ class Config:
     @property
     def depth_schedule(self) -> tuple[tuple[float, int], ...]:
         return parse_prog_depth(self.prog_depth)
+
+    @property
+    def reserves_calibration_time(self) -> bool:
+        """GPTQ on training data: its batches must be read inside MAX_WALLCLOCK_SECONDS, so training stops early."""
+        return self.quant_method == "gptq" and self.gptq_calib == "train" and self.max_wallclock_seconds > 0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> "Config":
@@ -176,6 +192,7 @@ PRESETS: dict[str, dict[str, object]] = {
         max_wallclock_seconds=240.0, warmdown_iters=150, lr_warmup_steps=20, muon_momentum_warmup_steps=100,
         swa_every=10, val_batch_size=16384, val_loss_every=100, val_max_tokens=65536, train_log_every=25,
         eval_seq_len=256, eval_stride=64, eval_batch_seqs=16,
+        gptq_calib_batches=4,  # 16 took 13 s on 2 busy cores, more than the 8 s reserve
     ),
 }
 
@@ -217,7 +234,7 @@ def _config_problems(c: Config) -> Iterator[str]:
     """Yield every validation failure; the first one is raised."""
     positive = ("num_layers", "num_repeats", "model_dim", "num_heads", "num_kv_heads", "vocab_size", "iterations",
                 "train_batch_tokens", "train_seq_len", "val_batch_size", "swa_every", "muon_backend_steps",
-                "eval_seq_len", "eval_batch_seqs")
+                "eval_seq_len", "eval_batch_seqs", "gptq_calib_batches")
     for name in positive:
         if getattr(c, name) <= 0:
             yield f"{name.upper()} must be > 0, got {getattr(c, name)}"
@@ -225,7 +242,7 @@ def _config_problems(c: Config) -> Iterator[str]:
         if not 0 < getattr(c, name) < math.inf:
             yield f"{name.upper()} must be a finite number > 0, got {getattr(c, name)}"
     for name in ("tied_embed_lr", "matrix_lr", "scalar_lr", "muon_wd", "grad_clip_norm", "max_wallclock_seconds",
-                 "checkpoint_every_seconds", "mixer_eta", "hedge_eta"):
+                 "checkpoint_every_seconds", "mixer_eta", "hedge_eta", "gptq_reserve_seconds"):
         if not 0 <= getattr(c, name) < math.inf:
             yield f"{name.upper()} must be a finite number >= 0, got {getattr(c, name)}"
     for name in ("beta1", "beta2", "muon_momentum", "muon_momentum_warmup_start"):
@@ -261,6 +278,13 @@ def _config_problems(c: Config) -> Iterator[str]:
     for name in ("quant_levels", "mlp_quant_levels"):
         if not 1 <= getattr(c, name) <= 127:
             yield f"{name.upper()} must be in 1..127 (int8 codes), got {getattr(c, name)}"
+    for name, allowed in (("quant_method", ("gptq", "clip", "ref")), ("gptq_calib", ("train", "selfgen")),
+                          ("compressor", ("auto", "zstd", "brotli"))):
+        if getattr(c, name) not in allowed:
+            yield f"{name.upper()} must be one of {', '.join(allowed)}, got {getattr(c, name)!r}"
+    if c.reserves_calibration_time and c.gptq_reserve_seconds >= c.max_wallclock_seconds > 0:
+        yield (f"GPTQ_RESERVE_SECONDS={c.gptq_reserve_seconds} must be below MAX_WALLCLOCK_SECONDS="
+               f"{c.max_wallclock_seconds} (GPTQ_CALIB=train calibrates inside the training budget)")
     yield from _depth_schedule_problems(c)
 
 
@@ -820,9 +844,14 @@ def param_table(model: nn.Module) -> list[ParamRow]:
     return rows
 
 
+def store_levels(cfg: Config, store: str) -> int:
+    """Integer levels L (codes -L..L) of a quantized store; 0 for the float pass-through stores."""
+    return {"q_attn": cfg.quant_levels, "q_mlp": cfg.mlp_quant_levels}.get(store, 0)
+
+
 def store_label(cfg: Config, store: str) -> str:
-    levels = {"q_attn": cfg.quant_levels, "q_mlp": cfg.mlp_quant_levels}.get(store)
-    return store if levels is None else f"q(levels={levels},bits={math.log2(2 * levels + 1):.2f})"
+    levels = store_levels(cfg, store)
+    return f"q(levels={levels},bits={math.log2(2 * levels + 1):.2f})" if levels else store
 
 
 def apply_param_dtypes(model: nn.Module) -> None:
@@ -1104,7 +1133,237 @@ def run_final_evals(cfg: Config, rt: Runtime, model_fn: ModelFn, val_tokens: Ten
     return out
 
 
-# === 11. TRAINING ===
+# === 11. QUANTIZATION ===
+# The artifact holds per-row integer codes -L..L with one fp16 scale per row for the tensors the parameter table
+# marks q_attn/q_mlp, and exact fp16/fp32 copies of the rest. Row scales come from a clip search scored with the
+# fp16 value the file holds; GPTQ then rounds column by column and pushes each rounding error onto the columns
+# not yet rounded, weighted by the second moments X^T X of the layer's calibration inputs.
+
+CLIP_RATIOS = tuple(1 - 0.5 * (k / 24) ** 2 for k in range(25))  # 1 .. 0.5 of the row max, densest near 1
+REF_QUANTILES = (0.9999, 0.99995, 0.99999, 0.999995, 0.999999)  # #1453's per-row grid (reference spec 8.2)
+GPTQ_DAMP = 0.01  # x mean diag(H) added to the diagonal, so rarely excited inputs keep H invertible
+GPTQ_BLOCK = 128  # columns whose rounding errors reach the rest of the matrix in one matmul
+SELFGEN_TEMPERATURE = 0.8  # #1204's sampling temperature for self-generated calibration text
+STORES = ("q_attn", "q_mlp", "fp16", "fp32")  # payload order: like bytes next to like bytes
+FLOAT_STORES = {"fp16": "<f2", "fp32": "<f4"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CODECS = {"zstd": (lambda b: zstandard.ZstdCompressor(level=22).compress(b), zstandard.decompress),
+          "brotli": (lambda b: brotli.compress(b, quality=11), brotli.decompress)}  # position = id in the file
+MODEL_FIELDS = ("vocab_size", "num_layers", "num_repeats", "model_dim", "num_heads", "num_kv_heads", "mlp_mult",
+                "num_value_embeds", "xsa_last_n", "logit_softcap", "rope_base", "prog_depth")
+ARTIFACT_MAGIC = b"PGQZ\r\n\x1a\n"  # PNG-style: the CR/LF/EOF bytes expose text-mode mangling
+ARTIFACT_VERSION = 1
+ARTIFACT_HEAD = struct.Struct("<8sBBQ")  # magic, format version, codec id, compressed body bytes; sha256 at the end
+BUDGET_BYTES = 16_000_000  # the challenge's decimal cap on code bytes + compressed model bytes
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """A parameter as the artifact holds it: flat int8 codes + fp16 row scales, or flat fp16/fp32 values."""
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # the parameter's own dtype, restored on load
+    store: str
+    levels: int  # 0 for the float stores
+    values: np.ndarray
+    scales: np.ndarray | None = None
+
+    def dequantize(self) -> Tensor:
+        """Exact: an int8 code times an fp16 scale has at most 18 significant bits."""
+        values = torch.from_numpy(self.values.astype(np.float32))
+        if self.levels:
+            values = values.view(len(self.scales), -1) * torch.from_numpy(self.scales.astype(np.float32))[:, None]
+        return values.reshape(self.shape).to(DTYPES[self.dtype])
+
+
+def quantize_rows(w: Tensor, scales: Tensor, levels: int) -> Tensor:
+    """Round-to-nearest codes of w (R, C) for row scales (R,), clamped to -levels..levels."""
+    return torch.clamp(torch.round(w / scales[:, None]), -levels, levels)
+
+
+def row_scales(w: Tensor, levels: int, method: str) -> Tensor:
+    """Row scales (R,) with the least squared error of w (R, C) among candidates, ties to the first. "ref": the
+    reference's near-max quantiles, scored in fp32 though stored in fp16. Else CLIP_RATIOS of the row max in fp16."""
+    if method == "ref":
+        quantiles = torch.tensor(REF_QUANTILES, device=w.device)
+        candidates = (torch.quantile(w.abs(), quantiles, dim=1) / levels).clamp_min(1e-12)  # (P, R)
+    else:  # 2^-24, the smallest fp16, keeps all-zero rows finite
+        candidates = torch.stack([(r * w.abs().amax(1) / levels).clamp_min(2**-24).half().float() for r in CLIP_RATIOS])
+    errors = torch.stack([(w - quantize_rows(w, s, levels) * s[:, None]).square().sum(1) for s in candidates])
+    return candidates.gather(0, errors.argmin(0, keepdim=True))[0]
+
+
+def gptq_codes(w: Tensor, hessian: Tensor, scales: Tensor, levels: int) -> Tensor | None:
+    """GPTQ (Frantar et al. 2022) codes of w (R, C) for H = sum x x^T (C, C) and fixed row scales; None if H is not
+    positive definite. Columns go by descending diag(H); each rounding error is spread over the later columns
+    through the upper Cholesky factor of H^-1."""
+    w, h = w.clone(), hessian.clone()
+    dead = h.diagonal() == 0  # inputs never seen: their weights cannot matter
+    h[dead, dead], w[:, dead] = 1.0, 0.0
+    h.diagonal().add_(GPTQ_DAMP * h.diagonal().mean())
+    order = torch.argsort(h.diagonal(), descending=True)
+    w, h = w[:, order], h[order][:, order]
+    chol, info = torch.linalg.cholesky_ex(h)
+    if info:
+        return None
+    hinv, codes = torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True), torch.zeros_like(w)
+    for b0 in range(0, w.size(1), GPTQ_BLOCK):
+        b1 = min(b0 + GPTQ_BLOCK, w.size(1))
+        block, errors, hb = w[:, b0:b1].clone(), torch.zeros_like(w[:, b0:b1]), hinv[b0:b1, b0:b1]
+        for i in range(b1 - b0):
+            codes[:, b0 + i] = q = quantize_rows(block[:, i:i + 1], scales, levels)[:, 0]
+            errors[:, i] = (block[:, i] - q * scales) / hb[i, i]
+            block[:, i:] -= errors[:, i:i + 1] * hb[i, i:]
+        w[:, b1:] -= errors @ hinv[b0:b1, b1:]
+    return codes[:, torch.argsort(order)]
+
+
+@torch.no_grad()
+def calibration_batches(cfg: Config, rt: Runtime, model: GPT, batches: TrainBatches) -> list[Tensor]:
+    """GPTQ_CALIB_BATCHES micro-batch-shaped inputs: this rank's next training batches, or text the model samples
+    from a uniform first token (#1204, per-rank seed; no KV cache, so ~TRAIN_SEQ_LEN/2 forwards per batch)."""
+    if cfg.gptq_calib == "train":
+        return [batches.next()[0] for _ in range(cfg.gptq_calib_batches)]
+    gen, out = torch.Generator(rt.device).manual_seed(cfg.seed + rt.rank), []
+    rows = batches.local_tokens // cfg.train_seq_len
+    for _ in range(cfg.gptq_calib_batches):
+        ids = torch.randint(cfg.vocab_size, (rows, 1), generator=gen, device=rt.device)
+        while ids.size(1) < cfg.train_seq_len:
+            with rt.autocast():
+                probs = torch.softmax(model(ids, cfg.num_repeats)[:, -1] / SELFGEN_TEMPERATURE, dim=-1)
+            ids = torch.cat([ids, torch.multinomial(probs, 1, generator=gen)], dim=1)
+        out.append(ids)
+    return out
+
+
+@torch.no_grad()
+def collect_hessians(rt: Runtime, model: GPT, inputs: list[Tensor]) -> dict[str, Tensor]:
+    """Sum of x x^T over the input rows of every nn.Linear, over the batches and all ranks: a shared block runs once
+    per repeat, so its sums cover every repeat. Sums, not means: GPTQ does not depend on the scale of H."""
+    sums: dict[str, Tensor] = {}
+
+    def accumulate(name: str, module: nn.Module, args: tuple[Tensor, ...]) -> None:
+        x = args[0].flatten(0, -2).float()
+        sums[name] = sums[name].addmm_(x.T, x) if name in sums else x.T @ x
+
+    hooks = [module.register_forward_pre_hook(functools.partial(accumulate, f"{name}.weight"))
+             for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    for ids in inputs:  # without autocast: the sums need fp32 matmuls
+        model(ids, model.cfg.num_repeats)
+    for hook in hooks:
+        hook.remove()
+    return {name: rt.all_reduce(sums[name]) for name in sorted(sums)}
+
+
+@torch.no_grad()
+def quantize_model(cfg: Config, model: nn.Module, hessians: Mapping[str, Tensor]) -> tuple[list[StoredTensor], int]:
+    """Every parameter as its table row says, in STORES order, and how many GPTQ tensors fell back to rounding.
+    GPTQ runs where there is a Hessian (nn.Linear weights under QUANT_METHOD=gptq); embeddings are rounded."""
+    params, stored, fallbacks = dict(model.named_parameters()), [], 0
+    for row in sorted(param_table(model), key=lambda r: STORES.index(r.rule.store)):
+        p, store, levels = params[row.name].detach(), row.rule.store, store_levels(cfg, row.rule.store)
+        meta = (row.name, row.shape, str(p.dtype).removeprefix("torch."), store, levels)
+        if not levels:
+            stored.append(StoredTensor(*meta, p.float().cpu().numpy().astype(FLOAT_STORES[store]).ravel()))
+            continue
+        w = p.float().reshape(p.shape[0], -1)
+        scales = row_scales(w, levels, cfg.quant_method)
+        codes = gptq_codes(w, hessians[row.name], scales, levels) if row.name in hessians else None
+        fallbacks += row.name in hessians and codes is None
+        codes = quantize_rows(w, scales, levels) if codes is None else codes
+        stored.append(StoredTensor(*meta, codes.to(torch.int8).cpu().numpy().ravel(), scales.half().cpu().numpy()))
+    return stored, fallbacks
+
+
+def pack_artifact(cfg: Config, stored: list[StoredTensor]) -> tuple[bytes, dict[str, int]]:
+    """The artifact file and the compressed body size under each codec COMPRESSOR tried.
+
+    File: ARTIFACT_HEAD | compressed body | sha256 of all before it. Body: u32 length, JSON header (model config;
+    tensor index: name, shape, dtype, store, levels), every tensor's values in index order, then every row scale
+    vector, so codes, scales and floats each form one run. Arrays are byte-planed (all first bytes, then all second
+    bytes...): float exponent bytes then sit together, which both codecs reward; int8 codes are unchanged.
+    """
+    header = {"config": {k: getattr(cfg, k) for k in MODEL_FIELDS},
+              "tensors": [[t.name, list(t.shape), t.dtype, t.store, t.levels] for t in stored]}
+    head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    arrays = [t.values for t in stored] + [t.scales for t in stored if t.levels]
+    body = b"".join([struct.pack("<I", len(head)), head,
+                     *(a.view(np.uint8).reshape(-1, a.itemsize).T.tobytes() for a in arrays)])
+    packed = {c: CODECS[c][0](body) for c in CODECS if cfg.compressor in (c, "auto")}
+    best = min(packed, key=lambda c: len(packed[c]))
+    blob = ARTIFACT_HEAD.pack(ARTIFACT_MAGIC, ARTIFACT_VERSION, list(CODECS).index(best), len(packed[best]))
+    return blob + packed[best] + hashlib.sha256(blob + packed[best]).digest(), {c: len(d) for c, d in packed.items()}
+
+
+def read_planes(body: bytearray, dtype: str, count: int, offset: int) -> np.ndarray:
+    """`count` elements of `dtype` at `offset`, undoing pack_artifact's byte planes."""
+    size = np.dtype(dtype).itemsize
+    return np.frombuffer(body, np.uint8, count * size, offset).reshape(size, count).T.copy().view(dtype).ravel()
+
+
+def unpack_artifact(blob: bytes) -> tuple[dict, list[StoredTensor]]:
+    """Header and tensors of an artifact file. Nothing in it is executed; any damage is a one-line ValueError."""
+    if blob[:len(ARTIFACT_MAGIC)] != ARTIFACT_MAGIC:
+        pickled = blob[:2] == b"PK" or blob[:1] == b"\x80"  # a torch.save zip or a bare pickle
+        raise ValueError("not a train_gpt artifact (bad magic" + ("; a torch.save/pickle file)" if pickled else ")"))
+    if len(blob) < ARTIFACT_HEAD.size + 32:
+        raise ValueError(f"truncated artifact: {len(blob)} bytes")
+    _, version, codec, size = ARTIFACT_HEAD.unpack_from(blob)
+    if version != ARTIFACT_VERSION:
+        raise ValueError(f"artifact format version {version}; this script reads version {ARTIFACT_VERSION}")
+    if len(blob) != ARTIFACT_HEAD.size + size + 32:
+        raise ValueError(f"truncated artifact: {len(blob)} bytes, its header implies {ARTIFACT_HEAD.size + size + 32}")
+    if hashlib.sha256(blob[:-32]).digest() != blob[-32:]:
+        raise ValueError("corrupted artifact: sha256 mismatch")
+    try:  # past the checksum, only a deliberately crafted file can fail here
+        body = bytearray(list(CODECS.values())[codec][1](blob[ARTIFACT_HEAD.size:-32]))
+        (head_len,) = struct.unpack_from("<I", body)
+        header, offset, stored = json.loads(body[4:4 + head_len]), 4 + head_len, []
+        for name, shape, dtype, store, levels in header["tensors"]:
+            values = read_planes(body, "<i1" if levels else FLOAT_STORES[store], math.prod(shape), offset)
+            stored.append(StoredTensor(name, tuple(shape), dtype, store, levels, values))
+            offset += values.nbytes
+        for i, t in enumerate(stored):
+            if t.levels:
+                stored[i] = dataclasses.replace(t, scales=read_planes(body, "<f2", t.shape[0], offset))
+                offset += 2 * t.shape[0]
+        if offset != len(body) or set(header["config"]) != set(MODEL_FIELDS) or {t.dtype for t in stored} - set(DTYPES):
+            raise ValueError("the index does not match the payload")
+    except Exception as err:
+        raise ValueError(f"malformed artifact: {type(err).__name__}: {err}") from None
+    return header, stored
+
+
+def artifact_config(cfg: Config, header: dict, environ: Mapping[str, str]) -> Config:
+    """cfg with the artifact's model fields; one set explicitly in the environment to another value is an error."""
+    for name, value in header["config"].items():
+        if name.upper() in environ and value != getattr(cfg, name):
+            raise ValueError(f"artifact has {name.upper()}={value}, the environment sets {getattr(cfg, name)}")
+    return dataclasses.replace(cfg, **header["config"])
+
+
+def budget_line(tag: str, code_bytes: int, model_bytes: int) -> tuple[str, int]:
+    """The size line of the artifact (or of DRY_RUN's estimate) and its excess over the cap (> 0: over budget)."""
+    total = code_bytes + model_bytes
+    return (f"{tag} code_bytes:{code_bytes} model_bytes:{model_bytes} total_bytes:{total} budget_bytes:{BUDGET_BYTES}"
+            f" headroom_bytes:{BUDGET_BYTES - total}", total - BUDGET_BYTES)
+
+
+def estimate_model_bytes(cfg: Config, model: nn.Module) -> int:
+    """DRY_RUN's guess: floats verbatim, fp16 row scales, and per code the entropy of a Gaussian row of C weights on
+    a grid of step (expected max sigma sqrt(2 ln C)) / L: log2(L sqrt(pi e / ln C)) bits, capped at log2(2L+1)."""
+    total = 0.0
+    for row in param_table(model):
+        numel, levels = math.prod(row.shape), store_levels(cfg, row.rule.store)
+        if levels:
+            bits = math.log2(levels * math.sqrt(math.pi * math.e / math.log(max(numel // row.shape[0], 2))))
+            total += numel * min(max(bits, 0.0), math.log2(2 * levels + 1)) / 8 + 2 * row.shape[0]
+        else:
+            total += numel * (2 if row.rule.store == "fp16" else 4)
+    return round(total)
+
+
+# === 12. TRAINING ===
 # The clock covers only optimizer steps: compile priming for every depth happens before it starts, periodic
 # validation pauses it, and all ranks take decisions (depth, LR, stop) from the max of their elapsed times.
 
@@ -1349,7 +1608,16 @@ def swa_apply(state: TrainState, model: nn.Module) -> int:
     return state.swa_count
 
 
-# === 12. MAIN ===
+# === 13. MAIN ===
+# Train, calibrate inside the budget, evaluate the float model; rank 0 alone quantizes and writes the artifact, and
+# after a barrier every rank reads that file back into a fresh model and evaluates it, so every rank scores the very
+# bytes that are submitted. EVAL_ONLY=<artifact> does only the last part.
+
+
+def meta_model(cfg: Config) -> GPT:
+    """The model's structure without memory or init work: for the parameter table and for loading an artifact."""
+    with torch.device("meta"):
+        return GPT(cfg)
 
 
 def describe_params(cfg: Config, model: nn.Module) -> list[str]:
@@ -1362,11 +1630,11 @@ def describe_params(cfg: Config, model: nn.Module) -> list[str]:
 
 
 def dry_run(cfg: Config) -> None:
-    """Print the resolved config, parameter count and table; the model is built on the meta device (no memory)."""
+    """Print the resolved config, parameter count, table and artifact size estimate; no memory, data or device."""
     print("config:" + json.dumps(dataclasses.asdict(cfg), sort_keys=True))
-    with torch.device("meta"):
-        model = GPT(cfg)
+    model = meta_model(cfg)
     print("\n".join(describe_params(cfg, model)))
+    print(budget_line("artifact_estimate", len(Path(__file__).read_bytes()), estimate_model_bytes(cfg, model))[0])
 
 
 def build_model(cfg: Config, rt: Runtime) -> GPT:
@@ -1384,7 +1652,88 @@ def log_header(cfg: Config, rt: Runtime, model: GPT, n_val: int) -> None:
     rt.log(describe_params(cfg, model)[0])
     rt.log(f"world_size:{rt.world_size} device:{rt.device_name()} grad_accum_steps:{grad_accum_for(cfg, rt.world_size)} "
            f"compile:{int(rt.use_compile)} autocast:{int(rt.use_autocast)}")
-    rt.log(f"train_shards:{len(shard_paths(cfg.data_path, 'train'))} val_tokens:{n_val} seed:{cfg.seed}")
+    shards = "" if cfg.eval_only else f"train_shards:{len(shard_paths(cfg.data_path, 'train'))} "
+    rt.log(f"{shards}val_tokens:{n_val} seed:{cfg.seed}")
+
+
+def train_and_export(cfg: Config, rt: Runtime, tables: ByteTables, val_tokens: Tensor) -> tuple[Path, float]:
+    """Train, calibrate, evaluate the float model, and on rank 0 write the artifact; returns its path and float bpb."""
+    try:
+        local_tokens = local_batch_tokens(cfg, rt.world_size)
+    except ConfigError as err:
+        print(f"config_error: {err}", file=sys.stderr)
+        rt.shutdown(2)
+    model = build_model(cfg, rt)
+    log_header(cfg, rt, model, len(val_tokens) - 1)
+    batches = TrainBatches(TokenStream(shard_paths(cfg.data_path, "train")), rt.rank, rt.world_size, local_tokens,
+                           cfg.train_seq_len, rt.device)
+    reserve = cfg.gptq_reserve_seconds if cfg.reserves_calibration_time else 0.0
+    train_cfg = dataclasses.replace(cfg, max_wallclock_seconds=cfg.max_wallclock_seconds - reserve,
+                                    gptq_reserve_seconds=0.0)  # the schedules fit the shorter training budget
+    if reserve:
+        rt.log(f"gptq_reserve:{reserve:g}s train_budget:{train_cfg.max_wallclock_seconds:g}s")
+    trainer = Trainer(train_cfg, rt, model, rt.compile(model), build_optimizers(model, cfg, fused=rt.is_cuda), batches,
+                      val_tokens, tables)
+    rt.log(f"compile_warmup_ms:{trainer.prime_compiled_graphs():.0f} (outside the training clock)")
+    state = trainer.run(resume_from(cfg, rt, trainer))
+    if state.interrupted:
+        rt.shutdown(0)
+    rt.log(rt.peak_memory_line())
+    rt.log(f"swa:apply checkpoints:{swa_apply(state, model)}")
+    rt.log(f"weights_sha256:{weights_sha256(model)}")
+    hessians = {}
+    if cfg.quant_method == "gptq":  # NOTE: GPTQ_CALIB=train reads training data: inside the reserve, checked here
+        start = time.perf_counter()
+        hessians = collect_hessians(rt, model, calibration_batches(cfg, rt, model, batches))
+        used_ms = state.train_ms + rt.all_max(1000 * (time.perf_counter() - start))[0]
+        rt.log(f"quant method:gptq calib:{cfg.gptq_calib} batches:{cfg.gptq_calib_batches} "
+               f"time_ms:{used_ms - state.train_ms:.0f} train_plus_calib_ms:{used_ms:.0f}")
+        if reserve and used_ms > 1000 * cfg.max_wallclock_seconds:
+            rt.log(f"gptq_calib_over_budget train_plus_calib_ms:{used_ms:.0f} budget_ms:"
+                   f"{1000 * cfg.max_wallclock_seconds:.0f} (raise GPTQ_RESERVE_SECONDS)")
+    loss, bpb = trainer.validate(state, "final_float", cfg.num_repeats)
+    rt.log(f"final_float val_loss:{loss:.4f} val_bpb:{bpb:.4f} "
+           f"eval_time:{state.history[-1]['eval_time_ms']:.0f}ms")
+    rt.log(f"final_float_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
+    path = rt.log_path.with_suffix(".ptz")
+    if rt.is_main:
+        start = time.perf_counter()
+        stored, fallbacks = quantize_model(cfg, model, hessians)
+        blob, sizes = pack_artifact(cfg, stored)
+        path.write_bytes(blob)
+        rt.log(f"artifact path:{path} method:{cfg.quant_method} gptq_fallbacks:{fallbacks} codec:"
+               f"{list(CODECS)[blob[9]]} {' '.join(f'{c}_bytes:{n}' for c, n in sizes.items())} "
+               f"time_ms:{1000 * (time.perf_counter() - start):.0f}")
+    return path, bpb
+
+
+def open_artifact(cfg: Config, rt: Runtime, path: Path, environ: Mapping[str, str]) -> tuple[Config, dict]:
+    """The config an artifact implies and its dequantized state dict. A missing or bad file, or a clashing shape
+    knob, ends the run with one artifact_error line and exit code 2."""
+    try:
+        header, stored = unpack_artifact(path.read_bytes())
+        return artifact_config(cfg, header, environ), {t.name: t.dequantize() for t in stored}
+    except (OSError, ValueError, TypeError) as err:  # TypeError: a crafted header with mistyped config values
+        if rt.is_main:
+            print(f"artifact_error: {path}: {err}", file=sys.stderr)
+        rt.shutdown(2)
+
+
+def roundtrip_eval(cfg: Config, rt: Runtime, state: dict, val_tokens: Tensor,
+                   tables: ByteTables) -> tuple[ModelFn, float]:
+    """Evaluate a fresh model whose every parameter, dtype included, comes from the artifact; returns its forward
+    (for the final evals) and val_bpb."""
+    model = meta_model(cfg)
+    model.load_state_dict({k: v.to(rt.device) for k, v in state.items()}, strict=True, assign=True)
+    model_fn = rt.compile(model)
+    start = time.perf_counter()
+    loss, bpb = eval_blocks(cfg, rt, model_fn, val_tokens, tables, cfg.num_repeats)
+    eval_ms = 1000 * (time.perf_counter() - start)
+    rt.log_json(dict(event="eval", name="final_roundtrip", repeats=cfg.num_repeats, val_loss=loss, val_bpb=bpb,
+                     eval_time_ms=eval_ms))
+    rt.log(f"final_roundtrip val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{eval_ms:.0f}ms")
+    rt.log(f"final_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
+    return model_fn, bpb
 
 
 def main() -> None:
@@ -1397,12 +1746,9 @@ def main() -> None:
         dry_run(cfg)
         return
     rt = Runtime(cfg, os.environ)
-    cfg = rt.cfg
-    try:
-        local_tokens = local_batch_tokens(cfg, rt.world_size)
-    except ConfigError as err:
-        print(f"config_error: {err}", file=sys.stderr)
-        rt.shutdown(2)
+    cfg, path, float_bpb = rt.cfg, Path(cfg.eval_only), None
+    if cfg.eval_only:
+        cfg, state = open_artifact(cfg, rt, path, os.environ)
     import sentencepiece
 
     sp = sentencepiece.SentencePieceProcessor(model_file=cfg.tokenizer_path)
@@ -1410,27 +1756,23 @@ def main() -> None:
         raise ValueError(f"{cfg.tokenizer_path} has {sp.vocab_size()} pieces, VOCAB_SIZE={cfg.vocab_size}")
     tables = build_byte_tables(sp, cfg.vocab_size).to(rt.device)
     val_tokens = load_val_tokens(cfg)
-    model = build_model(cfg, rt)
-    log_header(cfg, rt, model, len(val_tokens) - 1)
-    batches = TrainBatches(TokenStream(shard_paths(cfg.data_path, "train")), rt.rank, rt.world_size, local_tokens,
-                           cfg.train_seq_len, rt.device)
-    trainer = Trainer(cfg, rt, model, rt.compile(model), build_optimizers(model, cfg, fused=rt.is_cuda), batches,
-                      val_tokens, tables)
-    rt.log(f"compile_warmup_ms:{trainer.prime_compiled_graphs():.0f} (outside the training clock)")
-    state = trainer.run(resume_from(cfg, rt, trainer))
-    if state.interrupted:
-        rt.shutdown(0)
-    rt.log(rt.peak_memory_line())
-    rt.log(f"swa:apply checkpoints:{swa_apply(state, model)}")
-    rt.log(f"weights_sha256:{weights_sha256(model)}")
-    loss, bpb = trainer.validate(state, "final_float", cfg.num_repeats)
-    rt.log(f"final_float val_loss:{loss:.4f} val_bpb:{bpb:.4f} "
-           f"eval_time:{state.history[-1]['eval_time_ms']:.0f}ms")
-    rt.log(f"final_float_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
-    run_final_evals(cfg, rt, trainer.model_fn, val_tokens, tables)
-    if cfg.record and rt.is_main:
+    if cfg.eval_only:
+        log_header(cfg, rt, meta_model(cfg), len(val_tokens) - 1)
+    else:
+        path, float_bpb = train_and_export(cfg, rt, tables, val_tokens)
+        rt.barrier()  # rank 0 has written the artifact
+        cfg, state = open_artifact(cfg, rt, path, os.environ)
+    line, excess = budget_line("artifact", len(Path(__file__).read_bytes()), path.stat().st_size)
+    rt.log(line)
+    if excess > 0:
+        rt.log(f"artifact_over_budget excess_bytes:{excess} (not a valid submission; the evals still run)")
+    model_fn, bpb = roundtrip_eval(cfg, rt, state, val_tokens, tables)
+    if float_bpb is not None:
+        rt.log(f"quant_penalty_bpb:{bpb - float_bpb:.8f}")
+    run_final_evals(cfg, rt, model_fn, val_tokens, tables)  # the scored evals use the artifact's weights
+    if cfg.record and rt.is_main and not cfg.eval_only:
         write_record(rt)
-    rt.shutdown(0)
+    rt.shutdown(1 if excess > 0 else 0)
 
 
 def write_record(rt: Runtime) -> None:

@@ -1,5 +1,6 @@
 """Whole-script behaviour through real subprocesses: import purity, DRY_RUN, config errors, single-process and
-2-rank torchrun (gloo) training runs that evaluate and exit 0 on every rank."""
+2-rank torchrun (gloo) training runs that write the artifact, read it back, evaluate and exit 0 on every rank;
+EVAL_ONLY on that artifact; the over-budget exit."""
 
 from __future__ import annotations
 
@@ -55,6 +56,9 @@ def test_dry_run_prints_config_count_and_table(tmp_path):
     config = json.loads(lines[0].removeprefix("config:"))
     assert config["model_dim"] == 880 and config["prog_depth"] == "0.30:2,0.50:3,1.0:4"
     assert "model_params:23662344" in lines
+    estimate = re.fullmatch(r"artifact_estimate code_bytes:(\d+) model_bytes:(\d+) total_bytes:\d+ "
+                            r"budget_bytes:16000000 headroom_bytes:-?\d+", lines[-1])
+    assert estimate and int(estimate.group(1)) == len(Path(SCRIPT).read_bytes())
     rows = [line for line in lines if line.startswith("param ")]
     assert len(rows) == 6 + 3 * 10  # 6 model-level tensors + 10 per block
     assert any("blocks.0.mlp.fc.weight shape:2640x880 group:muon dtype:float32 store:q(levels=16" in r for r in rows)
@@ -105,17 +109,80 @@ def test_single_process_run_logs_every_stage(tmp_path, demo_subset):
                     r"^final_mixer_exact val_loss:\d+\.\d{8} val_bpb:\d+\.\d{8}$",
                     r"^mixer_mass_max_abs_err:\S+ target_max_abs_err:\S+ mean_weights neural:"]:
         assert re.search(pattern, out.stdout, re.M), pattern
-    assert [r["name"] for r in records] == ["val", "val", "val", "final_float", "final_sliding_window", "final_mixer"]
+    assert [r["name"] for r in records] == ["val", "val", "val", "final_float", "final_roundtrip",
+                                            "final_sliding_window", "final_mixer"]
     assert all(r["repeats"] == 4 for r in records[3:]) and records[0]["val_bpb"] > records[3]["val_bpb"]
     assert records[-1]["mixer_mass_max_abs_err"] <= 1e-5 and records[-1]["eval_time_ms"] > 0
+    for pattern in [r"^quant method:gptq calib:train batches:16 time_ms:\d+ train_plus_calib_ms:\d+$",
+                    r"^artifact path:logs/tiny.ptz method:gptq gptq_fallbacks:0 codec:(zstd|brotli) "
+                    r"zstd_bytes:\d+ brotli_bytes:\d+ time_ms:\d+$",
+                    r"^artifact code_bytes:\d+ model_bytes:\d+ total_bytes:\d+ budget_bytes:16000000 "
+                    r"headroom_bytes:\d+$",
+                    r"^final_roundtrip val_loss:[\d.]+ val_bpb:[\d.]+ eval_time:\d+ms$",
+                    r"^final_roundtrip_exact val_loss:\d+\.\d{8} val_bpb:\d+\.\d{8}$",
+                    r"^quant_penalty_bpb:-?\d+\.\d{8}$"]:
+        assert re.search(pattern, out.stdout, re.M), pattern
+    sizes = re.search(r"^artifact code_bytes:(\d+) model_bytes:(\d+) total_bytes:(\d+)", out.stdout, re.M).groups()
+    assert int(sizes[0]) == len(Path(SCRIPT).read_bytes())
+    assert int(sizes[1]) == (tmp_path / "logs" / "tiny.ptz").stat().st_size
+    assert int(sizes[0]) + int(sizes[1]) == int(sizes[2])
+    floats = [float(re.search(rf"^{k}_exact val_loss:\S+ val_bpb:(\S+)$", out.stdout, re.M).group(1))
+              for k in ("final_float", "final_roundtrip")]
+    penalty = float(re.search(r"^quant_penalty_bpb:(\S+)$", out.stdout, re.M).group(1))
+    assert penalty == pytest.approx(floats[1] - floats[0], abs=2e-8) and abs(penalty) < 0.05
+    assert records[4]["val_bpb"] == pytest.approx(floats[1], abs=1e-8)
 
 
-def test_wallclock_cap_stops_early(tmp_path, demo_subset):
-    env = tiny_env(demo_subset, MAX_WALLCLOCK_SECONDS="2", ITERATIONS="100000", VAL_LOSS_EVERY="0")
+def test_wallclock_cap_stops_early_and_calibrates_inside_the_budget(tmp_path, demo_subset):
+    env = tiny_env(demo_subset, MAX_WALLCLOCK_SECONDS="3", GPTQ_RESERVE_SECONDS="1", ITERATIONS="100000",
+                   VAL_LOSS_EVERY="0", GPTQ_CALIB_BATCHES="2")
     out = run([sys.executable, SCRIPT], env, tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert re.search(r"^stopping_early: wallclock_cap train_time:\d+ms step:\d+/100000$", out.stdout, re.M)
-    assert "final_float_exact" in out.stdout
+    assert re.search(r"^gptq_reserve:1s train_budget:2s$", out.stdout, re.M)
+    stop = re.search(r"^stopping_early: wallclock_cap train_time:(\d+)ms step:\d+/100000$", out.stdout, re.M)
+    assert stop and 2000 <= int(stop.group(1)) < 3000  # training stops at the shortened budget
+    used = int(re.search(r"^quant method:gptq calib:train batches:2 .* train_plus_calib_ms:(\d+)$", out.stdout,
+                         re.M).group(1))
+    assert used <= 3000 and "gptq_calib_over_budget" not in out.stdout
+    assert "final_float_exact" in out.stdout and "final_roundtrip_exact" in out.stdout
+
+
+def test_eval_only_reproduces_the_roundtrip_from_the_artifact_alone(tmp_path, demo_subset):
+    trained = tmp_path / "train"
+    trained.mkdir()
+    out = run([sys.executable, SCRIPT], tiny_env(demo_subset, QUANT_METHOD="clip"), trained)
+    assert out.returncode == 0, out.stderr[-3000:]
+    want = re.search(r"^final_roundtrip_exact .*$", out.stdout, re.M).group(0)
+    val_only = tmp_path / "val_only"  # no train shards: EVAL_ONLY needs the val split and the tokenizer only
+    val_only.mkdir()
+    for shard in Path(demo_subset["data_path"]).glob("fineweb_val_*.bin"):
+        (val_only / shard.name).write_bytes(shard.read_bytes())
+    env = tiny_env(demo_subset, DATA_PATH=str(val_only), EVAL_ONLY=str(trained / "logs" / "tiny.ptz"), RUN_ID="check")
+    for shape_knob in ("VOCAB_SIZE", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT"):
+        env.pop(shape_knob)  # the shape comes from the artifact's header
+    out = run([sys.executable, SCRIPT], env, tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert re.search(r"^final_roundtrip_exact .*$", out.stdout, re.M).group(0) == want
+    assert re.search(r"^artifact code_bytes:\d+ model_bytes:\d+ ", out.stdout, re.M)
+    assert not re.search(r"^(step|final_float|quant_penalty)", out.stdout, re.M)
+    clash = run([sys.executable, SCRIPT], {**env, "MODEL_DIM": "64"}, tmp_path)
+    assert clash.returncode == 2 and clash.stdout.count("final_roundtrip") == 0
+    assert clash.stderr.count("\n") == 1 and "artifact has MODEL_DIM=32, the environment sets 64" in clash.stderr
+    (tmp_path / "model.pt").write_bytes((trained / "logs" / "tiny.ptz").read_bytes()[:100])
+    broken = run([sys.executable, SCRIPT], {**env, "EVAL_ONLY": str(tmp_path / "model.pt")}, tmp_path)
+    assert broken.returncode == 2 and broken.stderr.count("\n") == 1 and "truncated artifact" in broken.stderr
+
+
+def test_over_budget_run_still_evaluates_then_fails_loudly(tmp_path, demo_subset):
+    """The budget counts the bytes of the running script, so a copy padded past 16,000,000 bytes is over it."""
+    script = tmp_path / "train_gpt.py"
+    script.write_text(Path(SCRIPT).read_text() + "\n# " + "x" * 16_000_000 + "\n")
+    out = run([sys.executable, str(script)], tiny_env(demo_subset, QUANT_METHOD="clip", ITERATIONS="2"), tmp_path)
+    assert out.returncode == 1
+    excess = int(re.search(r"^artifact_over_budget excess_bytes:(\d+) ", out.stdout, re.M).group(1))
+    total = int(re.search(r"^artifact code_bytes:\d+ model_bytes:\d+ total_bytes:(\d+) ", out.stdout, re.M).group(1))
+    assert excess == total - 16_000_000 > 0
+    assert re.search(r"^final_roundtrip_exact ", out.stdout, re.M) and (tmp_path / "logs" / "tiny.ptz").exists()
 
 
 def test_torchrun_two_gloo_ranks_train_evaluate_and_exit_zero(tmp_path, demo_subset):
@@ -123,10 +190,11 @@ def test_torchrun_two_gloo_ranks_train_evaluate_and_exit_zero(tmp_path, demo_sub
     out = run(cmd, tiny_env(demo_subset), tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]  # torchrun exits 0 only when every rank did
     assert re.search(r"^world_size:2 ", out.stdout, re.M)
-    for name in ("final_float", "final_sliding_window", "final_mixer"):  # rank 0 logs, once
+    for name in ("final_float", "final_roundtrip", "final_sliding_window", "final_mixer"):  # rank 0 logs, once
         assert len(re.findall(rf"^{name}_exact ", out.stdout, re.M)) == 1, name
     text, records = read_log(tmp_path)
-    assert [r["name"] for r in records[-3:]] == ["final_float", "final_sliding_window", "final_mixer"]
+    assert [r["name"] for r in records[-4:]] == ["final_float", "final_roundtrip", "final_sliding_window",
+                                                 "final_mixer"]
     assert all(r["val_bpb"] == r["val_bpb"] for r in records)  # not NaN
 
 
