@@ -140,7 +140,7 @@ def test_wallclock_cap_stops_early_and_calibrates_inside_the_budget(tmp_path, de
     assert out.returncode == 0, out.stderr[-3000:]
     assert re.search(r"^gptq_reserve:1s train_budget:2s$", out.stdout, re.M)
     stop = re.search(r"^stopping_early: wallclock_cap train_time:(\d+)ms step:\d+/100000$", out.stdout, re.M)
-    assert stop and 2000 <= int(stop.group(1)) < 3000  # training stops at the shortened budget
+    assert stop and 1000 <= int(stop.group(1)) <= 2000  # training stops within the shortened budget
     used = int(re.search(r"^quant method:gptq calib:train batches:2 .* train_plus_calib_ms:(\d+)$", out.stdout,
                          re.M).group(1))
     assert used <= 3000 and "gptq_calib_over_budget" not in out.stdout
