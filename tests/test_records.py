@@ -77,7 +77,8 @@ def test_runs_write_one_folder_seeds_accumulate_and_nothing_is_overwritten(works
     assert (sub["val_loss"], sub["val_bpb"]) == (float(final.group(1)), float(final.group(2)))
     assert sub["seeds"] == [1] and sub["headline_metric"] == "final_mixer" and "val_bpb_std" not in sub
     code_bytes = len((workspace / "train_gpt.py").read_bytes())
-    assert sub["bytes_code"] == code_bytes and sub["bytes_total"] == code_bytes + (folder / "train_seed1.ptz").stat().st_size
+    model_bytes = (folder / "train_seed1.ptz").stat().st_size
+    assert sub["bytes_code"] == code_bytes and sub["bytes_total"] == code_bytes + model_bytes
     assert sub["hardware"].startswith("1xcpu") and sub["pytorch_version"] == train_gpt.torch.__version__
     assert sub["seed_results"]["1"]["steps"] == 12 and sub["compliance"]["train_under_600s"] is True
     first = snapshot(folder)
