@@ -62,7 +62,13 @@ def train_or_load(cfg: tg.Config, rt: tg.Runtime, val: torch.Tensor, tables: tg.
 
 
 def layout_sizes(stored: list[tg.StoredTensor]) -> None:
-    """Compressed bytes of all codes as int8, as uint8 offset by L, and bit-packed to ceil(log2(2L+1)) bits."""
+    """Compressed bytes of all codes as int8, as uint8 offset by L, and bit-packed to ceil(log2(2L+1)) bits; and of
+    the float values and row scales as stored bytes versus byte planes (what pack_artifact writes)."""
+    floats = [t.values for t in stored if not t.levels] + [t.scales for t in stored if t.levels]
+    for name, data in (("plain", b"".join(a.tobytes() for a in floats)),
+                       ("byte_planes", b"".join(a.view(np.uint8).reshape(-1, a.itemsize).T.tobytes() for a in floats))):
+        print(f"floats_and_scales layout:{name} raw_bytes:{len(data)} " + " ".join(f"{c}_bytes:{n}" for c, n in
+                                                                                 codec_sizes(data).items()))
     quantized = [t for t in stored if t.levels]
     offset = [(t.values.astype(np.int16) + t.levels).astype(np.uint8) for t in quantized]
     bits = [int(np.ceil(np.log2(2 * t.levels + 1))) for t in quantized]
