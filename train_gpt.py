@@ -895,7 +895,7 @@ def build_optimizers(model: nn.Module, cfg: Config, fused: bool) -> dict[str, to
 TRIGRAM_BUCKETS = 65536  # hashed (x_{t-1}, x_t) contexts, as in the reference
 TRIGRAM_HASH = (36313, 27191)  # the reference's multipliers for x_{t-1} and x_t
 ADD_ALPHA = (0.1, 0.1, 0.01)  # the reference's add-alpha smoothing of the unigram, bigram and trigram experts
-BACKOFF_STRENGTH = 4.0  # prior mass of the lower order in the interpolated expert (2..16 within 0.003 bpb on the demo)
+BACKOFF_STRENGTH = 4.0  # prior mass of the lower order in the interpolated expert (demo: 2 and 4 best, 8 -0.01 bpb)
 PRIOR_LOG_WEIGHT = 2.0  # the neural expert's initial log-weight, the others' is 0 (the reference's prior)
 HEDGE_COLD_START = 10_000  # the reference mixes only once its tables hold this many tokens
 ENTROPY_BINS, EVIDENCE_BINS = 6, 7  # gate buckets: floor(H in nats), floor(log2(1 + trigram context count))

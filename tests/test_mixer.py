@@ -211,7 +211,7 @@ def test_changing_later_tokens_never_changes_earlier_scores(mode, monkeypatch, r
     cfg = tiny_config(vocab_size=VOCAB, autocast=False, mixer=mode, eval_seq_len=32, eval_stride=8, eval_batch_seqs=3)
     rt, model, val = runtime(cfg), random_model(tiny_config(vocab_size=VOCAB)), stream(400, seed=3)
     neural, mixed = scored_stream(monkeypatch, cfg, rt, model, val)
-    for t in (1, 57, 130, 250, 399):  # token t and everything after it changes
+    for t in (57, 250, 399):  # token t and everything after it changes (mid-batch, mid-window, the end)
         changed = val.clone()
         changed[t:] = (changed[t:] + 1 + torch.arange(len(val) - t) % 5) % VOCAB
         neural2, mixed2 = scored_stream(monkeypatch, cfg, rt, model, changed)
