@@ -1575,7 +1575,8 @@ RESUMED_STATE = ("step", "train_ms", "repeats", "swa_count", "history", "checkpo
 
 def resume_key(cfg: Config) -> str:
     """The configuration a checkpoint must match: everything but the knobs that only name or steer the run."""
-    skip = ("run_id", "resume", "checkpoint_every_seconds", "record")
+    skip = ("run_id", "resume", "checkpoint_every_seconds", "record", "eval_seq_len", "eval_stride", "eval_batch_seqs",
+            "mixer", "mixer_eta", "hedge_eta", "quant_method", "compressor", "eval_only")  # used only after training
     return json.dumps({k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}, sort_keys=True)
 
 

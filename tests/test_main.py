@@ -242,5 +242,8 @@ def test_periodic_checkpoints_and_refusals(tmp_path, demo_subset):
     other = run([sys.executable, SCRIPT], {**env, "RESUME": "logs/tiny.ckpt", "MODEL_DIM": "64"}, tmp_path)
     assert other.returncode == 2
     assert "checkpoint of another configuration (differs in: model_dim)" in other.stderr
+    evals_only = run([sys.executable, SCRIPT], {**env, "RESUME": "logs/tiny.ckpt", "MIXER": "off"}, tmp_path)
+    assert evals_only.returncode == 0, evals_only.stderr[-3000:]  # knobs used only after training may change
+    assert "checkpoint:resumed path:logs/tiny.ckpt" in evals_only.stdout and "final_mixer" not in evals_only.stdout
     missing = run([sys.executable, SCRIPT], {**env, "RESUME": "auto", "RUN_ID": "nothing"}, tmp_path)
     assert missing.returncode == 2 and "no checkpoint at logs/nothing.ckpt" in missing.stderr
