@@ -1729,11 +1729,7 @@ def roundtrip_eval(cfg: Config, rt: Runtime, state: dict, val_tokens: Tensor,
     model_fn = rt.compile(model)
     start = time.perf_counter()
     loss, bpb = eval_blocks(cfg, rt, model_fn, val_tokens, tables, cfg.num_repeats)
-    eval_ms = 1000 * (time.perf_counter() - start)
-    rt.log_json(dict(event="eval", name="final_roundtrip", repeats=cfg.num_repeats, val_loss=loss, val_bpb=bpb,
-                     eval_time_ms=eval_ms))
-    rt.log(f"final_roundtrip val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{eval_ms:.0f}ms")
-    rt.log(f"final_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
+    log_eval(rt, "final_roundtrip", (loss, bpb), 1000 * (time.perf_counter() - start), repeats=cfg.num_repeats)
     return model_fn, bpb
 
 
