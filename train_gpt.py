@@ -1101,6 +1101,15 @@ def log_eval(rt: Runtime, name: str, result: tuple[float, float], eval_ms: float
     rt.log_json(dict(event="eval", name=name, val_loss=loss, val_bpb=bpb, eval_time_ms=eval_ms, **fields))
 
 
+def final_block_eval(cfg: Config, rt: Runtime, name: str, model_fn: ModelFn, val_tokens: Tensor, tables: ByteTables,
+                     **fields) -> float:
+    """A final non-overlapping eval at full depth, timed and logged; returns val_bpb."""
+    start = time.perf_counter()
+    result = eval_blocks(cfg, rt, model_fn, val_tokens, tables, cfg.num_repeats)
+    log_eval(rt, name, result, 1000 * (time.perf_counter() - start), repeats=cfg.num_repeats, **fields)
+    return result[1]
+
+
 def run_final_evals(cfg: Config, rt: Runtime, model_fn: ModelFn, val_tokens: Tensor,
                     tables: ByteTables) -> dict[str, tuple[float, float]]:
     """The sliding-window eval at full depth and, on the same forwards, the MIXER eval; logs them and returns
@@ -1466,11 +1475,12 @@ class Trainer:
         self.model.zero_grad(set_to_none=True)
         return loss_sum / accum
 
-    def validate(self, state: TrainState, name: str, repeats: int) -> tuple[float, float]:
+    def validate(self, state: TrainState) -> tuple[float, float]:
+        """The periodic eval at the current depth, recorded in the JSON log and the run's history."""
         start = time.perf_counter()
-        loss, bpb = eval_blocks(self.cfg, self.rt, self.model_fn, self.val_tokens, self.tables, repeats)
+        loss, bpb = eval_blocks(self.cfg, self.rt, self.model_fn, self.val_tokens, self.tables, state.repeats)
         eval_ms = 1000 * (time.perf_counter() - start)
-        record = dict(event="eval", name=name, step=state.step, repeats=repeats, val_loss=loss, val_bpb=bpb,
+        record = dict(event="eval", name="val", step=state.step, repeats=state.repeats, val_loss=loss, val_bpb=bpb,
                       train_time_ms=state.train_ms, eval_time_ms=eval_ms)
         self.rt.log_json(record)
         state.history.append(record)
@@ -1501,10 +1511,11 @@ class Trainer:
             out_of_time = budget_ms > 0 and state.train_ms + last_step_ms > budget_ms
             done = out_of_time or state.step >= cfg.iterations
             if out_of_time:
-                rt.log(f"stopping_early: wallclock_cap train_time:{state.train_ms:.0f}ms step:{state.step}/{cfg.iterations}")
+                rt.log(f"stopping_early: wallclock_cap train_time:{state.train_ms:.0f}ms "
+                       f"step:{state.step}/{cfg.iterations}")
             if done or (cfg.val_loss_every and state.step % cfg.val_loss_every == 0):
                 self.clock.pause()
-                loss, bpb = self.validate(state, "val", state.repeats)
+                loss, bpb = self.validate(state)
                 rt.log(f"step:{state.step}/{cfg.iterations} val_loss:{loss:.4f} val_bpb:{bpb:.4f} "
                        f"train_time:{state.train_ms:.0f}ms step_avg:{state.train_ms / max(state.step, 1):.2f}ms")
                 self.clock.start()
@@ -1651,7 +1662,8 @@ def log_header(cfg: Config, rt: Runtime, model: GPT, n_val: int) -> None:
     rt.log(f"logs:{rt.log_path} run_id:{cfg.run_id} started:{time.strftime('%Y-%m-%dT%H:%M:%S%z')}")
     rt.log("config:" + json.dumps(dataclasses.asdict(cfg), sort_keys=True))
     rt.log(describe_params(cfg, model)[0])
-    rt.log(f"world_size:{rt.world_size} device:{rt.device_name()} grad_accum_steps:{grad_accum_for(cfg, rt.world_size)} "
+    rt.log(f"world_size:{rt.world_size} device:{rt.device_name()} "
+           f"grad_accum_steps:{grad_accum_for(cfg, rt.world_size)} "
            f"compile:{int(rt.use_compile)} autocast:{int(rt.use_autocast)}")
     shards = "" if cfg.eval_only else f"train_shards:{len(shard_paths(cfg.data_path, 'train'))} "
     rt.log(f"{shards}val_tokens:{n_val} seed:{cfg.seed}")
@@ -1692,10 +1704,8 @@ def train_and_export(cfg: Config, rt: Runtime, tables: ByteTables, val_tokens: T
         if reserve and used_ms > 1000 * cfg.max_wallclock_seconds:
             rt.log(f"gptq_calib_over_budget train_plus_calib_ms:{used_ms:.0f} budget_ms:"
                    f"{1000 * cfg.max_wallclock_seconds:.0f} (raise GPTQ_RESERVE_SECONDS)")
-    loss, bpb = trainer.validate(state, "final_float", cfg.num_repeats)
-    rt.log(f"final_float val_loss:{loss:.4f} val_bpb:{bpb:.4f} "
-           f"eval_time:{state.history[-1]['eval_time_ms']:.0f}ms")
-    rt.log(f"final_float_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
+    bpb = final_block_eval(cfg, rt, "final_float", trainer.model_fn, val_tokens, tables, step=state.step,
+                           train_time_ms=state.train_ms)
     path = rt.log_path.with_suffix(".ptz")
     if rt.is_main:
         start = time.perf_counter()
@@ -1727,10 +1737,7 @@ def roundtrip_eval(cfg: Config, rt: Runtime, state: dict, val_tokens: Tensor,
     model = meta_model(cfg)
     model.load_state_dict({k: v.to(rt.device) for k, v in state.items()}, strict=True, assign=True)
     model_fn = rt.compile(model)
-    start = time.perf_counter()
-    loss, bpb = eval_blocks(cfg, rt, model_fn, val_tokens, tables, cfg.num_repeats)
-    log_eval(rt, "final_roundtrip", (loss, bpb), 1000 * (time.perf_counter() - start), repeats=cfg.num_repeats)
-    return model_fn, bpb
+    return model_fn, final_block_eval(cfg, rt, "final_roundtrip", model_fn, val_tokens, tables)
 
 
 def main() -> None:
