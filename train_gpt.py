@@ -110,6 +110,22 @@ class Config:
     mlp_mult: float = 3.0
     num_value_embeds: int = 2
     xsa_last_n: int = 4
+    recur_layers: str = ""  # "": the whole stack repeats (#1453); "4,5": only these consecutive layers do (#1204)
+    loop_embed: bool = True  # a learned vector added before each effective layer (#148)
+    cross_repeat: bool = True  # a repeat of block j adds a scaled copy of its previous repeat's output (#148)
+    untie_scalars: bool = False  # each application of a block has its own gains, scales and x0 mix (#1204)
+    untie_repeat_mlp: bool = False  # repeats past the first get their own MLP, cloned at activation (#1204)
+    unet: str = "off"  # off | add (#456) | gated (#1204): encoder outputs feed the mirrored decoder layers
+    parallel_last_n: int = 0  # the last N effective layers run attention and MLP lanes (#1204's parallel residual)
+    bigram_vocab_size: int = 0  # hashed (previous, current) token buckets added to the embedding; 0: off
+    bigram_dim: int = 128
+    smear_gate: bool = False  # blend each embedding with its predecessor's through a learned per-dim gate
+    rope_dims: int = 0  # rotate only the first ROPE_DIMS dims of each head (#1204: 16); 0: all of them
+    ln_scale: bool = False  # scale sublayer inputs of effective layer i by 1/sqrt(i+1) (#1204)
+    ve_dim: int = 0  # a shared value embedding projected into attention's V on VE_LAYERS (#1204); 0: off
+    ve_layers: str = ""  # effective-layer indices at full depth, e.g. "9,10"
+    disable_layer0_attn: bool = False  # block 0 runs only its MLP (its attention weights stay, unexported)
+    mlp_negative_slope: float = 0.5  # LeakyReLU(slope)^2; 0 is #456's relu^2
     qk_gain_init: float = 1.5
     logit_softcap: float = 30.0
     rope_base: float = 10000.0
@@ -149,6 +165,18 @@ class Config:
     @property
     def head_dim(self) -> int:
         return self.model_dim // self.num_heads
+
+    @property
+    def recur_span(self) -> tuple[int, int]:
+        """[lo, hi): the physical layers that repeat; all of them unless RECUR_LAYERS names a run."""
+        layers = parse_ints(self.recur_layers)
+        return (layers[0], layers[-1] + 1) if layers else (0, self.num_layers)
+
+    @property
+    def depth(self) -> int:
+        """Effective layers at full depth."""
+        lo, hi = self.recur_span
+        return self.num_layers + (self.num_repeats - 1) * (hi - lo)
 
     @property
     def depth_schedule(self) -> tuple[tuple[float, int], ...]:
@@ -194,6 +222,45 @@ PRESETS: dict[str, dict[str, object]] = {
         eval_seq_len=256, eval_stride=64, eval_batch_seqs=16,
         gptq_calib_batches=4,  # 16 took 13 s on 2 busy cores, more than the 8 s reserve
     ),
+    # The seed systems (reference-1453.md section 15, reference-1204-456.md), each reproducing its logged parameter
+    # count. Our fixes stay on (fp32 RoPE and scalars, LR warmup, normalized mixer); knobs we do not have are listed.
+    # #895, 4-hour: the #1453 architecture at d=832, MLP 2x, 5 repeats; int8 with the percentile grid; hedge mixer.
+    "pr895": dict(
+        model_dim=832, mlp_mult=2.0, num_repeats=5, prog_depth="0.3:2,0.5:3,0.75:4,1.0:5", max_wallclock_seconds=14400.0,
+        iterations=200000, warmdown_iters=15000, swa_every=100, swa_start_frac=0.4, matrix_lr=0.015, scalar_lr=0.015,
+        tied_embed_lr=0.018, val_loss_every=5000, train_log_every=1000, quant_levels=127, mlp_quant_levels=127,
+        quant_method="ref",
+    ),
+    # #784: 3x4 at d=832, MLP 2x, XSA on 4, LeakyReLU^2, no progressive depth, int8 GPTQ-lite, no mixer.
+    "pr784": dict(
+        model_dim=832, mlp_mult=2.0, prog_depth="1.0:4", matrix_lr=0.012, scalar_lr=0.012, tied_embed_lr=0.015,
+        swa_start_frac=0.4, swa_every=50, quant_levels=127, mlp_quant_levels=127, quant_method="ref", mixer="off",
+    ),
+    # #1204 as logged (BIGRAM_DIM=160, not its README's 112): 11 layers with 4,5 repeated from 44% of the run (its
+    # step 3000), parallel lanes on the last 4, gated U-Net, EMA, int6/int5 by Hessian. Not ported: Adam weight
+    # decay 0.04, late QAT (inert in #1204), its shard-sampling loader.
+    "pr1204": dict(
+        num_layers=11, num_repeats=2, recur_layers="4,5", prog_depth="0.44:1,1.0:2", model_dim=512, mlp_mult=3.0,
+        num_value_embeds=0, loop_embed=False, cross_repeat=False, untie_scalars=True, untie_repeat_mlp=True,
+        unet="gated", parallel_last_n=4, bigram_vocab_size=2816, bigram_dim=160, smear_gate=True, rope_dims=16,
+        ln_scale=True, ve_dim=128, ve_layers="9,10", disable_layer0_attn=True, xsa_last_n=11,
+        train_seq_len=2048, train_batch_tokens=786432, eval_seq_len=2048, eval_stride=64, warmdown_iters=3500,
+        tied_embed_lr=0.035, matrix_lr=0.03, scalar_lr=0.025, muon_momentum=0.99, muon_momentum_warmup_start=0.92,
+        muon_momentum_warmup_steps=1500, swa_enabled=False, quant_levels=31, mlp_quant_levels=15,
+        gptq_calib="selfgen", mixer="off", val_loss_every=4000, train_log_every=500,
+    ),
+    # #456: 10 unique layers, additive U-Net, bigram 10240x128, smear, relu^2, XSA on 3, 5200 steps by iteration,
+    # SWA, int6 attention / int5 MLP (plain clip search: it had no GPTQ), score-first TTT. Not ported: Adam weight
+    # decay 0.01, 3% magnitude pruning, late QAT (inert under its compile).
+    "pr456": dict(
+        num_layers=10, num_repeats=1, prog_depth="1.0:1", model_dim=512, mlp_mult=3.0, num_value_embeds=0,
+        loop_embed=False, unet="add", bigram_vocab_size=10240, bigram_dim=128, smear_gate=True, xsa_last_n=3,
+        mlp_negative_slope=0.0, seed=42, train_seq_len=2048, train_batch_tokens=786432, iterations=5200,
+        max_wallclock_seconds=0.0, warmdown_iters=3000, swa_every=50, swa_start_frac=0.2, tied_embed_lr=0.035,
+        matrix_lr=0.025, scalar_lr=0.025, muon_momentum=0.99, muon_momentum_warmup_start=0.92,
+        muon_momentum_warmup_steps=1500, eval_seq_len=2048, eval_stride=128, eval_batch_seqs=64, quant_levels=31,
+        mlp_quant_levels=15, quant_method="clip", mixer="off", val_loss_every=500, train_log_every=100,
+    ),
 }
 
 
@@ -230,11 +297,19 @@ def parse_prog_depth(spec: str) -> tuple[tuple[float, int], ...]:
     return tuple(pairs)
 
 
+def parse_ints(spec: str) -> list[int]:
+    """'4,5' -> [4, 5]; '' -> []; raises ConfigError when an item is not an integer."""
+    try:
+        return [int(item) for item in spec.split(",") if item.strip()]
+    except ValueError:
+        raise ConfigError(f"expected comma-separated integers (e.g. 4,5), got {spec!r}") from None
+
+
 def _config_problems(c: Config) -> Iterator[str]:
     """Yield every validation failure; the first one is raised."""
     positive = ("num_layers", "num_repeats", "model_dim", "num_heads", "num_kv_heads", "vocab_size", "iterations",
                 "train_batch_tokens", "train_seq_len", "val_batch_size", "swa_every", "muon_backend_steps",
-                "eval_seq_len", "eval_batch_seqs", "gptq_calib_batches")
+                "eval_seq_len", "eval_batch_seqs", "gptq_calib_batches", "bigram_dim")
     for name in positive:
         if getattr(c, name) <= 0:
             yield f"{name.upper()} must be > 0, got {getattr(c, name)}"
@@ -242,14 +317,15 @@ def _config_problems(c: Config) -> Iterator[str]:
         if not 0 < getattr(c, name) < math.inf:
             yield f"{name.upper()} must be a finite number > 0, got {getattr(c, name)}"
     for name in ("tied_embed_lr", "matrix_lr", "scalar_lr", "muon_wd", "grad_clip_norm", "max_wallclock_seconds",
-                 "checkpoint_every_seconds", "mixer_eta", "hedge_eta", "gptq_reserve_seconds"):
+                 "checkpoint_every_seconds", "mixer_eta", "hedge_eta", "gptq_reserve_seconds", "mlp_negative_slope"):
         if not 0 <= getattr(c, name) < math.inf:
             yield f"{name.upper()} must be a finite number >= 0, got {getattr(c, name)}"
     for name in ("beta1", "beta2", "muon_momentum", "muon_momentum_warmup_start"):
         if not 0 <= getattr(c, name) < 1:
             yield f"{name.upper()} must be in [0, 1), got {getattr(c, name)}"
     non_negative = ("grad_accum_steps", "lr_warmup_steps", "warmdown_iters", "val_loss_every", "val_max_tokens",
-                    "xsa_last_n", "num_value_embeds", "muon_momentum_warmup_steps", "train_log_every")
+                    "xsa_last_n", "num_value_embeds", "muon_momentum_warmup_steps", "train_log_every",
+                    "parallel_last_n", "bigram_vocab_size", "ve_dim", "rope_dims")
     for name in non_negative:
         if getattr(c, name) < 0:
             yield f"{name.upper()} must be >= 0, got {getattr(c, name)}"
@@ -286,6 +362,26 @@ def _config_problems(c: Config) -> Iterator[str]:
         yield (f"GPTQ_RESERVE_SECONDS={c.gptq_reserve_seconds} must be below MAX_WALLCLOCK_SECONDS="
                f"{c.max_wallclock_seconds} (GPTQ_CALIB=train calibrates inside the training budget)")
     yield from _depth_schedule_problems(c)
+    yield from _architecture_problems(c)
+
+
+def _architecture_problems(c: Config) -> Iterator[str]:
+    recur = parse_ints(c.recur_layers)
+    if recur and (recur != list(range(recur[0], recur[-1] + 1)) or not 0 <= recur[0] <= recur[-1] < c.num_layers):
+        yield f"RECUR_LAYERS must be consecutive layers in 0..{c.num_layers - 1}, got {c.recur_layers!r}"
+    if c.unet not in ("off", "add", "gated"):
+        yield f"UNET must be off, add or gated, got {c.unet!r}"
+    if c.bigram_vocab_size == 1:
+        yield "BIGRAM_VOCAB_SIZE must be 0 (off) or >= 2 (one bucket is reserved for the first position)"
+    if c.rope_dims % 2 or c.rope_dims > c.head_dim:
+        yield f"ROPE_DIMS must be even and <= the head dim {c.head_dim} (0: all), got {c.rope_dims}"
+    if not recur or recur[-1] < c.num_layers:  # the depth is only defined for a valid RECUR_LAYERS
+        if c.parallel_last_n > c.depth:
+            yield f"PARALLEL_LAST_N={c.parallel_last_n} exceeds the {c.depth} effective layers"
+        ve = parse_ints(c.ve_layers)
+        if bool(c.ve_dim) != bool(ve) or any(not 0 <= i < c.depth for i in ve):
+            yield (f"VE_DIM > 0 needs VE_LAYERS (effective layers in 0..{c.depth - 1}) and VE_LAYERS needs VE_DIM > 0; "
+                   f"got VE_DIM={c.ve_dim} VE_LAYERS={c.ve_layers!r}")
 
 
 def _depth_schedule_problems(c: Config) -> Iterator[str]:
@@ -653,9 +749,11 @@ class BpbMeter:
 
 
 # === 7. MODEL ===
-# 3 physical blocks applied R times (12 effective layers). Per effective layer the stream gets a loop embedding,
-# two value-embedding lookups with per-layer scales and, from the second repeat on, a scaled copy of what the
-# same block produced in the previous repeat. Output projections start at zero, so step 0 is the tied embedding.
+# NUM_LAYERS physical blocks run along a layer plan: the whole stack NUM_REPEATS times (#1453: 3 x 4 = 12 layers) or,
+# with RECUR_LAYERS, a run of consecutive layers repeated in place (#1204: 0-5, 4, 5, 6-10). Per effective layer the
+# stream may get a loop embedding, value-embedding lookups and, from a block's second application on, a scaled copy
+# of its previous output (#148). U-Net skips, two parallel lanes, the bigram hash, the smear gate and V-embeddings are
+# the #1204/#456 options. Output projections start at zero, so at step 0 the logits come from the tied embedding.
 
 RMS_EPS = torch.finfo(torch.float32).eps  # the reference's weightless RMSNorm eps, even for bf16 inputs
 
@@ -664,19 +762,21 @@ def rms_norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),), eps=RMS_EPS)
 
 
-def rope_tables(seq_len: int, head_dim: int, base: float, device: torch.device) -> tuple[Tensor, Tensor]:
-    """cos/sin of shape (T, head_dim/2) in fp32: the reference built these in bf16 (only 513 distinct positions)."""
-    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+def rope_tables(seq_len: int, dims: int, base: float, device: torch.device) -> tuple[Tensor, Tensor]:
+    """cos/sin of shape (T, dims/2) in fp32 for the `dims` rotated channels: the reference built these in bf16 (only
+    513 distinct positions); no length-dependent base (#1204 raised it past 1024 tokens)."""
+    inv_freq = base ** (-torch.arange(0, dims, 2, dtype=torch.float32, device=device) / dims)
     angles = torch.arange(seq_len, dtype=torch.float32, device=device)[:, None] * inv_freq[None, :]
     return angles.cos(), angles.sin()
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Half-split rotation of (B, H, T, hd): [x1 cos + x2 sin, -x1 sin + x2 cos]."""
-    half = x.size(-1) // 2
-    x1, x2 = x[..., :half], x[..., half:]
+    """Half-split rotation of the first 2 * cos.size(-1) dims of (B, H, T, hd): [x1 cos + x2 sin, -x1 sin + x2 cos];
+    the remaining dims pass through (partial RoPE leaves them position-free)."""
+    half = cos.size(-1)
+    x1, x2, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # angles were exact in fp32; only the product is bf16
-    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
 
 
 def remove_self_value(y: Tensor, v: Tensor) -> Tensor:
@@ -695,6 +795,16 @@ def xsa_start(depth: int, xsa_last_n: int) -> int:
     return max(0, depth - xsa_last_n) if xsa_last_n > 0 else depth
 
 
+def layer_plan(cfg: Config, repeats: int) -> list[tuple[int, int, int]]:
+    """(block, slot, occurrence) per effective layer when the recurrent run repeats `repeats` times. The slot is the
+    layer's index at full depth, so per-layer parameters stay with one application while the depth grows (#1204
+    indexed them by current position and re-paired them all when its recurrence switched on)."""
+    lo, hi = cfg.recur_span
+    span, extra = hi - lo, (cfg.num_repeats - 1) * (hi - lo)
+    return ([(p, p, 0) for p in range(lo)] + [(lo + j, lo + k * span + j, k) for k in range(repeats)
+                                              for j in range(span)] + [(p, p + extra, 0) for p in range(hi, cfg.num_layers)])
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
@@ -705,16 +815,17 @@ class Attention(nn.Module):
         self.c_v = nn.Linear(cfg.model_dim, kv_dim, bias=False)
         self.proj = nn.Linear(cfg.model_dim, cfg.model_dim, bias=False)
         nn.init.zeros_(self.proj.weight)
-        self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.qk_gain_init))
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], use_xsa: bool) -> Tensor:
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], q_gain: Tensor, use_xsa: bool,
+                v_extra: Tensor | None = None) -> Tensor:
         b, t, d = x.shape
         q = self.c_q(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.c_k(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-        v = self.c_v(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.c_v(x) if v_extra is None else self.c_v(x) + v_extra
+        v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(rms_norm(q), *rope), apply_rope(rms_norm(k), *rope)
         # q and k are unit-RMS, so q_gain alone sets the attention temperature per head.
-        q = q * self.q_gain.to(q.dtype)[None, :, None, None]
+        q = q * q_gain.to(q.dtype)[None, :, None, None]
         # enable_gqa lets the kernel share each kv head across its query group without materialising copies.
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         if use_xsa:
@@ -725,71 +836,173 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
-        hidden = int(cfg.mlp_mult * cfg.model_dim)
+        hidden, self.slope = int(cfg.mlp_mult * cfg.model_dim), cfg.mlp_negative_slope
         self.fc = nn.Linear(cfg.model_dim, hidden, bias=False)
         self.proj = nn.Linear(hidden, cfg.model_dim, bias=False)
         nn.init.zeros_(self.proj.weight)
 
     def forward(self, x: Tensor) -> Tensor:
         # LeakyReLU(0.5)^2 (#784): relu^2's sharpness, but negative inputs keep a 0.25 u^2 gradient path.
-        return self.proj(F.leaky_relu(self.fc(x), negative_slope=0.5).square())
+        return self.proj(F.leaky_relu(self.fc(x), negative_slope=self.slope).square())
 
 
 class Block(nn.Module):
-    """Pre-norm block; resid_mix blends the stream with x0 (the normed embedding) before attention."""
+    """The matrices of one physical layer; its gains, scales and x0 mix live in GPT (per block or per slot)."""
 
     def __init__(self, cfg: Config):
         super().__init__()
         self.attn = Attention(cfg)
         self.mlp = MLP(cfg)
-        self.attn_scale = nn.Parameter(torch.ones(cfg.model_dim))
-        self.mlp_scale = nn.Parameter(torch.ones(cfg.model_dim))
-        self.resid_mix = nn.Parameter(torch.stack((torch.ones(cfg.model_dim), torch.zeros(cfg.model_dim))))
 
-    def forward(self, x: Tensor, x0: Tensor, rope: tuple[Tensor, Tensor], use_xsa: bool) -> Tensor:
-        x = self.resid_mix[0] * x + self.resid_mix[1] * x0
-        x = x + self.attn_scale * self.attn(rms_norm(x), rope, use_xsa)
-        return x + self.mlp_scale * self.mlp(rms_norm(x))
+
+class BigramHash(nn.Module):
+    """A table of hashed (previous, current) token pairs added to the token embedding; zero at init so it starts as
+    a no-op. #1453 carried one that no optimizer updated; here every parameter is in the table and trains."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.embed = nn.Embedding(cfg.bigram_vocab_size, cfg.bigram_dim)
+        nn.init.zeros_(self.embed.weight)
+        self.proj = nn.Linear(cfg.bigram_dim, cfg.model_dim, bias=False)
+        self.scale = nn.Parameter(torch.tensor([0.05]))
+
+    def forward(self, ids: Tensor) -> Tensor:
+        last = self.embed.num_embeddings - 1  # the bucket of position 0, which has no previous token
+        pairs = torch.bitwise_xor(36313 * ids[:, 1:], 27191 * ids[:, :-1]) % last
+        return self.scale * self.proj(self.embed(torch.cat((torch.full_like(ids[:, :1], last), pairs), 1)))
+
+
+class ValueEmbedding(nn.Module):
+    """#1204's V-embedding: one shared table projected to the kv width, added to V on VE_LAYERS with a scale each."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.ve_dim)
+        nn.init.normal_(self.embed.weight, std=0.01)
+        self.proj = nn.Linear(cfg.ve_dim, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.scale = nn.Parameter(torch.tensor([0.1]))
+        self.layer_scales = nn.Parameter(torch.ones(len(parse_ints(cfg.ve_layers))))
 
 
 class GPT(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.cfg = cfg
-        depth, d = cfg.num_layers * cfg.num_repeats, cfg.model_dim
+        (lo, hi), d, depth = cfg.recur_span, cfg.model_dim, cfg.depth
         # The small std keeps the tied head's initial logits near uniform (val_loss ~ ln V at step 0).
         self.tok_emb = nn.Embedding(cfg.vocab_size, d)
         nn.init.normal_(self.tok_emb.weight, std=cfg.tied_embed_init_std)
+        self.bigram = BigramHash(cfg) if cfg.bigram_vocab_size else None
+        self.smear_gate = nn.Parameter(torch.zeros(d)) if cfg.smear_gate else None  # sigmoid(0): an even blend
         self.value_embeds = nn.ModuleList(nn.Embedding(cfg.vocab_size, d) for _ in range(cfg.num_value_embeds))
-        # Per effective layer, so 3 shared blocks can still tell their 4 applications apart; all start at zero,
-        # so a layer that progressive depth has not reached yet contributes nothing until it trains.
-        self.value_scales = nn.Parameter(torch.zeros(depth, cfg.num_value_embeds, d))
-        self.loop_embed = nn.Parameter(torch.zeros(depth, d))
-        self.cross_repeat_scales = nn.Parameter(torch.zeros(cfg.num_layers, cfg.num_repeats - 1, d))
+        self.ve = ValueEmbedding(cfg) if cfg.ve_dim else None
+        # Per effective layer, so shared blocks can still tell their applications apart; all start at zero, so a
+        # layer that progressive depth has not reached yet contributes nothing until it trains.
+        nve, reps = cfg.num_value_embeds, cfg.num_repeats
+        self.value_scales = nn.Parameter(torch.zeros(depth, nve, d)) if nve else None
+        self.loop_embed = nn.Parameter(torch.zeros(depth, d)) if cfg.loop_embed else None
+        self.cross_repeat_scales = nn.Parameter(torch.zeros(hi - lo, reps - 1, d)) if cfg.cross_repeat and reps > 1 \
+            else None
+        n_scalars = depth if cfg.untie_scalars else cfg.num_layers
+        self.q_gain = nn.Parameter(torch.full((n_scalars, cfg.num_heads), cfg.qk_gain_init))
+        self.attn_scale = nn.Parameter(torch.ones(n_scalars, d))
+        self.mlp_scale = nn.Parameter(torch.ones(n_scalars, d))
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(n_scalars, d), torch.zeros(n_scalars, d)), 1))
+        skips = depth // 2 if cfg.unet != "off" else 0
+        self.skip_weights = nn.Parameter(torch.ones(skips, d)) if skips else None
+        self.skip_gates = nn.Parameter(torch.zeros(skips, d)) if cfg.unet == "gated" else None  # sigmoid(0) = 1/2
+        # Lane routing per physical layer, as #1204 (so its count reproduces): [attn, mlp] -> [attn lane, mlp lane].
+        lanes = cfg.parallel_last_n > 0
+        self.lane_post = nn.Parameter(torch.ones(cfg.num_layers, 2, 2)) if lanes else None
+        self.lane_resid = nn.Parameter(torch.full((cfg.num_layers, 2), math.sqrt(1.1))) if lanes else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.repeat_mlps = nn.ModuleList(MLP(cfg) for _ in range((hi - lo) * (reps - 1))) \
+            if cfg.untie_repeat_mlp else None
+        self.clone_repeat_mlps(0, reps)
+
+    @torch.no_grad()
+    def clone_repeat_mlps(self, old: int, new: int) -> None:
+        """Make the untied MLPs of repeats that become active (old -> new repeats) copies of their block's MLP, so
+        switching the recurrence on changes nothing until they train (#1204's activation copy)."""
+        lo, hi = self.cfg.recur_span
+        for k in range(max(old, 1), new if self.repeat_mlps is not None else 0):
+            for j in range(hi - lo):
+                self.repeat_mlps[(k - 1) * (hi - lo) + j].load_state_dict(self.blocks[lo + j].mlp.state_dict())
+
+    def unexported(self) -> set[str]:
+        """Parameters no forward reads (DISABLE_LAYER0_ATTN keeps #1204's count); the artifact leaves them out."""
+        return {f"blocks.0.attn.{m}.weight" for m in ("c_q", "c_k", "c_v", "proj")} if self.cfg.disable_layer0_attn \
+            else set()
+
+    def embed(self, ids: Tensor) -> Tensor:
+        x = self.tok_emb(ids) if self.bigram is None else self.tok_emb(ids) + self.bigram(ids)
+        x = rms_norm(x)
+        if self.smear_gate is not None:  # (1 - g) x_t + g x_{t-1}, a learned per-dim gate g (position 0: x_{-1} = 0)
+            x = torch.lerp(x, F.pad(x[:, :-1], (0, 0, 1, 0)), torch.sigmoid(self.smear_gate))
+        return x
 
     def forward(self, ids: Tensor, repeats: int, targets: Tensor | None = None) -> Tensor:
         """ids (B, T) -> fp32 logits (B, T, V), or per-token NLL (B, T) when targets are given.
 
         `repeats` (1..NUM_REPEATS) is the current depth; a compiled forward keeps one graph per value.
         """
-        cfg, n_blocks = self.cfg, len(self.blocks)
-        x = x0 = rms_norm(self.tok_emb(ids))  # (B, T, D), fp32 residual stream
+        cfg, lo = self.cfg, self.cfg.recur_span[0]
+        x0 = self.embed(ids)  # (B, T, D), fp32 residual stream
         values = [table(ids) for table in self.value_embeds]  # looked up once, added at every layer
-        rope = rope_tables(ids.size(1), cfg.head_dim, cfg.rope_base, ids.device)
-        first_xsa = xsa_start(n_blocks * repeats, cfg.xsa_last_n)
-        previous = [x] * n_blocks  # placeholders; read only from the second repeat on
-        for r in range(repeats):
-            for j, block in enumerate(self.blocks):
-                layer = r * n_blocks + j
-                x = x + self.loop_embed[layer]
-                for k, value in enumerate(values):
-                    x = x + self.value_scales[layer, k] * value
-                if r > 0:  # stateful recurrence: what block j produced one repeat ago
-                    x = x + self.cross_repeat_scales[j, r - 1] * previous[j]
-                x = block(x, x0, rope, use_xsa=layer >= first_xsa)
-                previous[j] = x
-        return self.head(rms_norm(x), targets)
+        ve = None if self.ve is None else self.ve.scale * self.ve.proj(self.ve.embed(ids))
+        ve_index = {slot: i for i, slot in enumerate(parse_ints(cfg.ve_layers))}
+        rope = rope_tables(ids.size(1), cfg.rope_dims or cfg.head_dim, cfg.rope_base, ids.device)
+        plan = layer_plan(cfg, repeats)
+        first_xsa, first_lane = xsa_start(len(plan), cfg.xsa_last_n), len(plan) - cfg.parallel_last_n
+        encoder = len(plan) // 2  # U-Net: the first half pushes its outputs, the second half pops them
+        lanes, skips, previous = [x0], [], {}
+        for i, (p, slot, k) in enumerate(plan):
+            if i == first_lane:  # both lanes start from the stream
+                lanes = lanes * 2
+            delta = self.loop_embed[slot] if self.loop_embed is not None else 0.0
+            for j, value in enumerate(values):
+                delta = delta + self.value_scales[slot, j] * value
+            if k > 0 and self.cross_repeat_scales is not None:  # stateful recurrence: block p's previous output
+                delta = delta + self.cross_repeat_scales[p - lo, k - 1] * previous[p]
+            lanes = [lane + delta for lane in lanes]
+            if self.skip_weights is not None and i >= encoder and skips:  # decoder i reads the mirrored encoder layer
+                skip = self.skip_weights[i - encoder] * skips.pop()
+                lanes = [lane + skip if self.skip_gates is None else  # gated: (1 - g) skip + g lane
+                         torch.lerp(skip, lane, torch.sigmoid(self.skip_gates[i - encoder])) for lane in lanes]
+            v_extra = self.ve.layer_scales[ve_index[slot]] * ve if slot in ve_index else None
+            lanes = self.layer(lanes, x0, p, slot, k, rope, i >= first_xsa, v_extra)
+            previous[p] = out = lanes[0] if len(lanes) == 1 else (lanes[0] + lanes[1]) / 2
+            if self.skip_weights is not None and i < encoder:
+                skips.append(out)
+        return self.head(rms_norm(out), targets)
+
+    def layer(self, lanes: list[Tensor], x0: Tensor, p: int, slot: int, k: int, rope: tuple[Tensor, Tensor],
+              use_xsa: bool, v_extra: Tensor | None) -> list[Tensor]:
+        """One effective layer on one stream, or on #1204's two lanes: attention reads lane 0, the MLP reads lane 1
+        after attention wrote to it, and each sublayer writes both lanes with learned routing weights."""
+        cfg, block, si = self.cfg, self.blocks[p], slot if self.cfg.untie_scalars else p
+        lo, hi = cfg.recur_span
+        mlp = self.repeat_mlps[(k - 1) * (hi - lo) + p - lo] if k and self.repeat_mlps is not None else block.mlp
+        attn_on, mix = not (p == 0 and cfg.disable_layer0_attn), self.resid_mix[si]
+
+        def norm(x: Tensor) -> Tensor:  # LN_SCALE damps the sublayer inputs of deeper layers
+            return rms_norm(x) * (slot + 1) ** -0.5 if cfg.ln_scale else rms_norm(x)
+
+        def attn(x: Tensor) -> Tensor:
+            return self.attn_scale[si] * block.attn(norm(x), rope, self.q_gain[si], use_xsa, v_extra)
+
+        if len(lanes) == 1:
+            x = mix[0] * lanes[0] + mix[1] * x0
+            x = x + attn(x) if attn_on else x
+            return [x + self.mlp_scale[si] * mlp(norm(x))]
+        (a_to_a, a_to_m), (m_to_a, m_to_m) = self.lane_post[p]
+        r_attn, r_mlp = self.lane_resid[p]
+        l0, l1 = lanes
+        if attn_on:
+            a = attn(mix[0] * l0 + mix[1] * x0)
+            l0, l1 = r_attn * l0 + a_to_a * a, r_attn * l1 + a_to_m * a
+        m = self.mlp_scale[si] * mlp(norm(mix[0] * l1 + mix[1] * x0))
+        return [r_mlp * l0 + m_to_a * m, r_mlp * l1 + m_to_m * m]
 
     def head(self, h: Tensor, targets: Tensor | None) -> Tensor:
         """Tied head and tanh softcap in fp32: bf16 logits near the cap have 0.125-nat resolution."""
@@ -817,10 +1030,12 @@ class ParamRule:
 
 
 PARAM_RULES = (
-    ParamRule(r"tok_emb\.weight|value_embeds\.\d+\.weight", "embed", torch.float32, "q_attn"),
-    ParamRule(r"blocks\.\d+\.attn\.(c_q|c_k|c_v|proj)\.weight", "muon", torch.float32, "q_attn"),
-    ParamRule(r"blocks\.\d+\.mlp\.(fc|proj)\.weight", "muon", torch.float32, "q_mlp"),
-    ParamRule(r"blocks\.\d+\.(attn\.q_gain|attn_scale|mlp_scale|resid_mix)", "scalar", torch.float32, "fp32"),
+    ParamRule(r"(tok_emb|value_embeds\.\d+|bigram\.embed|ve\.embed)\.weight", "embed", torch.float32, "q_attn"),
+    ParamRule(r"blocks\.\d+\.attn\.(c_q|c_k|c_v|proj)\.weight|(bigram|ve)\.proj\.weight", "muon", torch.float32,
+              "q_attn"),
+    ParamRule(r"(blocks\.\d+\.mlp|repeat_mlps\.\d+)\.(fc|proj)\.weight", "muon", torch.float32, "q_mlp"),
+    ParamRule(r"q_gain|attn_scale|mlp_scale|resid_mix|skip_(weights|gates)|smear_gate|lane_(post|resid)|"
+              r"(bigram|ve)\.scale|ve\.layer_scales", "scalar", torch.float32, "fp32"),
     # Recurrence scalars: fp32 in training (the reference trained them in bf16), fp16 in the artifact.
     ParamRule(r"loop_embed|value_scales|cross_repeat_scales", "scalar", torch.float32, "fp16"),
 )
@@ -1159,9 +1374,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 CODECS = {"zstd": (lambda b: zstandard.ZstdCompressor(level=22).compress(b), zstandard.decompress),
           "brotli": (lambda b: brotli.compress(b, quality=11), brotli.decompress)}  # position = id in the file
 MODEL_FIELDS = ("vocab_size", "num_layers", "num_repeats", "model_dim", "num_heads", "num_kv_heads", "mlp_mult",
-                "num_value_embeds", "xsa_last_n", "logit_softcap", "rope_base", "prog_depth")
+                "num_value_embeds", "xsa_last_n", "logit_softcap", "rope_base", "prog_depth", "recur_layers",
+                "loop_embed", "cross_repeat", "untie_scalars", "untie_repeat_mlp", "unet", "parallel_last_n",
+                "bigram_vocab_size", "bigram_dim", "smear_gate", "rope_dims", "ln_scale", "ve_dim", "ve_layers",
+                "disable_layer0_attn", "mlp_negative_slope")
 ARTIFACT_MAGIC = b"PGQZ\r\n\x1a\n"  # PNG-style: the CR/LF/EOF bytes expose text-mode mangling
-ARTIFACT_VERSION = 1
+ARTIFACT_VERSION = 2  # 2: the #1204/#456 architecture knobs joined MODEL_FIELDS
 ARTIFACT_HEAD = struct.Struct("<8sBBQ")  # magic, format version, codec id, compressed body bytes; sha256 at the end
 BUDGET_BYTES = 16_000_000  # the challenge's decimal cap on code bytes + compressed model bytes
 
@@ -1269,7 +1487,8 @@ def quantize_model(cfg: Config, model: nn.Module, hessians: Mapping[str, Tensor]
     """Every parameter as its table row says, in STORES order, and how many GPTQ tensors fell back to rounding.
     GPTQ runs where there is a Hessian (nn.Linear weights under QUANT_METHOD=gptq); embeddings are rounded."""
     params, stored, fallbacks = dict(model.named_parameters()), [], 0
-    for row in sorted(param_table(model), key=lambda r: STORES.index(r.rule.store)):
+    rows = [row for row in param_table(model) if row.name not in model.unexported()]
+    for row in sorted(rows, key=lambda r: STORES.index(r.rule.store)):
         p, store, levels = params[row.name].detach(), row.rule.store, store_levels(cfg, row.rule.store)
         meta = (row.name, row.shape, str(p.dtype).removeprefix("torch."), store, levels)
         if not levels:
@@ -1362,7 +1581,7 @@ def estimate_model_bytes(cfg: Config, model: nn.Module) -> int:
     """DRY_RUN's guess: floats verbatim, fp16 row scales, and per code the entropy of a Gaussian row of C weights on
     a grid of step (expected max sigma sqrt(2 ln C)) / L: log2(L sqrt(pi e / ln C)) bits, capped at log2(2L+1)."""
     total = 0.0
-    for row in param_table(model):
+    for row in (r for r in param_table(model) if r.name not in model.unexported()):
         numel, levels = math.prod(row.shape), store_levels(cfg, row.rule.store)
         if levels:
             bits = math.log2(levels * math.sqrt(math.pi * math.e / math.log(max(numel // row.shape[0], 2))))
@@ -1565,6 +1784,7 @@ class Trainer:
         progress = run_progress(cfg, state.step, state.train_ms)
         repeats = repeats_at(cfg, progress)
         if repeats != state.repeats:
+            self.model.clone_repeat_mlps(state.repeats, repeats)
             state.repeats = repeats
             rt.log(f"prog_depth:switch repeats:{repeats} step:{state.step} frac:{progress:.3f}")
         scale = lr_scale(cfg, state.step, state.train_ms)
@@ -1735,6 +1955,7 @@ def roundtrip_eval(cfg: Config, rt: Runtime, state: dict, val_tokens: Tensor,
     """Evaluate a fresh model whose every parameter, dtype included, comes from the artifact; returns its forward
     (for the final evals) and val_bpb."""
     model = meta_model(cfg)
+    state = {**{name: torch.zeros(model.get_parameter(name).shape) for name in model.unexported()}, **state}
     model.load_state_dict({k: v.to(rt.device) for k, v in state.items()}, strict=True, assign=True)
     model_fn = rt.compile(model)
     return model_fn, final_block_eval(cfg, rt, "final_roundtrip", model_fn, val_tokens, tables)

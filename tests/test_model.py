@@ -92,8 +92,8 @@ def test_spec_shapes_of_the_default_model():
     assert shapes["blocks.2.attn.c_k.weight"] == (440, 880)
     assert shapes["blocks.0.mlp.fc.weight"] == (2640, 880)
     assert shapes["blocks.0.mlp.proj.weight"] == (880, 2640)
-    assert shapes["blocks.1.attn.q_gain"] == (8,)
-    assert shapes["blocks.1.resid_mix"] == (2, 880)
+    assert shapes["q_gain"] == (3, 8)  # per block, shared by its repeats (UNTIE_SCALARS=0)
+    assert shapes["resid_mix"] == (3, 2, 880)
 
 
 # --- forward / backward ---
@@ -189,7 +189,7 @@ def test_forward_applies_xsa_only_on_the_last_layers(tiny_cfg, monkeypatch, repe
     model = make_model(tiny_cfg, xsa_last_n=xsa_last_n)
     flags, xsa_calls = [], []
     for block in model.blocks:
-        block.attn.register_forward_pre_hook(lambda mod, args: flags.append(bool(args[2])))
+        block.attn.register_forward_pre_hook(lambda mod, args: flags.append(bool(args[3])))
     real = train_gpt.remove_self_value
 
     def counting(y, v):

@@ -54,7 +54,7 @@ def test_param_table_covers_every_parameter_once(tiny_cfg, overrides):
 
 def test_param_table_on_the_default_model():
     rows = param_table(meta_model(Config()))
-    assert len(rows) == 1 + 2 + 3 + 3 * 10  # tok_emb, 2 value tables, 3 recurrence tensors, 10 per block
+    assert len(rows) == 1 + 2 + 3 + 4 + 3 * 6  # tok_emb, 2 value tables, 3 recurrence tensors, 4 scalars, 6 per block
 
 
 @pytest.mark.parametrize("overrides", CONFIGS)
@@ -65,9 +65,8 @@ def test_groups(tiny_cfg, overrides):
     assert by_group["muon"] == {f"blocks.{i}.{m}.weight" for i in range(cfg.num_layers) for m in BLOCK_MATRICES}
     assert by_group["embed"] == {"tok_emb.weight"} | {f"value_embeds.{k}.weight"
                                                        for k in range(cfg.num_value_embeds)}
-    scalars = {"loop_embed", "value_scales", "cross_repeat_scales"} | {
-        f"blocks.{i}.{s}" for i in range(cfg.num_layers) for s in ("attn.q_gain", "attn_scale", "mlp_scale",
-                                                                   "resid_mix")}
+    scalars = {"loop_embed", "q_gain", "attn_scale", "mlp_scale", "resid_mix"} | (
+        {"value_scales"} if cfg.num_value_embeds else set()) | ({"cross_repeat_scales"} if cfg.num_repeats > 1 else set())
     assert by_group["scalar"] == scalars
     assert sum(map(len, by_group.values())) == len(rows)
 
@@ -79,7 +78,7 @@ def test_dtypes_and_storage_policy():
     assert store["tok_emb.weight"] == store["value_embeds.0.weight"] == "q_attn"
     assert store["blocks.0.attn.c_q.weight"] == store["blocks.2.attn.proj.weight"] == "q_attn"
     assert store["blocks.1.mlp.fc.weight"] == store["blocks.1.mlp.proj.weight"] == "q_mlp"
-    assert store["blocks.0.attn.q_gain"] == store["blocks.0.resid_mix"] == "fp32"
+    assert store["q_gain"] == store["resid_mix"] == "fp32"
     assert store["loop_embed"] == store["value_scales"] == store["cross_repeat_scales"] == "fp16"
 
 

@@ -247,7 +247,7 @@ def test_wrong_magic_torch_save_and_pickle_files_are_refused(artifact, tmp_path)
 def test_other_versions_are_refused(artifact):
     blob = bytearray(artifact[3])
     blob[8] = train_gpt.ARTIFACT_VERSION + 1
-    assert "format version 2" in one_line_error(bytes(blob))
+    assert f"format version {train_gpt.ARTIFACT_VERSION + 1}" in one_line_error(bytes(blob))
 
 
 def test_a_crafted_file_with_a_valid_checksum_is_still_refused_cleanly(artifact):
@@ -256,7 +256,7 @@ def test_a_crafted_file_with_a_valid_checksum_is_still_refused_cleanly(artifact)
     blob = artifact[3]
     head = train_gpt.ARTIFACT_HEAD
     for body in (b"not compressed", train_gpt.CODECS["zstd"][0](b"\x05\x00\x00\x00{}")):
-        crafted = head.pack(train_gpt.ARTIFACT_MAGIC, 1, 0, len(body)) + body
+        crafted = head.pack(train_gpt.ARTIFACT_MAGIC, train_gpt.ARTIFACT_VERSION, 0, len(body)) + body
         assert "malformed artifact" in one_line_error(crafted + hashlib.sha256(crafted).digest())
     assert blob  # the fixture's file itself is fine
 
