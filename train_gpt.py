@@ -132,6 +132,7 @@ class Config:
     swa_enabled: bool = True
     swa_start_frac: float = 0.6  # reference name; it is an LR-scale threshold, not a fraction of the run
     swa_every: int = 30
+    ema_decay: float = 0.0  # 0: off; >0: export an EMA of the weights instead of SWA (#1204: 0.997)
     # quantization and artifact (levels L give 2L+1 codes: 63 -> "int7", 16 -> "int5")
     quant_levels: int = 63
     mlp_quant_levels: int = 16
@@ -245,7 +246,7 @@ def _config_problems(c: Config) -> Iterator[str]:
                  "checkpoint_every_seconds", "mixer_eta", "hedge_eta", "gptq_reserve_seconds"):
         if not 0 <= getattr(c, name) < math.inf:
             yield f"{name.upper()} must be a finite number >= 0, got {getattr(c, name)}"
-    for name in ("beta1", "beta2", "muon_momentum", "muon_momentum_warmup_start"):
+    for name in ("beta1", "beta2", "muon_momentum", "muon_momentum_warmup_start", "ema_decay"):
         if not 0 <= getattr(c, name) < 1:
             yield f"{name.upper()} must be in [0, 1), got {getattr(c, name)}"
     non_negative = ("grad_accum_steps", "lr_warmup_steps", "warmdown_iters", "val_loss_every", "val_max_tokens",
@@ -275,6 +276,8 @@ def _config_problems(c: Config) -> Iterator[str]:
         yield f"TOKENIZER_PATH must be a SentencePiece .model file, got {c.tokenizer_path!r}"
     if not 0 < c.swa_start_frac <= 1:
         yield f"SWA_START_FRAC must be in (0, 1], got {c.swa_start_frac}"
+    if c.ema_decay > 0 and c.swa_enabled:
+        yield f"EMA_DECAY={c.ema_decay} replaces SWA as the exported average; set SWA_ENABLED=0"
     for name in ("quant_levels", "mlp_quant_levels"):
         if not 1 <= getattr(c, name) <= 127:
             yield f"{name.upper()} must be in 1..127 (int8 codes), got {getattr(c, name)}"
@@ -1384,6 +1387,7 @@ class TrainState:
     repeats: int = 0
     swa_sum: dict[str, Tensor] | None = None
     swa_count: int = 0
+    ema: dict[str, Tensor] | None = None  # EMA_DECAY's fp32 average, on the training device
     history: list[dict] = field(default_factory=list)
     checkpoint_ms: float = 0.0  # train_ms at the last checkpoint
     interrupted: bool = False  # stopped by SIGTERM/SIGINT after writing a checkpoint
@@ -1535,7 +1539,7 @@ class Trainer:
         state.checkpoint_ms, path = state.train_ms, self.checkpoint_path()
         if self.rt.is_main:
             payload = dict(config=resume_key(self.cfg), model=self.model.state_dict(), swa_sum=state.swa_sum,
-                           optimizers={k: opt.state_dict() for k, opt in self.optimizers.items()},
+                           ema=state.ema, optimizers={k: opt.state_dict() for k, opt in self.optimizers.items()},
                            stream=list(self.batches.stream.position()), rng=torch.get_rng_state(),
                            state=json.dumps({k: getattr(state, k) for k in RESUMED_STATE}))
             torch.save(payload, path.with_name(path.name + ".tmp"))
@@ -1557,10 +1561,10 @@ class Trainer:
         self.batches.stream.seek(*payload["stream"])
         torch.set_rng_state(payload["rng"].cpu())
         self.rt.log(f"checkpoint:resumed path:{path}")
-        return TrainState(swa_sum=payload["swa_sum"], **json.loads(payload["state"]))
+        return TrainState(swa_sum=payload["swa_sum"], ema=payload["ema"], **json.loads(payload["state"]))
 
     def advance(self, state: TrainState, accum: int) -> None:
-        """One optimizer step plus its bookkeeping (depth switch, SWA, train log)."""
+        """One optimizer step plus its bookkeeping (depth switch, EMA, SWA, train log)."""
         cfg, rt = self.cfg, self.rt
         progress = run_progress(cfg, state.step, state.train_ms)
         repeats = repeats_at(cfg, progress)
@@ -1570,6 +1574,8 @@ class Trainer:
         scale = lr_scale(cfg, state.step, state.train_ms)
         loss = self.train_step(state, scale, accum)
         state.step += 1
+        if cfg.ema_decay:
+            ema_update(state, self.model, cfg.ema_decay)
         if swa_due(cfg, state.step, state.repeats, warmdown_scale(cfg, state.step - 1, state.train_ms)):
             if state.swa_sum is None:
                 rt.log(f"swa:start step:{state.step}")
@@ -1618,6 +1624,28 @@ def swa_apply(state: TrainState, model: nn.Module) -> int:
     for n, p in model.named_parameters():
         p.copy_((state.swa_sum[n] / state.swa_count).to(p.dtype))
     return state.swa_count
+
+
+@torch.no_grad()
+def ema_update(state: TrainState, model: nn.Module, decay: float) -> None:
+    """ema = decay ema + (1 - decay) w in fp32 after every step, from the weights after step 1 (#1204 starts one
+    step earlier, from the init weights; the state then needs no set-up before the loop or on resume)."""
+    if state.ema is None:
+        state.ema = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+    else:
+        for n, p in model.named_parameters():
+            state.ema[n].mul_(decay).add_(p.detach().float(), alpha=1 - decay)
+
+
+@torch.no_grad()
+def apply_weight_average(cfg: Config, state: TrainState, model: nn.Module) -> str:
+    """Load the exported average (the EMA cast to each parameter's dtype, else SWA) into the model; its log line."""
+    if not cfg.ema_decay:
+        return f"swa:apply checkpoints:{swa_apply(state, model)}"
+    for n, p in model.named_parameters():
+        if state.ema is not None:  # None only when no step was taken
+            p.copy_(state.ema[n].to(p.dtype))
+    return f"ema:apply decay:{cfg.ema_decay:g}"
 
 
 # === 13. MAIN ===
@@ -1692,7 +1720,7 @@ def train_and_export(cfg: Config, rt: Runtime, tables: ByteTables, val_tokens: T
     if state.interrupted:
         rt.shutdown(0)
     rt.log(rt.peak_memory_line())
-    rt.log(f"swa:apply checkpoints:{swa_apply(state, model)}")
+    rt.log(apply_weight_average(cfg, state, model))
     rt.log(f"weights_sha256:{weights_sha256(model)}")
     hessians = {}
     if cfg.quant_method == "gptq":  # NOTE: GPTQ_CALIB=train reads training data: inside the reserve, checked here

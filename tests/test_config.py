@@ -292,3 +292,19 @@ def test_local_batch_tokens_rejects_partial_rows(env, world):
     cfg = Config.from_env(env)
     with pytest.raises(ConfigError, match="TRAIN_BATCH_TOKENS"):
         train_gpt.local_batch_tokens(cfg, world)
+
+
+
+# --- weight averaging ---
+
+
+def test_ema_knob_defaults_off_and_is_validated():
+    assert Config().ema_decay == 0.0
+    assert Config.from_env({"EMA_DECAY": "0.997", "SWA_ENABLED": "0"}).ema_decay == 0.997
+    for env, message in [
+        ({"EMA_DECAY": "0.997"}, "EMA_DECAY=0.997 replaces SWA as the exported average; set SWA_ENABLED=0"),
+        ({"EMA_DECAY": "1", "SWA_ENABLED": "0"}, "EMA_DECAY must be in [0, 1), got 1.0"),
+        ({"EMA_DECAY": "-0.5", "SWA_ENABLED": "0"}, "EMA_DECAY must be in [0, 1), got -0.5"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            Config.from_env(env)
