@@ -136,6 +136,7 @@ class Config:
     # quantization and artifact (levels L give 2L+1 codes: 63 -> "int7", 16 -> "int5")
     quant_levels: int = 63
     mlp_quant_levels: int = 16
+    quant_high_tensors: int = 0  # 0: levels by the table; N: see tensor_levels (#1204's N_INT6_LAYERS)
     quant_method: str = "gptq"  # gptq | clip | ref (the reference's percentile grid, kept for comparison)
     gptq_calib: str = "train"  # train (read inside the training budget) | selfgen (text the model samples, #1204)
     gptq_calib_batches: int = 16  # per rank; one batch has the shape of a training micro-batch
@@ -250,7 +251,8 @@ def _config_problems(c: Config) -> Iterator[str]:
         if not 0 <= getattr(c, name) < 1:
             yield f"{name.upper()} must be in [0, 1), got {getattr(c, name)}"
     non_negative = ("grad_accum_steps", "lr_warmup_steps", "warmdown_iters", "val_loss_every", "val_max_tokens",
-                    "xsa_last_n", "num_value_embeds", "muon_momentum_warmup_steps", "train_log_every")
+                    "xsa_last_n", "num_value_embeds", "muon_momentum_warmup_steps", "train_log_every",
+                    "quant_high_tensors")
     for name in non_negative:
         if getattr(c, name) < 0:
             yield f"{name.upper()} must be >= 0, got {getattr(c, name)}"
@@ -278,6 +280,8 @@ def _config_problems(c: Config) -> Iterator[str]:
         yield f"SWA_START_FRAC must be in (0, 1], got {c.swa_start_frac}"
     if c.ema_decay > 0 and c.swa_enabled:
         yield f"EMA_DECAY={c.ema_decay} replaces SWA as the exported average; set SWA_ENABLED=0"
+    if c.quant_high_tensors and c.quant_method != "gptq":
+        yield f"QUANT_HIGH_TENSORS={c.quant_high_tensors} ranks tensors by GPTQ Hessians; it needs QUANT_METHOD=gptq"
     for name in ("quant_levels", "mlp_quant_levels"):
         if not 1 <= getattr(c, name) <= 127:
             yield f"{name.upper()} must be in 1..127 (int8 codes), got {getattr(c, name)}"
@@ -1268,12 +1272,33 @@ def collect_hessians(rt: Runtime, model: GPT, inputs: list[Tensor]) -> dict[str,
 
 
 @torch.no_grad()
-def quantize_model(cfg: Config, model: nn.Module, hessians: Mapping[str, Tensor]) -> tuple[list[StoredTensor], int]:
-    """Every parameter as its table row says, in STORES order, and how many GPTQ tensors fell back to rounding.
+def tensor_levels(cfg: Config, model: nn.Module, hessians: Mapping[str, Tensor],
+                  forced: frozenset[str] = frozenset()) -> dict[str, int]:
+    """Each parameter's store levels; with QUANT_HIGH_TENSORS=N the matrices with a Hessian get MLP_QUANT_LEVELS but
+    N get QUANT_LEVELS: `forced` ones first, then the most sensitive (ties by name). Sensitivity: the expected
+    output error sum |dW x|^2 of rounding at the low levels, trace(H) sum_r (row max / L)^2 / 12, which unlike
+    #1204's trace(H) is comparable across input spaces and tells apart Q/K/V (one shared H)."""
+    params = dict(model.named_parameters())
+    levels = {row.name: store_levels(cfg, row.rule.store) for row in param_table(model)}
+    if not cfg.quant_high_tensors:
+        return levels
+    low = cfg.mlp_quant_levels
+    error = {n: float(h.diagonal().sum() * (params[n].detach().float().abs().amax(1) / low).square().sum() / 12)
+             for n, h in hessians.items() if levels.get(n)}
+    for rank, name in enumerate(sorted(error, key=lambda n: (n not in forced, -error[n], n))):
+        levels[name] = cfg.quant_levels if rank < cfg.quant_high_tensors else low
+    return levels
+
+
+@torch.no_grad()
+def quantize_model(cfg: Config, model: nn.Module, hessians: Mapping[str, Tensor],
+                   forced: frozenset[str] = frozenset()) -> tuple[list[StoredTensor], int]:
+    """Every parameter as tensor_levels says, in STORES order, and how many GPTQ tensors fell back to rounding.
     GPTQ runs where there is a Hessian (nn.Linear weights under QUANT_METHOD=gptq); embeddings are rounded."""
     params, stored, fallbacks = dict(model.named_parameters()), [], 0
+    levels_of = tensor_levels(cfg, model, hessians, forced)
     for row in sorted(param_table(model), key=lambda r: STORES.index(r.rule.store)):
-        p, store, levels = params[row.name].detach(), row.rule.store, store_levels(cfg, row.rule.store)
+        p, store, levels = params[row.name].detach(), row.rule.store, levels_of[row.name]
         meta = (row.name, row.shape, str(p.dtype).removeprefix("torch."), store, levels)
         if not levels:
             stored.append(StoredTensor(*meta, p.float().cpu().numpy().astype(FLOAT_STORES[store]).ravel()))
@@ -1591,9 +1616,9 @@ RESUMED_STATE = ("step", "train_ms", "repeats", "swa_count", "history", "checkpo
 
 
 def resume_key(cfg: Config) -> str:
-    """The configuration a checkpoint must match: everything but the knobs that only name or steer the run."""
+    """The configuration a checkpoint must match: all but the knobs that name or steer the run or act after training."""
     skip = ("run_id", "resume", "checkpoint_every_seconds", "record", "eval_seq_len", "eval_stride", "eval_batch_seqs",
-            "mixer", "mixer_eta", "hedge_eta", "quant_method", "compressor", "eval_only")  # used only after training
+            "mixer", "mixer_eta", "hedge_eta", "quant_method", "quant_high_tensors", "compressor", "eval_only")
     return json.dumps({k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}, sort_keys=True)
 
 
@@ -1738,6 +1763,9 @@ def train_and_export(cfg: Config, rt: Runtime, tables: ByteTables, val_tokens: T
     if rt.is_main:
         start = time.perf_counter()
         stored, fallbacks = quantize_model(cfg, model, hessians)
+        if cfg.quant_high_tensors:
+            high = sum(t.levels == cfg.quant_levels for t in stored if t.name in hessians)
+            rt.log(f"quant_levels high:{high} low:{len(hessians) - high} by:hessian_rounding_error")
         blob, sizes = pack_artifact(cfg, stored)
         path.write_bytes(blob)
         rt.log(f"artifact path:{path} method:{cfg.quant_method} gptq_fallbacks:{fallbacks} codec:"
