@@ -148,9 +148,11 @@ class Config:
     swa_enabled: bool = True
     swa_start_frac: float = 0.6  # reference name; it is an LR-scale threshold, not a fraction of the run
     swa_every: int = 30
+    ema_decay: float = 0.0  # 0: off; >0: export an EMA of the weights instead of SWA (#1204: 0.997)
     # quantization and artifact (levels L give 2L+1 codes: 63 -> "int7", 16 -> "int5")
     quant_levels: int = 63
     mlp_quant_levels: int = 16
+    quant_high_tensors: int = 0  # 0: levels by the table; N: see tensor_levels (#1204's N_INT6_LAYERS)
     quant_method: str = "gptq"  # gptq | clip | ref (the reference's percentile grid, kept for comparison)
     gptq_calib: str = "train"  # train (read inside the training budget) | selfgen (text the model samples, #1204)
     gptq_calib_batches: int = 16  # per rank; one batch has the shape of a training micro-batch
@@ -246,8 +248,8 @@ PRESETS: dict[str, dict[str, object]] = {
         ln_scale=True, ve_dim=128, ve_layers="9,10", disable_layer0_attn=True, xsa_last_n=11,
         train_seq_len=2048, train_batch_tokens=786432, eval_seq_len=2048, eval_stride=64, warmdown_iters=3500,
         tied_embed_lr=0.035, matrix_lr=0.03, scalar_lr=0.025, muon_momentum=0.99, muon_momentum_warmup_start=0.92,
-        muon_momentum_warmup_steps=1500, swa_enabled=False, quant_levels=31, mlp_quant_levels=15,
-        gptq_calib="selfgen", mixer="off", val_loss_every=4000, train_log_every=500,
+        muon_momentum_warmup_steps=1500, swa_enabled=False, ema_decay=0.997, quant_levels=31, mlp_quant_levels=15,
+        quant_high_tensors=32, gptq_calib="selfgen", mixer="off", val_loss_every=4000, train_log_every=500,
     ),
     # #456: 10 unique layers, additive U-Net, bigram 10240x128, smear, relu^2, XSA on 3, 5200 steps by iteration,
     # SWA, int6 attention / int5 MLP (plain clip search: it had no GPTQ), score-first TTT. Not ported: Adam weight
@@ -320,12 +322,12 @@ def _config_problems(c: Config) -> Iterator[str]:
                  "checkpoint_every_seconds", "mixer_eta", "hedge_eta", "gptq_reserve_seconds", "mlp_negative_slope"):
         if not 0 <= getattr(c, name) < math.inf:
             yield f"{name.upper()} must be a finite number >= 0, got {getattr(c, name)}"
-    for name in ("beta1", "beta2", "muon_momentum", "muon_momentum_warmup_start"):
+    for name in ("beta1", "beta2", "muon_momentum", "muon_momentum_warmup_start", "ema_decay"):
         if not 0 <= getattr(c, name) < 1:
             yield f"{name.upper()} must be in [0, 1), got {getattr(c, name)}"
     non_negative = ("grad_accum_steps", "lr_warmup_steps", "warmdown_iters", "val_loss_every", "val_max_tokens",
                     "xsa_last_n", "num_value_embeds", "muon_momentum_warmup_steps", "train_log_every",
-                    "parallel_last_n", "bigram_vocab_size", "ve_dim", "rope_dims")
+                    "parallel_last_n", "bigram_vocab_size", "ve_dim", "rope_dims", "quant_high_tensors")
     for name in non_negative:
         if getattr(c, name) < 0:
             yield f"{name.upper()} must be >= 0, got {getattr(c, name)}"
@@ -351,6 +353,10 @@ def _config_problems(c: Config) -> Iterator[str]:
         yield f"TOKENIZER_PATH must be a SentencePiece .model file, got {c.tokenizer_path!r}"
     if not 0 < c.swa_start_frac <= 1:
         yield f"SWA_START_FRAC must be in (0, 1], got {c.swa_start_frac}"
+    if c.ema_decay > 0 and c.swa_enabled:
+        yield f"EMA_DECAY={c.ema_decay} replaces SWA as the exported average; set SWA_ENABLED=0"
+    if c.quant_high_tensors and c.quant_method != "gptq":
+        yield f"QUANT_HIGH_TENSORS={c.quant_high_tensors} ranks tensors by GPTQ Hessians; it needs QUANT_METHOD=gptq"
     for name in ("quant_levels", "mlp_quant_levels"):
         if not 1 <= getattr(c, name) <= 127:
             yield f"{name.upper()} must be in 1..127 (int8 codes), got {getattr(c, name)}"
@@ -934,6 +940,13 @@ class GPT(nn.Module):
         return {f"blocks.0.attn.{m}.weight" for m in ("c_q", "c_k", "c_v", "proj")} if self.cfg.disable_layer0_attn \
             else set()
 
+    def recurrent_matrices(self) -> frozenset[str]:
+        """With RECUR_LAYERS, the weights applied more than once; QUANT_HIGH_TENSORS gives them QUANT_LEVELS first,
+        as #1204 did (an error there is made at every application)."""
+        lo, hi = self.cfg.recur_span
+        prefixes = ("repeat_mlps.", *(f"blocks.{p}." for p in range(lo, hi))) if self.cfg.recur_layers else ()
+        return frozenset(n for n, _ in self.named_parameters() if n.startswith(prefixes) and n.endswith(".weight"))
+
     def embed(self, ids: Tensor) -> Tensor:
         x = self.tok_emb(ids) if self.bigram is None else self.tok_emb(ids) + self.bigram(ids)
         x = rms_norm(x)
@@ -1483,13 +1496,34 @@ def collect_hessians(rt: Runtime, model: GPT, inputs: list[Tensor]) -> dict[str,
 
 
 @torch.no_grad()
-def quantize_model(cfg: Config, model: nn.Module, hessians: Mapping[str, Tensor]) -> tuple[list[StoredTensor], int]:
-    """Every parameter as its table row says, in STORES order, and how many GPTQ tensors fell back to rounding.
+def tensor_levels(cfg: Config, model: nn.Module, hessians: Mapping[str, Tensor],
+                  forced: frozenset[str] = frozenset()) -> dict[str, int]:
+    """Each parameter's store levels; with QUANT_HIGH_TENSORS=N the matrices with a Hessian get MLP_QUANT_LEVELS but
+    N get QUANT_LEVELS: `forced` ones first, then the most sensitive (ties by name). Sensitivity: the expected
+    output error sum |dW x|^2 of rounding at the low levels, trace(H) sum_r (row max / L)^2 / 12, which unlike
+    #1204's trace(H) is comparable across input spaces and tells apart Q/K/V (one shared H)."""
+    params = dict(model.named_parameters())
+    levels = {row.name: store_levels(cfg, row.rule.store) for row in param_table(model)}
+    if not cfg.quant_high_tensors:
+        return levels
+    low = cfg.mlp_quant_levels
+    error = {n: float(h.diagonal().sum() * (params[n].detach().float().abs().amax(1) / low).square().sum() / 12)
+             for n, h in hessians.items() if levels.get(n)}
+    for rank, name in enumerate(sorted(error, key=lambda n: (n not in forced, -error[n], n))):
+        levels[name] = cfg.quant_levels if rank < cfg.quant_high_tensors else low
+    return levels
+
+
+@torch.no_grad()
+def quantize_model(cfg: Config, model: nn.Module, hessians: Mapping[str, Tensor],
+                   forced: frozenset[str] = frozenset()) -> tuple[list[StoredTensor], int]:
+    """Every parameter as tensor_levels says, in STORES order, and how many GPTQ tensors fell back to rounding.
     GPTQ runs where there is a Hessian (nn.Linear weights under QUANT_METHOD=gptq); embeddings are rounded."""
     params, stored, fallbacks = dict(model.named_parameters()), [], 0
+    levels_of = tensor_levels(cfg, model, hessians, forced)
     rows = [row for row in param_table(model) if row.name not in model.unexported()]
     for row in sorted(rows, key=lambda r: STORES.index(r.rule.store)):
-        p, store, levels = params[row.name].detach(), row.rule.store, store_levels(cfg, row.rule.store)
+        p, store, levels = params[row.name].detach(), row.rule.store, levels_of[row.name]
         meta = (row.name, row.shape, str(p.dtype).removeprefix("torch."), store, levels)
         if not levels:
             stored.append(StoredTensor(*meta, p.float().cpu().numpy().astype(FLOAT_STORES[store]).ravel()))
@@ -1603,6 +1637,7 @@ class TrainState:
     repeats: int = 0
     swa_sum: dict[str, Tensor] | None = None
     swa_count: int = 0
+    ema: dict[str, Tensor] | None = None  # EMA_DECAY's fp32 average, on the training device
     history: list[dict] = field(default_factory=list)
     checkpoint_ms: float = 0.0  # train_ms at the last checkpoint
     interrupted: bool = False  # stopped by SIGTERM/SIGINT after writing a checkpoint
@@ -1754,7 +1789,7 @@ class Trainer:
         state.checkpoint_ms, path = state.train_ms, self.checkpoint_path()
         if self.rt.is_main:
             payload = dict(config=resume_key(self.cfg), model=self.model.state_dict(), swa_sum=state.swa_sum,
-                           optimizers={k: opt.state_dict() for k, opt in self.optimizers.items()},
+                           ema=state.ema, optimizers={k: opt.state_dict() for k, opt in self.optimizers.items()},
                            stream=list(self.batches.stream.position()), rng=torch.get_rng_state(),
                            state=json.dumps({k: getattr(state, k) for k in RESUMED_STATE}))
             torch.save(payload, path.with_name(path.name + ".tmp"))
@@ -1776,10 +1811,10 @@ class Trainer:
         self.batches.stream.seek(*payload["stream"])
         torch.set_rng_state(payload["rng"].cpu())
         self.rt.log(f"checkpoint:resumed path:{path}")
-        return TrainState(swa_sum=payload["swa_sum"], **json.loads(payload["state"]))
+        return TrainState(swa_sum=payload["swa_sum"], ema=payload["ema"], **json.loads(payload["state"]))
 
     def advance(self, state: TrainState, accum: int) -> None:
-        """One optimizer step plus its bookkeeping (depth switch, SWA, train log)."""
+        """One optimizer step plus its bookkeeping (depth switch, EMA, SWA, train log)."""
         cfg, rt = self.cfg, self.rt
         progress = run_progress(cfg, state.step, state.train_ms)
         repeats = repeats_at(cfg, progress)
@@ -1790,6 +1825,8 @@ class Trainer:
         scale = lr_scale(cfg, state.step, state.train_ms)
         loss = self.train_step(state, scale, accum)
         state.step += 1
+        if cfg.ema_decay:
+            ema_update(state, self.model, cfg.ema_decay)
         if swa_due(cfg, state.step, state.repeats, warmdown_scale(cfg, state.step - 1, state.train_ms)):
             if state.swa_sum is None:
                 rt.log(f"swa:start step:{state.step}")
@@ -1805,9 +1842,9 @@ RESUMED_STATE = ("step", "train_ms", "repeats", "swa_count", "history", "checkpo
 
 
 def resume_key(cfg: Config) -> str:
-    """The configuration a checkpoint must match: everything but the knobs that only name or steer the run."""
+    """The configuration a checkpoint must match: all but the knobs that name or steer the run or act after training."""
     skip = ("run_id", "resume", "checkpoint_every_seconds", "record", "eval_seq_len", "eval_stride", "eval_batch_seqs",
-            "mixer", "mixer_eta", "hedge_eta", "quant_method", "compressor", "eval_only")  # used only after training
+            "mixer", "mixer_eta", "hedge_eta", "quant_method", "quant_high_tensors", "compressor", "eval_only")
     return json.dumps({k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}, sort_keys=True)
 
 
@@ -1838,6 +1875,28 @@ def swa_apply(state: TrainState, model: nn.Module) -> int:
     for n, p in model.named_parameters():
         p.copy_((state.swa_sum[n] / state.swa_count).to(p.dtype))
     return state.swa_count
+
+
+@torch.no_grad()
+def ema_update(state: TrainState, model: nn.Module, decay: float) -> None:
+    """ema = decay ema + (1 - decay) w in fp32 after every step, from the weights after step 1 (#1204 starts one
+    step earlier, from the init weights; the state then needs no set-up before the loop or on resume)."""
+    if state.ema is None:
+        state.ema = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+    else:
+        for n, p in model.named_parameters():
+            state.ema[n].mul_(decay).add_(p.detach().float(), alpha=1 - decay)
+
+
+@torch.no_grad()
+def apply_weight_average(cfg: Config, state: TrainState, model: nn.Module) -> str:
+    """Load the exported average (the EMA cast to each parameter's dtype, else SWA) into the model; its log line."""
+    if not cfg.ema_decay:
+        return f"swa:apply checkpoints:{swa_apply(state, model)}"
+    for n, p in model.named_parameters():
+        if state.ema is not None:  # None only when no step was taken
+            p.copy_(state.ema[n].to(p.dtype))
+    return f"ema:apply decay:{cfg.ema_decay:g}"
 
 
 # === 13. MAIN ===
@@ -1912,7 +1971,7 @@ def train_and_export(cfg: Config, rt: Runtime, tables: ByteTables, val_tokens: T
     if state.interrupted:
         rt.shutdown(0)
     rt.log(rt.peak_memory_line())
-    rt.log(f"swa:apply checkpoints:{swa_apply(state, model)}")
+    rt.log(apply_weight_average(cfg, state, model))
     rt.log(f"weights_sha256:{weights_sha256(model)}")
     hessians = {}
     if cfg.quant_method == "gptq":  # NOTE: GPTQ_CALIB=train reads training data: inside the reserve, checked here
@@ -1929,7 +1988,10 @@ def train_and_export(cfg: Config, rt: Runtime, tables: ByteTables, val_tokens: T
     path = rt.log_path.with_suffix(".ptz")
     if rt.is_main:
         start = time.perf_counter()
-        stored, fallbacks = quantize_model(cfg, model, hessians)
+        stored, fallbacks = quantize_model(cfg, model, hessians, model.recurrent_matrices())
+        if cfg.quant_high_tensors:
+            high = sum(t.levels == cfg.quant_levels for t in stored if t.name in hessians)
+            rt.log(f"quant_levels high:{high} low:{len(hessians) - high} by:hessian_rounding_error")
         blob, sizes = pack_artifact(cfg, stored)
         path.write_bytes(blob)
         rt.log(f"artifact path:{path} method:{cfg.quant_method} gptq_fallbacks:{fallbacks} codec:"

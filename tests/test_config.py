@@ -292,3 +292,23 @@ def test_local_batch_tokens_rejects_partial_rows(env, world):
     cfg = Config.from_env(env)
     with pytest.raises(ConfigError, match="TRAIN_BATCH_TOKENS"):
         train_gpt.local_batch_tokens(cfg, world)
+
+
+
+# --- weight averaging and bit allocation ---
+
+
+def test_ema_and_high_tensor_knobs_default_off_and_are_validated():
+    cfg = Config()
+    assert cfg.ema_decay == 0.0 and cfg.quant_high_tensors == 0
+    assert Config.from_env({"EMA_DECAY": "0.997", "SWA_ENABLED": "0"}).ema_decay == 0.997
+    assert Config.from_env({"QUANT_HIGH_TENSORS": "8"}).quant_high_tensors == 8
+    for env, message in [
+        ({"EMA_DECAY": "0.997"}, "EMA_DECAY=0.997 replaces SWA as the exported average; set SWA_ENABLED=0"),
+        ({"EMA_DECAY": "1", "SWA_ENABLED": "0"}, "EMA_DECAY must be in [0, 1), got 1.0"),
+        ({"EMA_DECAY": "-0.5", "SWA_ENABLED": "0"}, "EMA_DECAY must be in [0, 1), got -0.5"),
+        ({"QUANT_HIGH_TENSORS": "-1"}, "QUANT_HIGH_TENSORS must be >= 0, got -1"),
+        ({"QUANT_HIGH_TENSORS": "4", "QUANT_METHOD": "clip"}, "QUANT_HIGH_TENSORS=4 ranks tensors by GPTQ Hessians"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            Config.from_env(env)

@@ -321,3 +321,48 @@ def test_swa_does_not_collect_during_lr_warmup(tiny_cfg, runtime, tmp_path):
         trainer.advance(state, 1)
     assert state.step == 4 and state.repeats == 4
     assert state.swa_count == 0 and state.swa_sum is None
+
+
+# --- EMA ---
+
+
+def test_ema_is_off_by_default(tiny_cfg, runtime, tmp_path):
+    cfg = tiny_cfg(prog_depth="1.0:4", grad_accum_steps=1, autocast=False)
+    trainer, state = make_trainer(cfg, runtime(cfg), tmp_path)
+    trainer.advance(state, 1)
+    assert state.ema is None
+    assert train_gpt.apply_weight_average(cfg, state, trainer.model) == "swa:apply checkpoints:0"
+
+
+def test_ema_follows_every_step_and_is_applied_in_each_params_dtype(tiny_cfg, runtime, tmp_path):
+    cfg = tiny_cfg(prog_depth="1.0:4", swa_enabled=False, ema_decay=0.75, grad_accum_steps=1, autocast=False)
+    trainer, state = make_trainer(cfg, runtime(cfg), tmp_path)
+    want = None
+    for _ in range(3):  # by hand, in float64: the first step's weights, then ema = 0.75 ema + 0.25 w
+        trainer.advance(state, 1)
+        w = {n: p.detach().double().clone() for n, p in trainer.model.named_parameters()}
+        want = w if want is None else {n: 0.75 * want[n] + 0.25 * w[n] for n in w}
+    assert set(state.ema) == set(want) and all(t.dtype == torch.float32 for t in state.ema.values())
+    for n, t in state.ema.items():
+        torch.testing.assert_close(t, want[n].float(), rtol=1e-6, atol=1e-7)
+    assert not torch.equal(state.ema["blocks.0.mlp.fc.weight"], trainer.model.blocks[0].mlp.fc.weight)
+    with torch.no_grad():
+        trainer.model.loop_embed.data = trainer.model.loop_embed.data.bfloat16()
+    assert train_gpt.apply_weight_average(cfg, state, trainer.model) == "ema:apply decay:0.75"
+    for n, p in trainer.model.named_parameters():
+        assert torch.equal(p.detach(), state.ema[n].to(p.dtype))
+    assert trainer.model.loop_embed.dtype == torch.bfloat16 and state.swa_sum is None
+
+
+def test_ema_checkpoint_resume_is_bit_identical(tiny_cfg, runtime, tmp_path):
+    cfg = tiny_cfg(prog_depth="1.0:4", swa_enabled=False, ema_decay=0.9, grad_accum_steps=1, autocast=False)
+    trainer, state = make_trainer(cfg, runtime(cfg), tmp_path)
+    for _ in range(2):
+        trainer.advance(state, 1)
+    trainer.save_checkpoint(state)
+    trainer.advance(state, 1)
+    resumed = trainer.load_checkpoint(trainer.checkpoint_path())
+    assert resumed.step == 2 and not torch.equal(resumed.ema["tok_emb.weight"], state.ema["tok_emb.weight"])
+    trainer.advance(resumed, 1)
+    assert resumed.ema.keys() == state.ema.keys()
+    assert all(torch.equal(resumed.ema[n], state.ema[n]) for n in state.ema)

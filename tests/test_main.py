@@ -133,6 +133,15 @@ def test_single_process_run_logs_every_stage(tmp_path, demo_subset):
     assert records[4]["val_bpb"] == pytest.approx(floats[1], abs=1e-8)
 
 
+def test_ema_and_hessian_bit_allocation_run_end_to_end(tmp_path, demo_subset):
+    env = tiny_env(demo_subset, EMA_DECAY="0.9", SWA_ENABLED="0", QUANT_HIGH_TENSORS="5", EVAL_STRIDE="0")
+    out = run([sys.executable, SCRIPT], env, tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert re.search(r"^ema:apply decay:0.9$", out.stdout, re.M) and "swa:" not in out.stdout
+    assert re.search(r"^quant_levels high:5 low:13 by:hessian_rounding_error$", out.stdout, re.M)  # 18 linears
+    assert re.search(r"^final_roundtrip_exact val_loss:\d+\.\d{8} ", out.stdout, re.M)
+
+
 def test_wallclock_cap_stops_early_and_calibrates_inside_the_budget(tmp_path, demo_subset):
     env = tiny_env(demo_subset, MAX_WALLCLOCK_SECONDS="3", GPTQ_RESERVE_SECONDS="1", ITERATIONS="100000",
                    VAL_LOSS_EVERY="0", GPTQ_CALIB_BATCHES="2")

@@ -313,3 +313,83 @@ def test_the_reserve_only_applies_to_gptq_on_train_data():
 def test_stored_tensor_float_values_roundtrip_through_fp16():
     t = StoredTensor("x", (2, 3), "float32", "fp16", 0, np.arange(6, dtype="<f2"))
     assert torch.equal(t.dequantize(), torch.arange(6, dtype=torch.float32).view(2, 3))
+
+
+# --- bit allocation by Hessian-weighted rounding error (QUANT_HIGH_TENSORS) ---
+
+
+def linear_names(model) -> list[str]:
+    return sorted(f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear))
+
+
+def synthetic_hessians(model, big: dict[str, float]) -> dict[str, torch.Tensor]:
+    """x I for every nn.Linear (1 unless named in `big`), the shapes collect_hessians gives."""
+    params = dict(model.named_parameters())
+    return {n: big.get(n, 1.0) * torch.eye(params[n].shape[1]) for n in linear_names(model)}
+
+
+def high(levels: dict[str, int], cfg) -> set[str]:
+    return {n for n, L in levels.items() if L == cfg.quant_levels and n.startswith("blocks.")}
+
+
+def test_zero_high_tensors_keeps_the_table_levels(tiny_cfg):
+    cfg = tiny_cfg()
+    model = trained_like(cfg)
+    hessians = synthetic_hessians(model, {"blocks.0.mlp.fc.weight": 1e3})
+    levels = train_gpt.tensor_levels(cfg, model, hessians, forced=frozenset({"blocks.1.mlp.fc.weight"}))
+    assert levels == {r.name: train_gpt.store_levels(cfg, r.rule.store) for r in param_table(model)}
+    stored = quantize_model(cfg, model, hessians)[0]
+    assert [t.levels for t in stored] == [train_gpt.store_levels(cfg, t.store) for t in stored]
+
+
+def test_exactly_n_most_sensitive_matrices_get_the_high_levels(tiny_cfg):
+    cfg = tiny_cfg(quant_high_tensors=3)
+    model = trained_like(cfg)
+    names = linear_names(model)
+    sensitive = {"blocks.2.attn.proj.weight", "blocks.0.mlp.proj.weight", "blocks.1.attn.c_k.weight"}
+    levels = train_gpt.tensor_levels(cfg, model, synthetic_hessians(model, dict.fromkeys(sensitive, 1e3)))
+    assert high(levels, cfg) == sensitive
+    assert all(levels[n] == cfg.mlp_quant_levels for n in set(names) - sensitive)
+    assert levels["tok_emb.weight"] == cfg.quant_levels  # no Hessian: the table's level
+    assert all(levels[r.name] == 0 for r in param_table(model) if r.rule.store in ("fp16", "fp32"))
+    forced = frozenset({"blocks.2.mlp.fc.weight"})  # forced names come first and count toward N
+    levels = train_gpt.tensor_levels(cfg, model, synthetic_hessians(model, dict.fromkeys(sensitive, 1e3)), forced)
+    assert len(high(levels, cfg)) == 3 and forced < high(levels, cfg) and high(levels, cfg) - forced < sensitive
+    many = frozenset(names[:5])  # more forced names than N: the N most sensitive of them
+    levels = train_gpt.tensor_levels(dataclasses.replace(cfg, quant_high_tensors=2), model,
+                                     synthetic_hessians(model, {names[3]: 1e3, names[1]: 1e2}), many)
+    assert high(levels, cfg) == {names[3], names[1]}
+
+
+def test_sensitivity_is_output_error_not_trace_and_ties_go_by_name(tiny_cfg):
+    cfg = tiny_cfg(quant_high_tensors=1)
+    model = trained_like(cfg)
+    q, k, v = (f"blocks.0.attn.{c}.weight" for c in ("c_q", "c_k", "c_v"))
+    params = dict(model.named_parameters())
+    with torch.no_grad():  # Q/K/V share one H (#1204's tie, broken by dict order): the larger V weights matter more
+        params[v].mul_(2)
+    assert high(train_gpt.tensor_levels(cfg, model, synthetic_hessians(model, dict.fromkeys((q, k, v), 1e3))),
+                cfg) == {v}
+    a, b = "blocks.1.attn.c_q.weight", "blocks.2.attn.c_q.weight"
+    for small, large in ((a, b), (b, a)):  # the same layer with inputs x2 and weights /2: equal error, a by name
+        with torch.no_grad():
+            params[small].copy_(params[large] / 2)
+        hessians = synthetic_hessians(model, {large: 1e3, small: 4e3})  # trace(H) alone would pick `small`
+        assert high(train_gpt.tensor_levels(cfg, model, hessians), cfg) == {a}
+
+
+def test_mixed_levels_roundtrip_through_the_artifact(tiny_cfg):
+    cfg = tiny_cfg(quant_high_tensors=4)
+    model = trained_like(cfg)
+    hessians = synthetic_hessians(model, {"blocks.1.mlp.proj.weight": 1e3, "blocks.0.attn.c_v.weight": 1e3})
+    forced = frozenset({"blocks.2.mlp.fc.weight"})
+    levels = train_gpt.tensor_levels(cfg, model, hessians, forced)
+    stored, fallbacks = quantize_model(cfg, model, hessians, forced)
+    assert fallbacks == 0 and len(high(levels, cfg)) == 4 and forced <= high(levels, cfg)
+    _, loaded = unpack_artifact(pack_artifact(cfg, stored)[0])
+    assert [(t.name, t.levels) for t in loaded] == [(t.name, levels[t.name]) for t in stored]
+    for t_mem, t_file in zip(stored, loaded):
+        assert torch.equal(t_file.dequantize(), t_mem.dequantize())
+        if t_file.levels:
+            assert np.abs(t_file.values).max() <= t_file.levels
+    assert {t.levels for t in loaded if t.name in hessians} == {cfg.quant_levels, cfg.mlp_quant_levels}
