@@ -1157,7 +1157,6 @@ def run_final_evals(cfg: Config, rt: Runtime, model_fn: ModelFn, val_tokens: Ten
     return out
 
 
-
 def ttt_eval(cfg: Config, rt: Runtime, model: nn.Module, val_tokens: Tensor, tables: ByteTables) -> tuple[float, float]:
     """Score-first TTT (#456) on the eager `model`, which it adapts in place (so it is the last eval): per chunk of
     TTT_CHUNK_TOKENS targets, score the sliding windows whose first scored target is in it, then train on its
@@ -1222,6 +1221,7 @@ def ttt_train(cfg: Config, rt: Runtime, model: nn.Module, params: list[nn.Parame
         if cfg.ttt_grad_clip:
             torch.nn.utils.clip_grad_norm_(params, cfg.ttt_grad_clip)
         opt.step()
+
 
 # === 11. QUANTIZATION ===
 # The artifact holds per-row integer codes -L..L with one fp16 scale per row for the tensors the parameter table
