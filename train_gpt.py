@@ -100,6 +100,14 @@ class Config:
     mixer: str = "normalized"  # normalized | reference_hedge | off
     mixer_eta: float = 1.0  # step of the normalized mixer's exponentiated-gradient update
     hedge_eta: float = 0.1  # learning rate of the reference Hedge
+    # score-first test-time training (#456), the last eval; it adapts the model on targets it has already scored
+    ttt: bool = False
+    ttt_chunk_tokens: int = 32768  # targets per chunk: score the chunk, then train on it
+    ttt_lr: float = 5e-4  # AdamW LR at chunk 0, cosine to 0 at the last chunk
+    ttt_epochs: int = 1  # passes over each scored chunk
+    ttt_batch_seqs: int = 16  # EVAL_SEQ_LEN sequences per rank per optimizer step
+    ttt_freeze_blocks: int = 0  # parameters named blocks.{i}. for i < this do not adapt
+    ttt_grad_clip: float = 1.0  # 0 disables
     # architecture
     vocab_size: int = 1024
     num_layers: int = 3
@@ -311,7 +319,7 @@ def _config_problems(c: Config) -> Iterator[str]:
     """Yield every validation failure; the first one is raised."""
     positive = ("num_layers", "num_repeats", "model_dim", "num_heads", "num_kv_heads", "vocab_size", "iterations",
                 "train_batch_tokens", "train_seq_len", "val_batch_size", "swa_every", "muon_backend_steps",
-                "eval_seq_len", "eval_batch_seqs", "gptq_calib_batches", "bigram_dim")
+                "eval_seq_len", "eval_batch_seqs", "gptq_calib_batches", "bigram_dim", "ttt_batch_seqs")
     for name in positive:
         if getattr(c, name) <= 0:
             yield f"{name.upper()} must be > 0, got {getattr(c, name)}"
@@ -319,7 +327,8 @@ def _config_problems(c: Config) -> Iterator[str]:
         if not 0 < getattr(c, name) < math.inf:
             yield f"{name.upper()} must be a finite number > 0, got {getattr(c, name)}"
     for name in ("tied_embed_lr", "matrix_lr", "scalar_lr", "muon_wd", "grad_clip_norm", "max_wallclock_seconds",
-                 "checkpoint_every_seconds", "mixer_eta", "hedge_eta", "gptq_reserve_seconds", "mlp_negative_slope"):
+                 "checkpoint_every_seconds", "mixer_eta", "hedge_eta", "gptq_reserve_seconds", "mlp_negative_slope",
+                 "ttt_lr", "ttt_grad_clip"):
         if not 0 <= getattr(c, name) < math.inf:
             yield f"{name.upper()} must be a finite number >= 0, got {getattr(c, name)}"
     for name in ("beta1", "beta2", "muon_momentum", "muon_momentum_warmup_start", "ema_decay"):
@@ -327,7 +336,7 @@ def _config_problems(c: Config) -> Iterator[str]:
             yield f"{name.upper()} must be in [0, 1), got {getattr(c, name)}"
     non_negative = ("grad_accum_steps", "lr_warmup_steps", "warmdown_iters", "val_loss_every", "val_max_tokens",
                     "xsa_last_n", "num_value_embeds", "muon_momentum_warmup_steps", "train_log_every",
-                    "parallel_last_n", "bigram_vocab_size", "ve_dim", "rope_dims", "quant_high_tensors")
+                    "parallel_last_n", "bigram_vocab_size", "ve_dim", "rope_dims", "quant_high_tensors", "ttt_epochs")
     for name in non_negative:
         if getattr(c, name) < 0:
             yield f"{name.upper()} must be >= 0, got {getattr(c, name)}"
@@ -345,6 +354,12 @@ def _config_problems(c: Config) -> Iterator[str]:
         yield f"DEVICE must be auto, cpu, cuda or cuda:N, got {c.device!r}"
     if not 0 <= c.eval_stride <= c.eval_seq_len:
         yield f"EVAL_STRIDE must be in 0..EVAL_SEQ_LEN={c.eval_seq_len} (0 skips the sliding eval), got {c.eval_stride}"
+    if c.ttt and not c.eval_stride:
+        yield "TTT=1 needs EVAL_STRIDE > 0 (it scores with the sliding-window plan)"
+    if c.ttt_chunk_tokens < c.eval_seq_len:
+        yield f"TTT_CHUNK_TOKENS must be >= EVAL_SEQ_LEN={c.eval_seq_len} (whole sequences), got {c.ttt_chunk_tokens}"
+    if not 0 <= c.ttt_freeze_blocks <= c.num_layers:
+        yield f"TTT_FREEZE_BLOCKS must be in 0..NUM_LAYERS={c.num_layers}, got {c.ttt_freeze_blocks}"
     if c.mixer not in ("normalized", "reference_hedge", "off"):
         yield f"MIXER must be normalized, reference_hedge or off, got {c.mixer!r}"
     if c.compile not in ("auto", "0", "1"):
@@ -1370,6 +1385,72 @@ def run_final_evals(cfg: Config, rt: Runtime, model_fn: ModelFn, val_tokens: Ten
     return out
 
 
+def ttt_eval(cfg: Config, rt: Runtime, model: nn.Module, val_tokens: Tensor, tables: ByteTables) -> tuple[float, float]:
+    """Score-first TTT (#456) on the eager `model`, which it adapts in place (so it is the last eval): per chunk of
+    TTT_CHUNK_TOKENS targets, score the sliding windows whose first scored target is in it, then train on its
+    targets. Every target is scored by weights trained only on earlier chunks; the last chunk is never trained on."""
+    total, chunk = len(val_tokens) - 1, cfg.ttt_chunk_tokens
+    plan = window_plan(total, cfg.eval_seq_len, cfg.eval_stride)
+    n_chunks = -(-total // chunk)
+    chunk_of = ((plan[:, 0] + plan[:, 2]) // chunk).clamp(max=n_chunks - 1)
+    frozen = tuple(f"blocks.{i}." for i in range(cfg.ttt_freeze_blocks))
+    params = [p for name, p in model.named_parameters() if p.requires_grad and not name.startswith(frozen)]
+    for p in params:  # bf16 weights would round away most steps of LR <= 5e-4 (#456's embeddings did)
+        p.data = p.data.float()
+    opt = torch.optim.AdamW(params, lr=cfg.ttt_lr, weight_decay=0.0)  # one optimizer: moments persist across chunks
+    rt.log(f"ttt:start chunks:{n_chunks} chunk_tokens:{chunk} lr:{cfg.ttt_lr:g} epochs:{cfg.ttt_epochs} "
+           f"params:{sum(p.numel() for p in params)}")
+    meter = BpbMeter(rt.device)
+    start = time.perf_counter()
+    for ci in range(n_chunks):
+        ttt_score(cfg, rt, model, val_tokens, tables, plan[chunk_of == ci], meter)
+        if ci < n_chunks - 1:
+            lr = cfg.ttt_lr * 0.5 * (1 + math.cos(math.pi * ci / max(n_chunks - 1, 1)))
+            ttt_train(cfg, rt, model, params, opt, val_tokens, ci * chunk, min((ci + 1) * chunk, total), lr)
+    result = meter.reduce(rt).result()  # its host read waits for the device
+    log_eval(rt, "final_ttt", result, 1000 * (time.perf_counter() - start),
+             f" window:{cfg.eval_seq_len} stride:{cfg.eval_stride}", repeats=cfg.num_repeats)
+    return result
+
+
+@torch.inference_mode()  # scored tokens cannot leak into the weights: no autograd graph exists here
+def ttt_score(cfg: Config, rt: Runtime, model: nn.Module, val_tokens: Tensor, tables: ByteTables, windows: Tensor,
+              meter: BpbMeter) -> None:
+    """Add one chunk's windows to `meter` (unreduced), EVAL_BATCH_SEQS per rank per batch as in eval_windows."""
+    rows = cfg.eval_batch_seqs
+    for batch in windows.split(rows * rt.world_size):
+        own = batch[rt.rank * rows:(rt.rank + 1) * rows]
+        if len(own):
+            logits, prev, y = scored_targets(rt, model, val_tokens, own, rows, cfg.num_repeats)
+            nll = -logits.log_softmax(-1).gather(1, y[:, None]).squeeze(1)
+            meter.add(nll.sum(), len(y), target_bytes(prev, y, tables).sum())
+
+
+def ttt_train(cfg: Config, rt: Runtime, model: nn.Module, params: list[nn.Parameter], opt: torch.optim.Optimizer,
+              val_tokens: Tensor, lo: int, hi: int, lr: float) -> None:
+    """TTT_EPOCHS passes over the scored targets [lo, hi) as aligned EVAL_SEQ_LEN sequences, split contiguously
+    over ranks, TTT_BATCH_SEQS per rank per step; each step's loss is the mean NLL over all ranks' sequences."""
+    length, per = cfg.eval_seq_len, cfg.ttt_batch_seqs
+    shares = (lo + length * torch.arange((hi - lo) // length)).tensor_split(rt.world_size)
+    steps = -(-len(shares[0]) // per)  # shares[0] is the largest, so every rank takes the same steps (collectives)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    for step in range(cfg.ttt_epochs * steps):
+        first = step % steps * per
+        count = sum(len(share[first:first + per]) for share in shares) * length
+        mine = shares[rt.rank][first:first + per]
+        opt.zero_grad(set_to_none=True)
+        if len(mine):  # a rank without sequences sends zero gradients
+            seqs = val_tokens[mine[:, None] + torch.arange(length + 1)].to(rt.device)
+            with rt.autocast():
+                nll = model(seqs[:, :-1], cfg.num_repeats, seqs[:, 1:])
+            (nll.sum() * (rt.world_size / count)).backward()  # averaged over ranks: the global mean NLL
+        rt.average_gradients(params)
+        if cfg.ttt_grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, cfg.ttt_grad_clip)
+        opt.step()
+
+
 # === 11. QUANTIZATION ===
 # The artifact holds per-row integer codes -L..L with one fp16 scale per row for the tensors the parameter table
 # marks q_attn/q_mlp, and exact fp16/fp32 copies of the rest. Row scales come from a clip search scored with the
@@ -1845,7 +1926,8 @@ def resume_key(cfg: Config) -> str:
     """The configuration a checkpoint must match: all but the knobs that name or steer the run or act after training."""
     skip = ("run_id", "resume", "checkpoint_every_seconds", "record", "eval_seq_len", "eval_stride", "eval_batch_seqs",
             "mixer", "mixer_eta", "hedge_eta", "quant_method", "quant_high_tensors", "compressor", "eval_only")
-    return json.dumps({k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}, sort_keys=True)
+    return json.dumps({k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip and not k.startswith("ttt")},
+                      sort_keys=True)
 
 
 def weights_sha256(model: nn.Module) -> str:
@@ -2013,14 +2095,14 @@ def open_artifact(cfg: Config, rt: Runtime, path: Path, environ: Mapping[str, st
 
 
 def roundtrip_eval(cfg: Config, rt: Runtime, state: dict, val_tokens: Tensor,
-                   tables: ByteTables) -> tuple[ModelFn, float]:
-    """Evaluate a fresh model whose every parameter, dtype included, comes from the artifact; returns its forward
+                   tables: ByteTables) -> tuple[GPT, ModelFn, float]:
+    """Evaluate a fresh model whose every parameter, dtype included, comes from the artifact; returns it, its forward
     (for the final evals) and val_bpb."""
     model = meta_model(cfg)
     state = {**{name: torch.zeros(model.get_parameter(name).shape) for name in model.unexported()}, **state}
     model.load_state_dict({k: v.to(rt.device) for k, v in state.items()}, strict=True, assign=True)
     model_fn = rt.compile(model)
-    return model_fn, final_block_eval(cfg, rt, "final_roundtrip", model_fn, val_tokens, tables)
+    return model, model_fn, final_block_eval(cfg, rt, "final_roundtrip", model_fn, val_tokens, tables)
 
 
 def main() -> None:
@@ -2053,10 +2135,12 @@ def main() -> None:
     rt.log(line)
     if excess > 0:
         rt.log(f"artifact_over_budget excess_bytes:{excess} (not a valid submission; the evals still run)")
-    model_fn, bpb = roundtrip_eval(cfg, rt, state, val_tokens, tables)
+    model, model_fn, bpb = roundtrip_eval(cfg, rt, state, val_tokens, tables)
     if float_bpb is not None:
         rt.log(f"quant_penalty_bpb:{bpb - float_bpb:.8f}")
     run_final_evals(cfg, rt, model_fn, val_tokens, tables)  # the scored evals use the artifact's weights
+    if cfg.ttt:  # last: it changes the weights
+        ttt_eval(cfg, rt, model, val_tokens, tables)
     if cfg.record and rt.is_main and not cfg.eval_only:
         write_record(rt)
     rt.shutdown(1 if excess > 0 else 0)
