@@ -54,3 +54,21 @@ def test_compiled_run_primes_every_graph_before_the_clock(tmp_path, demo_subset)
     assert out.stderr.count("Recompiling function forward") == 1, out.stderr[-3000:]
     assert re.search(r"^final_float_exact val_loss:\d+\.\d{8} val_bpb:\d+\.\d{8}$", out.stdout, re.M)
     assert re.search(r"^final_mixer_exact val_loss:\d+\.\d{8} val_bpb:\d+\.\d{8}$", out.stdout, re.M)
+
+
+@pytest.mark.parametrize("shape", ["1204", "456"])
+def test_fullgraph_trace_of_the_seed_shapes(shape):
+    """Lanes, U-Net skips, the bigram hash, V-embeddings and the mini recurrence trace without graph breaks too."""
+    from test_presets import TINY_1204, TINY_456
+    torch._dynamo.reset()
+    cfg = tiny_config(**(TINY_1204 if shape == "1204" else TINY_456))
+    torch.manual_seed(0)
+    model = train_gpt.GPT(cfg)
+    compiled = torch.compile(model, fullgraph=True, dynamic=False, backend="aot_eager")
+    ids = torch.randint(0, cfg.vocab_size, (2, cfg.train_seq_len))
+    for repeats in sorted({r for _, r in cfg.depth_schedule}):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = compiled(ids, repeats, ids).mean()
+            eager_loss = model(ids, repeats, ids).mean()
+        loss.backward()
+        assert torch.allclose(loss, eager_loss, atol=1e-5)
