@@ -26,7 +26,8 @@ so seeds of different code or configuration are never averaged together.
 Newest run per seed: the latest start time (the log's `started:`, else a generated RUN_ID's timestamp, else the
 log's modification time), ties broken by file name; older runs of a seed stay and are listed as superseded.
 Headline metric: --headline, else one pinned earlier with --headline (headline_metric_override in submission.json),
-else the first of final_mixer, final_sliding_window, final_roundtrip, final_float that every counted run logged.
+else the first of final_ttt, final_mixer, final_sliding_window, final_roundtrip, final_float that every counted
+run logged.
 
 stdout gets one line, which train_gpt.py relays into the run's log: `record:written path:<folder> ...` (exit 0) or
 `record:skipped reason:...` (exit 2); notes go to stderr.

@@ -25,7 +25,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-METRIC_PRIORITY = ("final_mixer", "final_sliding_window", "final_roundtrip", "final_float", "final_int8_zlib_roundtrip")
+METRIC_PRIORITY = ("final_ttt", "final_mixer", "final_sliding_window", "final_roundtrip", "final_float",
+                   "final_int8_zlib_roundtrip")
 EXACT_LINE = re.compile(r"^(\w+)_exact val_loss:(\S+) val_bpb:(\S+)", re.M)
 SEED_LINE = re.compile(r"\bseed:(\d+)\b")
 SEED_IN_NAME = re.compile(r"seed_?(\d+)")
