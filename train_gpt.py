@@ -315,31 +315,41 @@ def parse_ints(spec: str) -> list[int]:
         raise ConfigError(f"expected comma-separated integers (e.g. 4,5), got {spec!r}") from None
 
 
+# Range rules: (test, message) -> the fields it applies to; the message reads "{NAME} {message}, got {value}".
+RANGE_RULES: dict[tuple[Callable[[float], bool], str], tuple[str, ...]] = {
+    (lambda v: v > 0, "must be > 0"): (
+        "num_layers", "num_repeats", "model_dim", "num_heads", "num_kv_heads", "vocab_size", "iterations",
+        "train_batch_tokens", "train_seq_len", "val_batch_size", "swa_every", "muon_backend_steps", "eval_seq_len",
+        "eval_batch_seqs", "gptq_calib_batches", "bigram_dim", "ttt_batch_seqs"),
+    (lambda v: v >= 0, "must be >= 0"): (
+        "grad_accum_steps", "lr_warmup_steps", "warmdown_iters", "val_loss_every", "val_max_tokens", "xsa_last_n",
+        "num_value_embeds", "muon_momentum_warmup_steps", "train_log_every", "parallel_last_n", "bigram_vocab_size",
+        "ve_dim", "rope_dims", "quant_high_tensors", "ttt_epochs"),
+    (lambda v: 0 < v < math.inf, "must be a finite number > 0"): (
+        "mlp_mult", "logit_softcap", "rope_base", "tied_embed_init_std", "qk_gain_init", "adam_eps"),
+    (lambda v: 0 <= v < math.inf, "must be a finite number >= 0"): (
+        "tied_embed_lr", "matrix_lr", "scalar_lr", "muon_wd", "grad_clip_norm", "max_wallclock_seconds",
+        "checkpoint_every_seconds", "mixer_eta", "hedge_eta", "gptq_reserve_seconds", "mlp_negative_slope", "ttt_lr",
+        "ttt_grad_clip"),
+    (lambda v: 0 <= v < 1, "must be in [0, 1)"): (
+        "beta1", "beta2", "muon_momentum", "muon_momentum_warmup_start", "ema_decay"),
+    (lambda v: 0 < v <= 1, "must be in (0, 1]"): ("swa_start_frac",),
+    (lambda v: 1 <= v <= 127, "must be in 1..127 (int8 codes)"): ("quant_levels", "mlp_quant_levels"),
+}
+CHOICES = {"mixer": ("normalized", "reference_hedge", "off"), "compile": ("auto", "0", "1"),
+           "unet": ("off", "add", "gated"), "quant_method": ("gptq", "clip", "ref"), "gptq_calib": ("train", "selfgen"),
+           "compressor": ("auto", "zstd", "brotli")}
+
+
 def _config_problems(c: Config) -> Iterator[str]:
     """Yield every validation failure; the first one is raised."""
-    positive = ("num_layers", "num_repeats", "model_dim", "num_heads", "num_kv_heads", "vocab_size", "iterations",
-                "train_batch_tokens", "train_seq_len", "val_batch_size", "swa_every", "muon_backend_steps",
-                "eval_seq_len", "eval_batch_seqs", "gptq_calib_batches", "bigram_dim", "ttt_batch_seqs")
-    for name in positive:
-        if getattr(c, name) <= 0:
-            yield f"{name.upper()} must be > 0, got {getattr(c, name)}"
-    for name in ("mlp_mult", "logit_softcap", "rope_base", "tied_embed_init_std", "qk_gain_init", "adam_eps"):
-        if not 0 < getattr(c, name) < math.inf:
-            yield f"{name.upper()} must be a finite number > 0, got {getattr(c, name)}"
-    for name in ("tied_embed_lr", "matrix_lr", "scalar_lr", "muon_wd", "grad_clip_norm", "max_wallclock_seconds",
-                 "checkpoint_every_seconds", "mixer_eta", "hedge_eta", "gptq_reserve_seconds", "mlp_negative_slope",
-                 "ttt_lr", "ttt_grad_clip"):
-        if not 0 <= getattr(c, name) < math.inf:
-            yield f"{name.upper()} must be a finite number >= 0, got {getattr(c, name)}"
-    for name in ("beta1", "beta2", "muon_momentum", "muon_momentum_warmup_start", "ema_decay"):
-        if not 0 <= getattr(c, name) < 1:
-            yield f"{name.upper()} must be in [0, 1), got {getattr(c, name)}"
-    non_negative = ("grad_accum_steps", "lr_warmup_steps", "warmdown_iters", "val_loss_every", "val_max_tokens",
-                    "xsa_last_n", "num_value_embeds", "muon_momentum_warmup_steps", "train_log_every",
-                    "parallel_last_n", "bigram_vocab_size", "ve_dim", "rope_dims", "quant_high_tensors", "ttt_epochs")
-    for name in non_negative:
-        if getattr(c, name) < 0:
-            yield f"{name.upper()} must be >= 0, got {getattr(c, name)}"
+    for (ok, message), names in RANGE_RULES.items():
+        for name in names:
+            if not ok(getattr(c, name)):
+                yield f"{name.upper()} {message}, got {getattr(c, name)}"
+    for name, allowed in CHOICES.items():
+        if getattr(c, name) not in allowed:
+            yield f"{name.upper()} must be one of {', '.join(allowed)}, got {getattr(c, name)!r}"
     if c.model_dim % max(c.num_heads, 1):
         yield f"NUM_HEADS={c.num_heads} must divide MODEL_DIM={c.model_dim}"
     elif c.head_dim % 2:
@@ -360,25 +370,12 @@ def _config_problems(c: Config) -> Iterator[str]:
         yield f"TTT_CHUNK_TOKENS must be >= EVAL_SEQ_LEN={c.eval_seq_len} (whole sequences), got {c.ttt_chunk_tokens}"
     if not 0 <= c.ttt_freeze_blocks <= c.num_layers:
         yield f"TTT_FREEZE_BLOCKS must be in 0..NUM_LAYERS={c.num_layers}, got {c.ttt_freeze_blocks}"
-    if c.mixer not in ("normalized", "reference_hedge", "off"):
-        yield f"MIXER must be normalized, reference_hedge or off, got {c.mixer!r}"
-    if c.compile not in ("auto", "0", "1"):
-        yield f"COMPILE must be auto, 0 or 1, got {c.compile!r}"
     if not c.tokenizer_path.endswith(".model"):
         yield f"TOKENIZER_PATH must be a SentencePiece .model file, got {c.tokenizer_path!r}"
-    if not 0 < c.swa_start_frac <= 1:
-        yield f"SWA_START_FRAC must be in (0, 1], got {c.swa_start_frac}"
     if c.ema_decay > 0 and c.swa_enabled:
         yield f"EMA_DECAY={c.ema_decay} replaces SWA as the exported average; set SWA_ENABLED=0"
     if c.quant_high_tensors and c.quant_method != "gptq":
         yield f"QUANT_HIGH_TENSORS={c.quant_high_tensors} ranks tensors by GPTQ Hessians; it needs QUANT_METHOD=gptq"
-    for name in ("quant_levels", "mlp_quant_levels"):
-        if not 1 <= getattr(c, name) <= 127:
-            yield f"{name.upper()} must be in 1..127 (int8 codes), got {getattr(c, name)}"
-    for name, allowed in (("quant_method", ("gptq", "clip", "ref")), ("gptq_calib", ("train", "selfgen")),
-                          ("compressor", ("auto", "zstd", "brotli"))):
-        if getattr(c, name) not in allowed:
-            yield f"{name.upper()} must be one of {', '.join(allowed)}, got {getattr(c, name)!r}"
     if c.reserves_calibration_time and c.gptq_reserve_seconds >= c.max_wallclock_seconds > 0:
         yield (f"GPTQ_RESERVE_SECONDS={c.gptq_reserve_seconds} must be below MAX_WALLCLOCK_SECONDS="
                f"{c.max_wallclock_seconds} (GPTQ_CALIB=train calibrates inside the training budget)")
@@ -390,8 +387,6 @@ def _architecture_problems(c: Config) -> Iterator[str]:
     recur = parse_ints(c.recur_layers)
     if recur and (recur != list(range(recur[0], recur[-1] + 1)) or not 0 <= recur[0] <= recur[-1] < c.num_layers):
         yield f"RECUR_LAYERS must be consecutive layers in 0..{c.num_layers - 1}, got {c.recur_layers!r}"
-    if c.unet not in ("off", "add", "gated"):
-        yield f"UNET must be off, add or gated, got {c.unet!r}"
     if c.bigram_vocab_size == 1:
         yield "BIGRAM_VOCAB_SIZE must be 0 (off) or >= 2 (one bucket is reserved for the first position)"
     if c.rope_dims % 2 or c.rope_dims > c.head_dim:
