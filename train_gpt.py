@@ -372,11 +372,20 @@ def _config_problems(c: Config) -> Iterator[str]:
     if c.reserves_calibration_time and c.gptq_reserve_seconds >= c.max_wallclock_seconds > 0:
         yield (f"GPTQ_RESERVE_SECONDS={c.gptq_reserve_seconds} must be below MAX_WALLCLOCK_SECONDS="
                f"{c.max_wallclock_seconds} (GPTQ_CALIB=train calibrates inside the training budget)")
-    yield from _depth_schedule_problems(c)
     yield from _architecture_problems(c)
 
 
 def _architecture_problems(c: Config) -> Iterator[str]:
+    """PROG_DEPTH and the layer-plan knobs, which need the depth they imply."""
+    schedule = parse_prog_depth(c.prog_depth)
+    fracs = [f for f, _ in schedule]
+    if any(not 0 < f <= 1 for f in fracs) or fracs != sorted(set(fracs)):
+        yield f"PROG_DEPTH fractions must be increasing and in (0, 1], got {c.prog_depth!r}"
+    for _, reps in schedule:
+        if not 1 <= reps <= c.num_repeats:
+            yield f"PROG_DEPTH repeats {reps} must be in 1..NUM_REPEATS={c.num_repeats}"
+    if schedule[-1][1] != c.num_repeats:
+        yield f"PROG_DEPTH must end at NUM_REPEATS={c.num_repeats} (the depth that is exported), got {c.prog_depth!r}"
     recur = parse_ints(c.recur_layers)
     if recur and (recur != list(range(recur[0], recur[-1] + 1)) or not 0 <= recur[0] <= recur[-1] < c.num_layers):
         yield f"RECUR_LAYERS must be consecutive layers in 0..{c.num_layers - 1}, got {c.recur_layers!r}"
@@ -391,18 +400,6 @@ def _architecture_problems(c: Config) -> Iterator[str]:
         if bool(c.ve_dim) != bool(ve) or any(not 0 <= i < c.depth for i in ve):
             yield (f"VE_DIM > 0 needs VE_LAYERS (effective layers in 0..{c.depth - 1}) and VE_LAYERS needs VE_DIM > 0; "
                    f"got VE_DIM={c.ve_dim} VE_LAYERS={c.ve_layers!r}")
-
-
-def _depth_schedule_problems(c: Config) -> Iterator[str]:
-    schedule = parse_prog_depth(c.prog_depth)
-    fracs = [f for f, _ in schedule]
-    if any(not 0 < f <= 1 for f in fracs) or fracs != sorted(set(fracs)):
-        yield f"PROG_DEPTH fractions must be increasing and in (0, 1], got {c.prog_depth!r}"
-    for _, reps in schedule:
-        if not 1 <= reps <= c.num_repeats:
-            yield f"PROG_DEPTH repeats {reps} must be in 1..NUM_REPEATS={c.num_repeats}"
-    if schedule[-1][1] != c.num_repeats:
-        yield f"PROG_DEPTH must end at NUM_REPEATS={c.num_repeats} (the depth that is exported), got {c.prog_depth!r}"
 
 
 # === 3. RUNTIME ===
@@ -622,9 +619,6 @@ class TokenStream:
         self.file_index = 0
         self.offset = 0
         self.tokens = read_shard(paths[0])
-
-    def position(self) -> tuple[int, int]:
-        return self.file_index, self.offset
 
     def seek(self, file_index: int, offset: int) -> None:
         self.file_index, self.offset = file_index, offset
@@ -1839,9 +1833,10 @@ class Trainer:
         self.clock.pause()
         state.checkpoint_ms, path = state.train_ms, self.checkpoint_path()
         if self.rt.is_main:
+            stream = self.batches.stream
             payload = dict(config=resume_key(self.cfg), model=self.model.state_dict(), swa_sum=state.swa_sum,
                            ema=state.ema, optimizers={k: opt.state_dict() for k, opt in self.optimizers.items()},
-                           stream=list(self.batches.stream.position()), rng=torch.get_rng_state(),
+                           stream=[stream.file_index, stream.offset], rng=torch.get_rng_state(),
                            state=json.dumps({k: getattr(state, k) for k in RESUMED_STATE}))
             torch.save(payload, path.with_name(path.name + ".tmp"))
             os.replace(path.with_name(path.name + ".tmp"), path)
