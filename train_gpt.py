@@ -230,22 +230,19 @@ PRESETS: dict[str, dict[str, object]] = {
         max_wallclock_seconds=240.0, warmdown_iters=150, lr_warmup_steps=20, muon_momentum_warmup_steps=100,
         swa_every=10, val_batch_size=16384, val_loss_every=100, val_max_tokens=65536, train_log_every=25,
         eval_seq_len=256, eval_stride=64, eval_batch_seqs=16,
-        gptq_calib_batches=4,  # 16 took 13 s on 2 busy cores, more than the 8 s reserve
-    ),
+        gptq_calib_batches=4),  # 16 took 13 s on 2 busy cores, more than the 8 s reserve
     # The seed systems (reference-1453.md section 15, reference-1204-456.md), each reproducing its logged parameter
     # count. Our fixes stay on (fp32 RoPE and scalars, LR warmup, normalized mixer); knobs we do not have are listed.
     # #895, 4-hour: the #1453 architecture at d=832, MLP 2x, 5 repeats; int8 with the percentile grid; hedge mixer.
     "pr895": dict(
-        model_dim=832, mlp_mult=2.0, num_repeats=5, prog_depth="0.3:2,0.5:3,0.75:4,1.0:5", max_wallclock_seconds=14400.0,
-        iterations=200000, warmdown_iters=15000, swa_every=100, swa_start_frac=0.4, matrix_lr=0.015, scalar_lr=0.015,
-        tied_embed_lr=0.018, val_loss_every=5000, train_log_every=1000, quant_levels=127, mlp_quant_levels=127,
-        quant_method="ref",
-    ),
+        model_dim=832, mlp_mult=2.0, num_repeats=5, prog_depth="0.3:2,0.5:3,0.75:4,1.0:5",
+        max_wallclock_seconds=14400.0, iterations=200000, warmdown_iters=15000, swa_every=100, swa_start_frac=0.4,
+        matrix_lr=0.015, scalar_lr=0.015, tied_embed_lr=0.018, val_loss_every=5000, train_log_every=1000,
+        quant_levels=127, mlp_quant_levels=127, quant_method="ref"),
     # #784: 3x4 at d=832, MLP 2x, XSA on 4, LeakyReLU^2, no progressive depth, int8 GPTQ-lite, no mixer.
     "pr784": dict(
         model_dim=832, mlp_mult=2.0, prog_depth="1.0:4", matrix_lr=0.012, scalar_lr=0.012, tied_embed_lr=0.015,
-        swa_start_frac=0.4, swa_every=50, quant_levels=127, mlp_quant_levels=127, quant_method="ref", mixer="off",
-    ),
+        swa_start_frac=0.4, swa_every=50, quant_levels=127, mlp_quant_levels=127, quant_method="ref", mixer="off"),
     # #1204 as logged (BIGRAM_DIM=160, not its README's 112): 11 layers with 4,5 repeated from 44% of the run (its
     # step 3000), parallel lanes on the last 4, gated U-Net, EMA, int6/int5 by Hessian. Not ported: Adam weight
     # decay 0.04, late QAT (inert in #1204), its shard-sampling loader.
@@ -257,8 +254,7 @@ PRESETS: dict[str, dict[str, object]] = {
         train_seq_len=2048, train_batch_tokens=786432, eval_seq_len=2048, eval_stride=64, warmdown_iters=3500,
         tied_embed_lr=0.035, matrix_lr=0.03, scalar_lr=0.025, muon_momentum=0.99, muon_momentum_warmup_start=0.92,
         muon_momentum_warmup_steps=1500, swa_enabled=False, ema_decay=0.997, quant_levels=31, mlp_quant_levels=15,
-        quant_high_tensors=32, gptq_calib="selfgen", mixer="off", val_loss_every=4000, train_log_every=500,
-    ),
+        quant_high_tensors=32, gptq_calib="selfgen", mixer="off", val_loss_every=4000, train_log_every=500),
     # #456: 10 unique layers, additive U-Net, bigram 10240x128, smear, relu^2, XSA on 3, 5200 steps by iteration,
     # SWA, int6 attention / int5 MLP (plain clip search: it had no GPTQ), score-first TTT. Not ported: Adam weight
     # decay 0.01, 3% magnitude pruning, late QAT (inert under its compile).
@@ -269,8 +265,7 @@ PRESETS: dict[str, dict[str, object]] = {
         max_wallclock_seconds=0.0, warmdown_iters=3000, swa_every=50, swa_start_frac=0.2, tied_embed_lr=0.035,
         matrix_lr=0.025, scalar_lr=0.025, muon_momentum=0.99, muon_momentum_warmup_start=0.92,
         muon_momentum_warmup_steps=1500, eval_seq_len=2048, eval_stride=128, eval_batch_seqs=64, quant_levels=31,
-        mlp_quant_levels=15, quant_method="clip", mixer="off", val_loss_every=500, train_log_every=100,
-    ),
+        mlp_quant_levels=15, quant_method="clip", mixer="off", val_loss_every=500, train_log_every=100),
 }
 
 
@@ -297,13 +292,11 @@ def parse_prog_depth(spec: str) -> tuple[tuple[float, int], ...]:
     """'0.30:2,0.50:3,1.0:4' -> ((0.3, 2), (0.5, 3), (1.0, 4)); raises ConfigError when malformed."""
     pairs = []
     for item in spec.split(","):
-        frac, sep, reps = item.strip().partition(":")
-        try:
+        frac, _, reps = item.strip().partition(":")
+        try:  # without a colon reps is "", which int() rejects too
             pairs.append((float(frac), int(reps)))
         except ValueError:
             raise ConfigError(f"PROG_DEPTH item {item.strip()!r} is not frac:repeats (e.g. 0.30:2)") from None
-        if not sep:
-            raise ConfigError(f"PROG_DEPTH item {item.strip()!r} is not frac:repeats (e.g. 0.30:2)")
     return tuple(pairs)
 
 
@@ -315,31 +308,41 @@ def parse_ints(spec: str) -> list[int]:
         raise ConfigError(f"expected comma-separated integers (e.g. 4,5), got {spec!r}") from None
 
 
+# Range rules: (test, message) -> the fields it applies to; the message reads "{NAME} {message}, got {value}".
+RANGE_RULES: dict[tuple[Callable[[float], bool], str], tuple[str, ...]] = {
+    (lambda v: v > 0, "must be > 0"): (
+        "num_layers", "num_repeats", "model_dim", "num_heads", "num_kv_heads", "vocab_size", "iterations",
+        "train_batch_tokens", "train_seq_len", "val_batch_size", "swa_every", "muon_backend_steps", "eval_seq_len",
+        "eval_batch_seqs", "gptq_calib_batches", "bigram_dim", "ttt_batch_seqs"),
+    (lambda v: v >= 0, "must be >= 0"): (
+        "grad_accum_steps", "lr_warmup_steps", "warmdown_iters", "val_loss_every", "val_max_tokens", "xsa_last_n",
+        "num_value_embeds", "muon_momentum_warmup_steps", "train_log_every", "parallel_last_n", "bigram_vocab_size",
+        "ve_dim", "rope_dims", "quant_high_tensors", "ttt_epochs"),
+    (lambda v: 0 < v < math.inf, "must be a finite number > 0"): (
+        "mlp_mult", "logit_softcap", "rope_base", "tied_embed_init_std", "qk_gain_init", "adam_eps"),
+    (lambda v: 0 <= v < math.inf, "must be a finite number >= 0"): (
+        "tied_embed_lr", "matrix_lr", "scalar_lr", "muon_wd", "grad_clip_norm", "max_wallclock_seconds",
+        "checkpoint_every_seconds", "mixer_eta", "hedge_eta", "gptq_reserve_seconds", "mlp_negative_slope", "ttt_lr",
+        "ttt_grad_clip"),
+    (lambda v: 0 <= v < 1, "must be in [0, 1)"): (
+        "beta1", "beta2", "muon_momentum", "muon_momentum_warmup_start", "ema_decay"),
+    (lambda v: 0 < v <= 1, "must be in (0, 1]"): ("swa_start_frac",),
+    (lambda v: 1 <= v <= 127, "must be in 1..127 (int8 codes)"): ("quant_levels", "mlp_quant_levels"),
+}
+CHOICES = {"mixer": ("normalized", "reference_hedge", "off"), "compile": ("auto", "0", "1"),
+           "unet": ("off", "add", "gated"), "quant_method": ("gptq", "clip", "ref"), "gptq_calib": ("train", "selfgen"),
+           "compressor": ("auto", "zstd", "brotli")}
+
+
 def _config_problems(c: Config) -> Iterator[str]:
     """Yield every validation failure; the first one is raised."""
-    positive = ("num_layers", "num_repeats", "model_dim", "num_heads", "num_kv_heads", "vocab_size", "iterations",
-                "train_batch_tokens", "train_seq_len", "val_batch_size", "swa_every", "muon_backend_steps",
-                "eval_seq_len", "eval_batch_seqs", "gptq_calib_batches", "bigram_dim", "ttt_batch_seqs")
-    for name in positive:
-        if getattr(c, name) <= 0:
-            yield f"{name.upper()} must be > 0, got {getattr(c, name)}"
-    for name in ("mlp_mult", "logit_softcap", "rope_base", "tied_embed_init_std", "qk_gain_init", "adam_eps"):
-        if not 0 < getattr(c, name) < math.inf:
-            yield f"{name.upper()} must be a finite number > 0, got {getattr(c, name)}"
-    for name in ("tied_embed_lr", "matrix_lr", "scalar_lr", "muon_wd", "grad_clip_norm", "max_wallclock_seconds",
-                 "checkpoint_every_seconds", "mixer_eta", "hedge_eta", "gptq_reserve_seconds", "mlp_negative_slope",
-                 "ttt_lr", "ttt_grad_clip"):
-        if not 0 <= getattr(c, name) < math.inf:
-            yield f"{name.upper()} must be a finite number >= 0, got {getattr(c, name)}"
-    for name in ("beta1", "beta2", "muon_momentum", "muon_momentum_warmup_start", "ema_decay"):
-        if not 0 <= getattr(c, name) < 1:
-            yield f"{name.upper()} must be in [0, 1), got {getattr(c, name)}"
-    non_negative = ("grad_accum_steps", "lr_warmup_steps", "warmdown_iters", "val_loss_every", "val_max_tokens",
-                    "xsa_last_n", "num_value_embeds", "muon_momentum_warmup_steps", "train_log_every",
-                    "parallel_last_n", "bigram_vocab_size", "ve_dim", "rope_dims", "quant_high_tensors", "ttt_epochs")
-    for name in non_negative:
-        if getattr(c, name) < 0:
-            yield f"{name.upper()} must be >= 0, got {getattr(c, name)}"
+    for (ok, message), names in RANGE_RULES.items():
+        for name in names:
+            if not ok(getattr(c, name)):
+                yield f"{name.upper()} {message}, got {getattr(c, name)}"
+    for name, allowed in CHOICES.items():
+        if getattr(c, name) not in allowed:
+            yield f"{name.upper()} must be one of {', '.join(allowed)}, got {getattr(c, name)!r}"
     if c.model_dim % max(c.num_heads, 1):
         yield f"NUM_HEADS={c.num_heads} must divide MODEL_DIM={c.model_dim}"
     elif c.head_dim % 2:
@@ -360,38 +363,32 @@ def _config_problems(c: Config) -> Iterator[str]:
         yield f"TTT_CHUNK_TOKENS must be >= EVAL_SEQ_LEN={c.eval_seq_len} (whole sequences), got {c.ttt_chunk_tokens}"
     if not 0 <= c.ttt_freeze_blocks <= c.num_layers:
         yield f"TTT_FREEZE_BLOCKS must be in 0..NUM_LAYERS={c.num_layers}, got {c.ttt_freeze_blocks}"
-    if c.mixer not in ("normalized", "reference_hedge", "off"):
-        yield f"MIXER must be normalized, reference_hedge or off, got {c.mixer!r}"
-    if c.compile not in ("auto", "0", "1"):
-        yield f"COMPILE must be auto, 0 or 1, got {c.compile!r}"
     if not c.tokenizer_path.endswith(".model"):
         yield f"TOKENIZER_PATH must be a SentencePiece .model file, got {c.tokenizer_path!r}"
-    if not 0 < c.swa_start_frac <= 1:
-        yield f"SWA_START_FRAC must be in (0, 1], got {c.swa_start_frac}"
     if c.ema_decay > 0 and c.swa_enabled:
         yield f"EMA_DECAY={c.ema_decay} replaces SWA as the exported average; set SWA_ENABLED=0"
     if c.quant_high_tensors and c.quant_method != "gptq":
         yield f"QUANT_HIGH_TENSORS={c.quant_high_tensors} ranks tensors by GPTQ Hessians; it needs QUANT_METHOD=gptq"
-    for name in ("quant_levels", "mlp_quant_levels"):
-        if not 1 <= getattr(c, name) <= 127:
-            yield f"{name.upper()} must be in 1..127 (int8 codes), got {getattr(c, name)}"
-    for name, allowed in (("quant_method", ("gptq", "clip", "ref")), ("gptq_calib", ("train", "selfgen")),
-                          ("compressor", ("auto", "zstd", "brotli"))):
-        if getattr(c, name) not in allowed:
-            yield f"{name.upper()} must be one of {', '.join(allowed)}, got {getattr(c, name)!r}"
     if c.reserves_calibration_time and c.gptq_reserve_seconds >= c.max_wallclock_seconds > 0:
         yield (f"GPTQ_RESERVE_SECONDS={c.gptq_reserve_seconds} must be below MAX_WALLCLOCK_SECONDS="
                f"{c.max_wallclock_seconds} (GPTQ_CALIB=train calibrates inside the training budget)")
-    yield from _depth_schedule_problems(c)
     yield from _architecture_problems(c)
 
 
 def _architecture_problems(c: Config) -> Iterator[str]:
+    """PROG_DEPTH and the layer-plan knobs, which need the depth they imply."""
+    schedule = parse_prog_depth(c.prog_depth)
+    fracs = [f for f, _ in schedule]
+    if any(not 0 < f <= 1 for f in fracs) or fracs != sorted(set(fracs)):
+        yield f"PROG_DEPTH fractions must be increasing and in (0, 1], got {c.prog_depth!r}"
+    for _, reps in schedule:
+        if not 1 <= reps <= c.num_repeats:
+            yield f"PROG_DEPTH repeats {reps} must be in 1..NUM_REPEATS={c.num_repeats}"
+    if schedule[-1][1] != c.num_repeats:
+        yield f"PROG_DEPTH must end at NUM_REPEATS={c.num_repeats} (the depth that is exported), got {c.prog_depth!r}"
     recur = parse_ints(c.recur_layers)
     if recur and (recur != list(range(recur[0], recur[-1] + 1)) or not 0 <= recur[0] <= recur[-1] < c.num_layers):
         yield f"RECUR_LAYERS must be consecutive layers in 0..{c.num_layers - 1}, got {c.recur_layers!r}"
-    if c.unet not in ("off", "add", "gated"):
-        yield f"UNET must be off, add or gated, got {c.unet!r}"
     if c.bigram_vocab_size == 1:
         yield "BIGRAM_VOCAB_SIZE must be 0 (off) or >= 2 (one bucket is reserved for the first position)"
     if c.rope_dims % 2 or c.rope_dims > c.head_dim:
@@ -405,25 +402,9 @@ def _architecture_problems(c: Config) -> Iterator[str]:
                    f"got VE_DIM={c.ve_dim} VE_LAYERS={c.ve_layers!r}")
 
 
-def _depth_schedule_problems(c: Config) -> Iterator[str]:
-    schedule = parse_prog_depth(c.prog_depth)
-    fracs = [f for f, _ in schedule]
-    if any(not 0 < f <= 1 for f in fracs) or fracs != sorted(set(fracs)):
-        yield f"PROG_DEPTH fractions must be increasing and in (0, 1], got {c.prog_depth!r}"
-    for _, reps in schedule:
-        if not 1 <= reps <= c.num_repeats:
-            yield f"PROG_DEPTH repeats {reps} must be in 1..NUM_REPEATS={c.num_repeats}"
-    if schedule[-1][1] != c.num_repeats:
-        yield f"PROG_DEPTH must end at NUM_REPEATS={c.num_repeats} (the depth that is exported), got {c.prog_depth!r}"
-
-
 # === 3. RUNTIME ===
 # Everything that touches a device, torchrun, the clock or the file system. The numerical core below takes its
 # device from its tensors, so this object is the only place with "cuda" in it.
-
-
-def generate_run_id() -> str:
-    return time.strftime("%Y%m%d_%H%M%S") + "_" + secrets.token_hex(3)
 
 
 class Runtime:
@@ -450,7 +431,7 @@ class Runtime:
         self.use_compile = cfg.compile == "1" or (cfg.compile == "auto" and self.is_cuda)
         self.use_autocast = cfg.autocast
         # Rank 0 draws the run id so every rank names the same log, artifact and records folder.
-        run_id = self.broadcast_object(cfg.run_id or generate_run_id())
+        run_id = self.broadcast_object(cfg.run_id or time.strftime("%Y%m%d_%H%M%S_") + secrets.token_hex(3))
         self.cfg = dataclasses.replace(cfg, run_id=run_id)
         self.log_path = Path("logs") / f"{run_id}.txt"
         if self.is_main:
@@ -564,11 +545,9 @@ def run_progress(cfg: Config, step: int, elapsed_ms: float) -> float:
 
 
 def warmdown_scale(cfg: Config, step: int, elapsed_ms: float) -> float:
-    """1 until the warmdown, then linear to 0 at the end of the run.
-
-    With a wallclock budget the warmdown starts when the remaining time drops below WARMDOWN_ITERS mean steps
-    (the reference rule; elapsed excludes compile time, so it no longer depends on the compile cache).
-    """
+    """1 until the warmdown, then linear to 0 at the end of the run. With a wallclock budget the warmdown starts
+    when the remaining time drops below WARMDOWN_ITERS mean steps (the reference rule; elapsed excludes compile
+    time, so it no longer depends on the compile cache)."""
     if cfg.max_wallclock_seconds > 0:
         remaining_ms = max(1000.0 * cfg.max_wallclock_seconds - elapsed_ms, 0.0)
         warmdown_ms = cfg.warmdown_iters * elapsed_ms / max(step, 1)
@@ -640,9 +619,6 @@ class TokenStream:
         self.file_index = 0
         self.offset = 0
         self.tokens = read_shard(paths[0])
-
-    def position(self) -> tuple[int, int]:
-        return self.file_index, self.offset
 
     def seek(self, file_index: int, offset: int) -> None:
         self.file_index, self.offset = file_index, offset
@@ -822,8 +798,8 @@ def layer_plan(cfg: Config, repeats: int) -> list[tuple[int, int, int]]:
     indexed them by current position and re-paired them all when its recurrence switched on)."""
     lo, hi = cfg.recur_span
     span, extra = hi - lo, (cfg.num_repeats - 1) * (hi - lo)
-    return ([(p, p, 0) for p in range(lo)] + [(lo + j, lo + k * span + j, k) for k in range(repeats)
-                                              for j in range(span)] + [(p, p + extra, 0) for p in range(hi, cfg.num_layers)])
+    recurrent = [(lo + j, lo + k * span + j, k) for k in range(repeats) for j in range(span)]
+    return [(p, p, 0) for p in range(lo)] + recurrent + [(p, p + extra, 0) for p in range(hi, cfg.num_layers)]
 
 
 class Attention(nn.Module):
@@ -970,10 +946,8 @@ class GPT(nn.Module):
         return x
 
     def forward(self, ids: Tensor, repeats: int, targets: Tensor | None = None) -> Tensor:
-        """ids (B, T) -> fp32 logits (B, T, V), or per-token NLL (B, T) when targets are given.
-
-        `repeats` (1..NUM_REPEATS) is the current depth; a compiled forward keeps one graph per value.
-        """
+        """ids (B, T) -> fp32 logits (B, T, V), or per-token NLL (B, T) when targets are given. `repeats`
+        (1..NUM_REPEATS) is the current depth; a compiled forward keeps one graph per value."""
         cfg, lo = self.cfg, self.cfg.recur_span[0]
         x0 = self.embed(ids)  # (B, T, D), fp32 residual stream
         values = [table(ids) for table in self.value_embeds]  # looked up once, added at every layer
@@ -1098,21 +1072,17 @@ def store_label(cfg: Config, store: str) -> str:
 
 
 def apply_param_dtypes(model: nn.Module) -> None:
-    params = dict(model.named_parameters())
     for row in param_table(model):
-        params[row.name].data = params[row.name].data.to(row.rule.dtype)
+        model.get_parameter(row.name).data = model.get_parameter(row.name).data.to(row.rule.dtype)
 
 
 def build_optimizers(model: nn.Module, cfg: Config, fused: bool) -> dict[str, torch.optim.Optimizer]:
-    """Muon for block matrices, Adam for embeddings and scalars; each group remembers its base LR.
-
-    torch.optim.Muon keeps momentum as an EMA (buf = mu buf + (1-mu) g); that is the reference's buf = mu buf + g
-    scaled by (1-mu), which Newton-Schulz normalises away, so updates match at constant momentum.
-    """
-    params = dict(model.named_parameters())
+    """Muon for block matrices, Adam for embeddings and scalars; each group remembers its base LR. torch.optim.Muon
+    keeps momentum as an EMA (buf = mu buf + (1-mu) g); that is the reference's buf = mu buf + g scaled by (1-mu),
+    which Newton-Schulz normalises away, so updates match at constant momentum."""
     by_group: dict[str, list[nn.Parameter]] = {"muon": [], "embed": [], "scalar": []}
     for row in param_table(model):
-        by_group[row.rule.group].append(params[row.name])
+        by_group[row.rule.group].append(model.get_parameter(row.name))
     adam = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, weight_decay=0.0, fused=fused)
     optimizers = {
         "muon": torch.optim.Muon(by_group["muon"], lr=cfg.matrix_lr, weight_decay=cfg.muon_wd,
@@ -1275,11 +1245,9 @@ ModelFn = Callable[..., Tensor]  # (ids, repeats) -> fp32 logits (B, T, V)
 
 def window_plan(total: int, window: int, stride: int) -> Tensor:
     """(n, 3) int64 rows (start, length, score_from): windows over `total` targets that score each exactly once.
-
     Every window has length min(window, total) and ends `stride` targets after the previous one (the last ends at
     `total`); it scores only what no earlier window scored, so past the first window each target has at least
-    window - stride tokens of context and the tail is not re-scored (the reference scored its last 256 four times).
-    """
+    window - stride tokens of context and the tail is not re-scored (the reference scored its last 256 four times)."""
     length = min(window, total)
     ends = torch.tensor([*range(length, total, stride), total])
     starts = ends - length
@@ -1619,13 +1587,11 @@ def quantize_model(cfg: Config, model: nn.Module, hessians: Mapping[str, Tensor]
 
 
 def pack_artifact(cfg: Config, stored: list[StoredTensor]) -> tuple[bytes, dict[str, int]]:
-    """The artifact file and the compressed body size under each codec COMPRESSOR tried.
-
-    File: ARTIFACT_HEAD | compressed body | sha256 of all before it. Body: u32 length, JSON header (model config;
-    tensor index: name, shape, dtype, store, levels), every tensor's values in index order, then every row scale
-    vector, so codes, scales and floats each form one run. Arrays are byte-planed (all first bytes, then all second
-    bytes...): float exponent bytes then sit together, which both codecs reward; int8 codes are unchanged.
-    """
+    """The artifact file and the compressed body size under each codec COMPRESSOR tried. File: ARTIFACT_HEAD |
+    compressed body | sha256 of all before it. Body: u32 length, JSON header (model config; tensor index: name,
+    shape, dtype, store, levels), every tensor's values in index order, then every row scale vector, so codes,
+    scales and floats each form one run. Arrays are byte-planed (all first bytes, then all second bytes...): float
+    exponent bytes then sit together, which both codecs reward; int8 codes are unchanged."""
     header = {"config": {k: getattr(cfg, k) for k in MODEL_FIELDS},
               "tensors": [[t.name, list(t.shape), t.dtype, t.store, t.levels] for t in stored]}
     head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
@@ -1863,15 +1829,14 @@ class Trainer:
 
     def save_checkpoint(self, state: TrainState) -> None:
         """Everything a bit-identical continuation needs, written by rank 0 (temp file + rename: never torn).
-
-        Model, optimizer moments and stream position are identical on every rank, so one copy serves all.
-        """
+        Model, optimizer moments and stream position are identical on every rank, so one copy serves all."""
         self.clock.pause()
         state.checkpoint_ms, path = state.train_ms, self.checkpoint_path()
         if self.rt.is_main:
+            stream = self.batches.stream
             payload = dict(config=resume_key(self.cfg), model=self.model.state_dict(), swa_sum=state.swa_sum,
                            ema=state.ema, optimizers={k: opt.state_dict() for k, opt in self.optimizers.items()},
-                           stream=list(self.batches.stream.position()), rng=torch.get_rng_state(),
+                           stream=[stream.file_index, stream.offset], rng=torch.get_rng_state(),
                            state=json.dumps({k: getattr(state, k) for k in RESUMED_STATE}))
             torch.save(payload, path.with_name(path.name + ".tmp"))
             os.replace(path.with_name(path.name + ".tmp"), path)

@@ -60,7 +60,7 @@ def test_dry_run_prints_config_count_and_table(tmp_path):
                             r"budget_bytes:16000000 headroom_bytes:-?\d+", lines[-1])
     assert estimate and int(estimate.group(1)) == len(Path(SCRIPT).read_bytes())
     rows = [line for line in lines if line.startswith("param ")]
-    assert len(rows) == 6 + 3 * 10  # 6 model-level tensors + 10 per block
+    assert len(rows) == 10 + 3 * 6  # 10 model-level tensors (embeddings, recurrence, gains and scales) + 6 per block
     assert any("blocks.0.mlp.fc.weight shape:2640x880 group:muon dtype:float32 store:q(levels=16" in r for r in rows)
     assert list(tmp_path.iterdir()) == []  # no logs, no data, no device work
 
