@@ -966,7 +966,8 @@ class GPT(nn.Module):
                 delta = delta + self.value_scales[slot, j] * value
             if k > 0 and self.cross_repeat_scales is not None:  # stateful recurrence: block p's previous output
                 delta = delta + self.cross_repeat_scales[p - lo, k - 1] * previous[p]
-            lanes = [lane + delta for lane in lanes]
+            if torch.is_tensor(delta):  # nothing to add in the #1204/#456 shapes: no op at all
+                lanes = [lane + delta for lane in lanes]
             if self.skip_weights is not None and i >= encoder and skips:  # decoder i reads the mirrored encoder layer
                 skip = self.skip_weights[i - encoder] * skips.pop()
                 lanes = [lane + skip if self.skip_gates is None else  # gated: (1 - g) skip + g lane

@@ -93,7 +93,7 @@ def test_layer_plan_of_the_whole_stack_recurrence_is_the_1453_loop():
     ({"RECUR_LAYERS": "1,3", "NUM_LAYERS": "4"}, "RECUR_LAYERS must be consecutive"),
     ({"RECUR_LAYERS": "2,3"}, "RECUR_LAYERS must be consecutive layers in 0..2"),
     ({"RECUR_LAYERS": "a"}, "comma-separated integers"),
-    ({"UNET": "sum"}, "UNET must be off, add or gated"),
+    ({"UNET": "sum"}, "UNET must be one of off, add, gated"),
     ({"BIGRAM_VOCAB_SIZE": "1"}, "BIGRAM_VOCAB_SIZE must be 0"),
     ({"ROPE_DIMS": "3"}, "ROPE_DIMS must be even"),
     ({"ROPE_DIMS": "112"}, "ROPE_DIMS must be even and <= the head dim 110"),
