@@ -338,10 +338,11 @@ def test_ema_follows_every_step_and_is_applied_in_each_params_dtype(tiny_cfg, ru
     cfg = tiny_cfg(prog_depth="1.0:4", swa_enabled=False, ema_decay=0.75, grad_accum_steps=1, autocast=False)
     trainer, state = make_trainer(cfg, runtime(cfg), tmp_path)
     want = None
-    for _ in range(3):  # by hand, in float64: the first step's weights, then ema = 0.75 ema + 0.25 w
+    for step in (1, 2, 3):  # by hand, in float64: the first step's weights, then ema = d ema + (1 - d) w
         trainer.advance(state, 1)
         w = {n: p.detach().double().clone() for n, p in trainer.model.named_parameters()}
-        want = w if want is None else {n: 0.75 * want[n] + 0.25 * w[n] for n in w}
+        d = min(0.75, (1 + step) / (10 + step))  # the warmup: 3/12, then 4/13
+        want = w if want is None else {n: d * want[n] + (1 - d) * w[n] for n in w}
     assert set(state.ema) == set(want) and all(t.dtype == torch.float32 for t in state.ema.values())
     for n, t in state.ema.items():
         torch.testing.assert_close(t, want[n].float(), rtol=1e-6, atol=1e-7)
