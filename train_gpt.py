@@ -265,7 +265,7 @@ PRESETS: dict[str, dict[str, object]] = {
         max_wallclock_seconds=0.0, warmdown_iters=3000, swa_every=50, swa_start_frac=0.2, tied_embed_lr=0.035,
         matrix_lr=0.025, scalar_lr=0.025, muon_momentum=0.99, muon_momentum_warmup_start=0.92,
         muon_momentum_warmup_steps=1500, eval_seq_len=2048, eval_stride=128, eval_batch_seqs=64, quant_levels=31,
-        mlp_quant_levels=15, quant_method="clip", mixer="off", val_loss_every=500, train_log_every=100),
+        mlp_quant_levels=15, quant_method="clip", mixer="off", ttt=True, val_loss_every=500, train_log_every=100),
 }
 
 

@@ -65,6 +65,7 @@ def test_pr1204_forces_its_16_recurrent_matrices_to_the_high_levels_first():
 def test_presets_are_valid_and_differ_only_where_the_systems_did():
     pr456 = Config.from_env({"PRESET": "pr456"})
     assert (pr456.num_layers, pr456.num_repeats, pr456.mlp_negative_slope, pr456.eval_stride) == (10, 1, 0.0, 128)
+    assert pr456.ttt and pr456.ttt_chunk_tokens == 32768 and pr456.ttt_lr == 5e-4  # its score-first TTT
     assert Config.from_env({"PRESET": "pr784"}).depth_schedule == ((1.0, 4),)  # no progressive depth
     assert Config.from_env({"PRESET": "pr895"}).quant_levels == 127
     with pytest.raises(ConfigError, match="unknown PRESET"):
