@@ -10,20 +10,21 @@ Run (CPU demo, 2 processes):   PRESET=demo torchrun --standalone --nproc_per_nod
 Inspect a config, no work:     DRY_RUN=1 MODEL_DIM=768 python3 train_gpt.py
 Every knob is an environment variable named like the reference's (MODEL_DIM, PROG_DEPTH, ...); see Config.
 Lineage: #148 recurrence, #784 XSA + LeakyReLU^2, #835 progressive depth, #1384 SWA, #1453 mixed quantization.
+The other seed systems run by name: PRESET=pr895 | pr784 | pr1204 (parallel lanes, mini recurrence) | pr456 (TTT).
 
 Contents
   1. IMPORTS
-  2. CONFIG         frozen typed config from env vars, presets, validation
+  2. CONFIG         frozen typed config from env vars, presets (#1453 and the seed systems), validation
   3. RUNTIME        device, torchrun, autocast, compile, logging, shutdown (the only impure section with 11-12)
-  4. SCHEDULES      LR warmup/warmdown, Muon momentum, progressive depth, SWA cadence
+  4. SCHEDULES      LR warmup/warmdown, Muon momentum, progressive depth (or mini recurrence), SWA cadence
   5. DATA           challenge shards, the sequential train stream, validation tokens
   6. BYTES          SentencePiece byte tables and the bits-per-byte meter
-  7. MODEL          attention with XSA, MLP, block, the recurrent GPT
+  7. MODEL          the layer plan, attention with XSA, MLP, the recurrent GPT and its #1204/#456 options
   8. PARAMETERS     the parameter policy table and the optimizers built from it
   9. MIXER          the online expert mixture of the final eval (normalized, or the reference's Hedge)
- 10. EVALUATION     the window plan, non-overlapping and sliding-window validation, the final evals
- 11. QUANTIZATION   clip search, GPTQ and its calibration, the artifact format, the size budget
- 12. TRAINING       compile priming, the train step, the timed loop, SWA, checkpoints
+ 10. EVALUATION     the window plan, non-overlapping and sliding-window validation, the final evals, TTT
+ 11. QUANTIZATION   clip search, GPTQ and its calibration, levels by Hessian, the artifact format, the budget
+ 12. TRAINING       compile priming, the train step, the timed loop, SWA or EMA, checkpoints
  13. MAIN           train, calibrate, export, read the artifact back on every rank and evaluate it
 """
 
