@@ -1662,13 +1662,24 @@ def budget_line(tag: str, code_bytes: int, model_bytes: int) -> tuple[str, int]:
 
 def estimate_model_bytes(cfg: Config, model: nn.Module) -> int:
     """DRY_RUN's guess: floats verbatim, fp16 row scales, and per code the entropy of a Gaussian row of C weights on
-    a grid of step (expected max sigma sqrt(2 ln C)) / L: log2(L sqrt(pi e / ln C)) bits, capped at log2(2L+1)."""
+    a grid of step (expected max sigma sqrt(2 ln C)) / L: log2(L sqrt(pi e / ln C)) bits, capped at log2(2L+1).
+    QUANT_HIGH_TENSORS ranks matrices by Hessians, unknown here: each matrix gets the high levels with probability
+    N / (number of matrices), i.e. the expected size if the choice did not depend on size."""
+    def code_bits(levels: int, cols: int) -> float:
+        bits = math.log2(levels * math.sqrt(math.pi * math.e / math.log(max(cols, 2))))
+        return min(max(bits, 0.0), math.log2(2 * levels + 1))
+
+    rows = [r for r in param_table(model) if r.name not in model.unexported()]
+    n_matrices = sum(r.rule.group == "muon" for r in rows)
+    high = min(cfg.quant_high_tensors / max(n_matrices, 1), 1.0)
     total = 0.0
-    for row in (r for r in param_table(model) if r.name not in model.unexported()):
-        numel, levels = math.prod(row.shape), store_levels(cfg, row.rule.store)
-        if levels:
-            bits = math.log2(levels * math.sqrt(math.pi * math.e / math.log(max(numel // row.shape[0], 2))))
-            total += numel * min(max(bits, 0.0), math.log2(2 * levels + 1)) / 8 + 2 * row.shape[0]
+    for row in rows:
+        numel, levels, cols = math.prod(row.shape), store_levels(cfg, row.rule.store), row.shape[-1]
+        if levels and cfg.quant_high_tensors and row.rule.group == "muon":
+            bits = high * code_bits(cfg.quant_levels, cols) + (1 - high) * code_bits(cfg.mlp_quant_levels, cols)
+            total += numel * bits / 8 + 2 * row.shape[0]
+        elif levels:
+            total += numel * code_bits(levels, cols) / 8 + 2 * row.shape[0]
         else:
             total += numel * (2 if row.rule.store == "fp16" else 4)
     return round(total)

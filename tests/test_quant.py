@@ -393,3 +393,14 @@ def test_mixed_levels_roundtrip_through_the_artifact(tiny_cfg):
         if t_file.levels:
             assert np.abs(t_file.values).max() <= t_file.levels
     assert {t.levels for t in loaded if t.name in hessians} == {cfg.quant_levels, cfg.mlp_quant_levels}
+
+
+def test_size_estimate_with_hessian_ranked_levels_grows_with_n_up_to_all_high():
+    cfg = Config(quant_method="gptq")
+    n = sum(r.rule.group == "muon" for r in param_table(train_gpt.meta_model(cfg)))
+
+    def estimate(**knobs) -> int:
+        return train_gpt.estimate_model_bytes(dataclasses.replace(cfg, **knobs), train_gpt.meta_model(cfg))
+
+    sizes = [estimate(quant_high_tensors=k) for k in (1, n // 2, n)]
+    assert sizes[0] < sizes[1] < sizes[2] == estimate(mlp_quant_levels=63)  # all high: every matrix at QUANT_LEVELS
