@@ -1268,11 +1268,18 @@ def scored_targets(rt: Runtime, model_fn: ModelFn, val_tokens: Tensor, windows: 
     return logits[keep], chunk[:, :-1][keep], chunk[:, 1:][keep]
 
 
-@torch.inference_mode()
 def eval_windows(cfg: Config, rt: Runtime, model_fn: ModelFn, val_tokens: Tensor, tables: ByteTables, repeats: int,
                  plan: Tensor, rows: int, mixer: Mixer | None = None) -> tuple[dict[str, tuple[float, float]], float]:
     """Score `plan` with rows windows per rank per batch: ({"neural": (loss, bpb)[, "mixed": ...]}, mixer ms)."""
     meters = {"neural": BpbMeter(rt.device), **({"mixed": BpbMeter(rt.device)} if mixer else {})}
+    mixer_ms = score_windows(cfg, rt, model_fn, val_tokens, tables, repeats, plan, rows, meters, mixer)
+    return {name: meter.reduce(rt).result() for name, meter in meters.items()}, mixer_ms
+
+
+@torch.inference_mode()  # scored targets cannot reach the weights (TTT trains only after this returns)
+def score_windows(cfg: Config, rt: Runtime, model_fn: ModelFn, val_tokens: Tensor, tables: ByteTables, repeats: int,
+                  plan: Tensor, rows: int, meters: dict[str, BpbMeter], mixer: Mixer | None = None) -> float:
+    """Add `plan`'s scores to this rank's (unreduced) meters; returns the mixer's milliseconds."""
     mixer_ms = 0.0
     for batch in plan.split(rows * rt.world_size):
         own = batch[rt.rank * rows:(rt.rank + 1) * rows]
@@ -1291,7 +1298,7 @@ def eval_windows(cfg: Config, rt: Runtime, model_fn: ModelFn, val_tokens: Tensor
             meters["mixed"].add(mix_batch(rt, mixer, batch, rows, log_probs, nll).sum(), len(y), nbytes)
             rt.sync()
             mixer_ms += 1000 * (time.perf_counter() - start)
-    return {name: meter.reduce(rt).result() for name, meter in meters.items()}, mixer_ms
+    return mixer_ms
 
 
 def eval_blocks(cfg: Config, rt: Runtime, model_fn: ModelFn, val_tokens: Tensor, tables: ByteTables,
@@ -1373,7 +1380,8 @@ def ttt_eval(cfg: Config, rt: Runtime, model: nn.Module, val_tokens: Tensor, tab
     meter = BpbMeter(rt.device)
     start = time.perf_counter()
     for ci in range(n_chunks):
-        ttt_score(cfg, rt, model, val_tokens, tables, plan[chunk_of == ci], meter)
+        score_windows(cfg, rt, model, val_tokens, tables, cfg.num_repeats, plan[chunk_of == ci], cfg.eval_batch_seqs,
+                      {"neural": meter})
         if ci < n_chunks - 1:
             lr = cfg.ttt_lr * 0.5 * (1 + math.cos(math.pi * ci / max(n_chunks - 1, 1)))
             ttt_train(cfg, rt, model, params, opt, val_tokens, ci * chunk, min((ci + 1) * chunk, total), lr)
@@ -1381,19 +1389,6 @@ def ttt_eval(cfg: Config, rt: Runtime, model: nn.Module, val_tokens: Tensor, tab
     log_eval(rt, "final_ttt", result, 1000 * (time.perf_counter() - start),
              f" window:{cfg.eval_seq_len} stride:{cfg.eval_stride}", repeats=cfg.num_repeats)
     return result
-
-
-@torch.inference_mode()  # scored tokens cannot leak into the weights: no autograd graph exists here
-def ttt_score(cfg: Config, rt: Runtime, model: nn.Module, val_tokens: Tensor, tables: ByteTables, windows: Tensor,
-              meter: BpbMeter) -> None:
-    """Add one chunk's windows to `meter` (unreduced), EVAL_BATCH_SEQS per rank per batch as in eval_windows."""
-    rows = cfg.eval_batch_seqs
-    for batch in windows.split(rows * rt.world_size):
-        own = batch[rt.rank * rows:(rt.rank + 1) * rows]
-        if len(own):
-            logits, prev, y = scored_targets(rt, model, val_tokens, own, rows, cfg.num_repeats)
-            nll = -logits.log_softmax(-1).gather(1, y[:, None]).squeeze(1)
-            meter.add(nll.sum(), len(y), target_bytes(prev, y, tables).sum())
 
 
 def ttt_train(cfg: Config, rt: Runtime, model: nn.Module, params: list[nn.Parameter], opt: torch.optim.Optimizer,
