@@ -949,7 +949,7 @@ class GPT(nn.Module):
     def forward(self, ids: Tensor, repeats: int, targets: Tensor | None = None) -> Tensor:
         """ids (B, T) -> fp32 logits (B, T, V), or per-token NLL (B, T) when targets are given. `repeats`
         (1..NUM_REPEATS) is the current depth; a compiled forward keeps one graph per value."""
-        cfg, lo = self.cfg, self.cfg.recur_span[0]
+        cfg, (lo, hi) = self.cfg, self.cfg.recur_span
         x0 = self.embed(ids)  # (B, T, D), fp32 residual stream
         values = [table(ids) for table in self.value_embeds]  # looked up once, added at every layer
         ve = None if self.ve is None else self.ve.scale * self.ve.proj(self.ve.embed(ids))
@@ -974,19 +974,19 @@ class GPT(nn.Module):
                 lanes = [lane + skip if self.skip_gates is None else  # gated: (1 - g) skip + g lane
                          torch.lerp(skip, lane, torch.sigmoid(self.skip_gates[i - encoder])) for lane in lanes]
             v_extra = self.ve.layer_scales[ve_index[slot]] * ve if slot in ve_index else None
-            lanes = self.layer(lanes, x0, p, slot, k, rope, i >= first_xsa, v_extra)
+            untied = k > 0 and self.repeat_mlps is not None
+            mlp = self.repeat_mlps[(k - 1) * (hi - lo) + p - lo] if untied else self.blocks[p].mlp
+            lanes = self.layer(lanes, x0, p, slot, mlp, rope, i >= first_xsa, v_extra)
             previous[p] = out = lanes[0] if len(lanes) == 1 else (lanes[0] + lanes[1]) / 2
             if self.skip_weights is not None and i < encoder:
                 skips.append(out)
         return self.head(rms_norm(out), targets)
 
-    def layer(self, lanes: list[Tensor], x0: Tensor, p: int, slot: int, k: int, rope: tuple[Tensor, Tensor],
+    def layer(self, lanes: list[Tensor], x0: Tensor, p: int, slot: int, mlp: MLP, rope: tuple[Tensor, Tensor],
               use_xsa: bool, v_extra: Tensor | None) -> list[Tensor]:
         """One effective layer on one stream, or on #1204's two lanes: attention reads lane 0, the MLP reads lane 1
         after attention wrote to it, and each sublayer writes both lanes with learned routing weights."""
         cfg, block, si = self.cfg, self.blocks[p], slot if self.cfg.untie_scalars else p
-        lo, hi = cfg.recur_span
-        mlp = self.repeat_mlps[(k - 1) * (hi - lo) + p - lo] if k and self.repeat_mlps is not None else block.mlp
         attn_on, mix = not (p == 0 and cfg.disable_layer0_attn), self.resid_mix[si]
 
         def norm(x: Tensor) -> Tensor:  # LN_SCALE damps the sublayer inputs of deeper layers

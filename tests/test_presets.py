@@ -224,7 +224,7 @@ def test_parallel_lanes_follow_the_1204_routing_formula():
     x0 = model.embed(ids)
     l0, l1 = x0 + 0.1, x0 - 0.1
     rope = train_gpt.rope_tables(ids.size(1), model.cfg.head_dim, 10000.0, ids.device)
-    got0, got1 = model.layer([l0, l1], x0, 2, 2, 0, rope, False, None)
+    got0, got1 = model.layer([l0, l1], x0, 2, 2, model.blocks[2].mlp, rope, False, None)
     mix, block, norm = model.resid_mix[2], model.blocks[2], train_gpt.rms_norm
     a = model.attn_scale[2] * block.attn(norm(mix[0] * l0 + mix[1] * x0), rope, model.q_gain[2], False)
     l0, l1 = 1.1 * l0 + 1.0 * a, 1.1 * l1 + 0.3 * a
