@@ -3,6 +3,7 @@ and each option's forward/backward and defining formula on tiny configs."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import subprocess
@@ -269,17 +270,12 @@ def test_disabled_layer0_attention_is_left_out_of_the_artifact_and_filled_on_loa
     blob, _ = train_gpt.pack_artifact(cfg, stored)
     header, back = train_gpt.unpack_artifact(blob)
     state = {t.name: t.dequantize() for t in back}
-    rt = train_gpt.Runtime(dataclasses_replace(cfg), {})
+    rt = train_gpt.Runtime(dataclasses.replace(cfg, device="cpu", autocast=False), {})
     tokens = torch.randint(0, cfg.vocab_size, (200,))
     tables = train_gpt.ByteTables(*(torch.ones(cfg.vocab_size, dtype=t) for t in (torch.int32, torch.bool,
                                                                                    torch.bool)))
     loaded, _, bpb = train_gpt.roundtrip_eval(cfg, rt, state, tokens, tables)
     assert math.isfinite(bpb) and not loaded.blocks[0].attn.c_q.weight.any()
-
-
-def dataclasses_replace(cfg: Config) -> Config:
-    import dataclasses
-    return dataclasses.replace(cfg, device="cpu", autocast=False)
 
 
 # --- whole runs of the seed shapes ---
