@@ -165,7 +165,7 @@ def test_train_batches_rank_slices(tmp_path, world):
 
 def test_train_batches_match_spec_volume(tmp_path):
     # Consecutive calls advance the shared stream by span x world tokens: check with an independent stream.
-    tokens = write_shards(tmp_path, "train", [1000])
+    write_shards(tmp_path, "train", [1000])
     paths = train_gpt.shard_paths(str(tmp_path), "train")
     loader = TrainBatches(TokenStream(paths), 1, 2, 8, 4, torch.device("cpu"))
     for call in range(3):
