@@ -44,6 +44,7 @@ CODECS = {  # name: (compress, decompress, the packed file's expression that dec
     "lzma": (lambda b: lzma.compress(b, lzma.FORMAT_ALONE, filters=LZMA_FILTERS), lzma.decompress,
              '__import__("lzma").decompress(%s)'),
 }
+READS_TEXT = {"__doc__", "getdoc", "get_docstring", "getcomments", "getsource", "getsourcelines"}  # strip_source
 HEADER = re.compile(r"# Packed by records/pack_script\.py from (\S+) \(sha256:([0-9a-f]{64}) (\w+)\)")
 STUB = '''\
 # Packed by records/pack_script.py from {name} (sha256:{sha256} {codec})
@@ -77,7 +78,10 @@ def drop_docstrings(source: str) -> str:
     for owner, doc in docstrings(ast.parse(source)):
         first, last = lines[doc.lineno - 1].encode(), lines[doc.end_lineno - 1].encode()  # offsets are UTF-8 bytes
         keep = "..." if len(owner.body) == 1 else ""
-        lines[doc.lineno - 1] = (first[:doc.col_offset] + keep.encode() + last[doc.end_col_offset:]).decode()
+        rest = last[doc.end_col_offset:]
+        if rest.lstrip().startswith(b";"):  # `"""Doc."""; x = 1`: the statement after it stays valid
+            rest = rest.lstrip()[1:].lstrip()
+        lines[doc.lineno - 1] = (first[:doc.col_offset] + keep.encode() + rest).decode()
         for k in range(doc.lineno, doc.end_lineno):
             lines[k] = "\n"
     return "".join(lines)
@@ -116,6 +120,10 @@ def drop_comments_and_indent(source: str) -> str:
 def strip_source(source: str) -> str:
     """The source without comments and docstrings, re-indented; raises PackError unless it is the same program."""
     expected = ast.parse(source)
+    readers = {n.id if isinstance(n, ast.Name) else n.attr for n in ast.walk(expected)
+               if isinstance(n, (ast.Name, ast.Attribute))} & READS_TEXT
+    if readers:
+        raise PackError(f"the source reads its own docstrings or comments ({', '.join(sorted(readers))})")
     try:
         stripped = drop_comments_and_indent(drop_docstrings(source))
         got = ast.parse(stripped)
@@ -198,7 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     out = args.out or args.source.with_name("train_gpt_packed.py")
     source = args.source.read_text(encoding="utf-8")
-    text = pack(source, args.source.name)
+    try:
+        text = pack(source, args.source.name)
+    except PackError as err:
+        print(f"pack:failed reason:{err}")
+        return 2
     out.write_bytes(text.encode("utf-8"))
     codec = HEADER.match(text).group(3)
     print(f"pack:written path:{out} bytes:{len(text.encode('utf-8'))} source_bytes:{len(source.encode('utf-8'))} "

@@ -70,8 +70,61 @@ def test_stripping_keeps_string_values_and_refuses_what_it_cannot_keep():
               'class E(Exception):\n    """Only a docstring."""\n')
     stripped = pack_script.strip_source(source)
     assert stripped == 'def f():\n\n return """a  # not a comment\n        kept  """\n\n\nclass E(Exception):\n ...\n'
-    with pytest.raises(pack_script.PackError):  # the statement after the docstring would move to its line
+    with pytest.raises(pack_script.PackError, match="moved"):  # x = 1 would move up to the docstring's first line
         pack_script.strip_source('def f():\n    """Doc.\n    """; x = 1\n    return x\n')
+
+
+TRICKY = r'''# -*- coding: utf-8 -*-
+"""Module docstring: « non-ASCII » and a # that is no comment."""
+import math  # a comment
+
+
+class Only:
+    """Just a docstring."""
+
+
+class Point:
+    """Two lines
+    of docstring."""
+    x: int = 1  # kept annotation, dropped comment
+
+    def norm(self, scale=2): """Docstring on the def line."""; return math.hypot(self.x, scale)
+
+
+def table(width=3):
+    """Doc."""
+    rows = [f"{i:>{width}}|" for i in range(3)]  # f-string with a nested format spec
+    text = """  a
+	b #c  """
+    total = 1 + \
+        2
+    if total: rows.append("x #y")
+    lam = lambda v: (v
+                     + 1)
+    return rows, text, total, lam(1), "é×"
+
+
+def raising():
+    return 1 / 0
+'''
+
+
+def test_tricky_constructs_strip_to_the_same_behaviour():
+    stripped = pack_script.strip_source(TRICKY)
+    assert stripped.count("\n") == TRICKY.count("\n") and "#c" in stripped and "#y" in stripped
+    assert "comment" not in stripped.replace("no comment", "") and "docstring" not in stripped.lower()
+    spaces: list[dict] = [{}, {}]
+    for space, source in zip(spaces, (TRICKY, stripped)):
+        exec(compile(source, "tricky.py", "exec"), space)
+    assert spaces[0]["table"]() == spaces[1]["table"]() and spaces[1]["table"]()[1] == "  a\n\tb #c  "
+    assert spaces[0]["Point"]().norm() == spaces[1]["Point"]().norm()
+    assert spaces[1]["Point"].__annotations__ == {"x": "int"}
+    for space in spaces:
+        with pytest.raises(ZeroDivisionError) as info:
+            space["raising"]()
+        assert traceback.extract_tb(info.value.__traceback__)[-1].lineno == TRICKY.count("\n")  # the last line
+    with pytest.raises(pack_script.PackError, match="__doc__"):  # it would read what stripping drops
+        pack_script.strip_source('"""Usage."""\nimport argparse\nparser = argparse.ArgumentParser(__doc__)\n')
 
 
 def test_seven_bit_text_round_trips_every_byte_in_a_plain_literal():
