@@ -159,8 +159,8 @@ def load(path: Path):
 
 def test_the_packed_module_defines_the_same_names_at_the_same_lines(tmp_path):
     packed = load(write_packed(tmp_path))
-    dunder = re.compile(r"^__\w+__$")
-    assert {k for k in vars(packed) if not dunder.match(k)} == {k for k in vars(train_gpt) if not dunder.match(k)}
+    names = [{k for k in vars(m) if not k.startswith("__")} for m in (packed, train_gpt)]  # (torch.compile adds
+    assert names[0] == names[1]  # __-names to the globals of code it compiled)
     assert packed.__file__ == str(tmp_path / "train_gpt_packed.py")
     assert dataclasses.asdict(packed.Config()) == dataclasses.asdict(train_gpt.Config())
     assert packed.PRESETS == train_gpt.PRESETS
