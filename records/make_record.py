@@ -10,6 +10,7 @@ script, --records-root records (relative to the working directory, like logs/).
 
 The folder holds, and nothing a previous run wrote is overwritten:
   train_gpt.py        the script that ran, byte-identical (checked: the log starts with this file's source)
+  train_gpt_readable.py  when that script is packed (records/pack_script.py): its readable source, not counted
   requirements.txt    copied from beside the script
   train_seed<S>.log   the run's log, its .jsonl beside it, and its artifact as .ptz when the log names one; a seed
                       already present keeps its files and the new run becomes train_seed<S>_<RUN_ID>.log
@@ -54,6 +55,7 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import significance  # noqa: E402  (one definition of the exact lines and of the metric priority)
+import pack_script  # noqa: E402  (a packed train_gpt.py names its readable source)
 
 TRACKS = ("track_10min_16mb", "track_non_record_16mb")
 BUDGET_BYTES = 16_000_000
@@ -469,6 +471,8 @@ def readme_block(sub: dict, counted: list[Run], superseded: list[tuple[Run, Run]
              "One row per seed: the newest run of that seed (latest start). Train s is the training clock (paused "
              "during validation); eval s is the sum of the final evals.", "", *results_table(sub, counted), "",
              f"train_gpt.py is {sub['bytes_code']:,} bytes (the file in this folder)."
+             + (f" It is packed; {pack_script.READABLE} is its readable source (not counted, same line numbers)."
+                if (folder / pack_script.READABLE).is_file() else "")
              + (f" Largest artifact (code + compressed model): {sub['bytes_total']:,} of {BUDGET_BYTES:,} bytes."
                 if "bytes_total" in sub else " No artifact is logged yet, so no total size."), ""]
     if (folder / "train_curve.png").is_file():
@@ -593,6 +597,9 @@ def make_record(log: Path, script: Path, template_path: Path, records_root: Path
     folder = choose_folder(records_root / track_folder(template), base, run, code, source)
     folder.mkdir(parents=True, exist_ok=True)
     copy_new(script, folder / "train_gpt.py")
+    readable = pack_script.readable_source(script, note)
+    if readable is not None and not (folder / pack_script.READABLE).exists():
+        (folder / pack_script.READABLE).write_bytes(readable)
     if (script.parent / "requirements.txt").is_file():
         copy_new(script.parent / "requirements.txt", folder / "requirements.txt")
     log_name, new = add_log(folder, log, run, source)

@@ -42,7 +42,7 @@ def workspace(tmp_path) -> Path:
     for name in ("train_gpt.py", "requirements.txt"):
         shutil.copyfile(REPO / name, tmp_path / name)
     (tmp_path / "records").mkdir()
-    for name in ("make_record.py", "significance.py"):
+    for name in ("make_record.py", "significance.py", "pack_script.py"):
         shutil.copyfile(REPO / "records" / name, tmp_path / "records" / name)
     (tmp_path / "submission.json").write_text(json.dumps(TEMPLATE))
     return tmp_path
