@@ -37,6 +37,7 @@ import dataclasses
 import difflib
 import functools
 import hashlib
+import importlib
 import json
 import math
 import os
@@ -51,13 +52,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
-import brotli
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import zstandard
 from torch import Tensor, nn
+
+
+def optional_module(name: str) -> object | None:
+    """The module, or None when it is not installed: the artifact codecs are optional (RunPod's image has neither)
+    and COMPRESSOR=auto uses whichever is there."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+zstandard = optional_module("zstandard")
+brotli = optional_module("brotli")
+OPTIONAL_CODECS = {"zstd": ("zstandard", zstandard), "brotli": ("brotli", brotli)}  # pip name, module or None
 
 # === 2. CONFIG ===
 # One frozen dataclass; the env var of a field is its upper-cased name. Defaults are the #1453 submitted run
@@ -301,6 +314,13 @@ def parse_prog_depth(spec: str) -> tuple[tuple[float, int], ...]:
     return tuple(pairs)
 
 
+def codecs_for(compressor: str) -> tuple[list[str], list[str]]:
+    """The installed codecs COMPRESSOR may use, and the pip names of the ones it wants that are missing."""
+    wanted = [name for name in OPTIONAL_CODECS if compressor in (name, "auto")]
+    return ([name for name in wanted if OPTIONAL_CODECS[name][1]],
+            [OPTIONAL_CODECS[name][0] for name in wanted if not OPTIONAL_CODECS[name][1]])
+
+
 def parse_ints(spec: str) -> list[int]:
     """'4,5' -> [4, 5]; '' -> []; raises ConfigError when an item is not an integer."""
     try:
@@ -373,6 +393,9 @@ def _config_problems(c: Config) -> Iterator[str]:
     if c.reserves_calibration_time and c.gptq_reserve_seconds >= c.max_wallclock_seconds > 0:
         yield (f"GPTQ_RESERVE_SECONDS={c.gptq_reserve_seconds} must be below MAX_WALLCLOCK_SECONDS="
                f"{c.max_wallclock_seconds} (GPTQ_CALIB=train calibrates inside the training budget)")
+    usable, missing = codecs_for(c.compressor)
+    if missing and not usable and not (c.dry_run or c.eval_only):  # checked before training, not after it
+        yield f"COMPRESSOR={c.compressor} needs {' or '.join(missing)}, not installed: pip install {' '.join(missing)}"
     yield from _architecture_problems(c)
 
 
@@ -1430,8 +1453,8 @@ SELFGEN_TEMPERATURE = 0.8  # #1204's sampling temperature for self-generated cal
 STORES = ("q_attn", "q_mlp", "fp16", "fp32")  # payload order: like bytes next to like bytes
 FLOAT_STORES = {"fp16": "<f2", "fp32": "<f4"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-CODECS = {"zstd": (lambda b: zstandard.ZstdCompressor(level=22).compress(b), zstandard.decompress),
-          "brotli": (lambda b: brotli.compress(b, quality=11), brotli.decompress)}  # position = id in the file
+CODECS = {"zstd": (lambda b: zstandard.ZstdCompressor(level=22).compress(b), lambda b: zstandard.decompress(b)),
+          "brotli": (lambda b: brotli.compress(b, quality=11), lambda b: brotli.decompress(b))}  # position = file id
 MODEL_FIELDS = ("vocab_size", "num_layers", "num_repeats", "model_dim", "num_heads", "num_kv_heads", "mlp_mult",
                 "num_value_embeds", "xsa_last_n", "logit_softcap", "rope_base", "prog_depth", "recur_layers",
                 "loop_embed", "cross_repeat", "untie_scalars", "untie_repeat_mlp", "unet", "parallel_last_n",
@@ -1595,7 +1618,7 @@ def pack_artifact(cfg: Config, stored: list[StoredTensor]) -> tuple[bytes, dict[
     arrays = [t.values for t in stored] + [t.scales for t in stored if t.levels]
     body = b"".join([struct.pack("<I", len(head)), head,
                      *(a.view(np.uint8).reshape(-1, a.itemsize).T.tobytes() for a in arrays)])
-    packed = {c: CODECS[c][0](body) for c in CODECS if cfg.compressor in (c, "auto")}
+    packed = {c: CODECS[c][0](body) for c in codecs_for(cfg.compressor)[0]}
     best = min(packed, key=lambda c: len(packed[c]))
     blob = ARTIFACT_HEAD.pack(ARTIFACT_MAGIC, ARTIFACT_VERSION, list(CODECS).index(best), len(packed[best]))
     return blob + packed[best] + hashlib.sha256(blob + packed[best]).digest(), {c: len(d) for c, d in packed.items()}
@@ -1621,6 +1644,9 @@ def unpack_artifact(blob: bytes) -> tuple[dict, list[StoredTensor]]:
         raise ValueError(f"truncated artifact: {len(blob)} bytes, its header implies {ARTIFACT_HEAD.size + size + 32}")
     if hashlib.sha256(blob[:-32]).digest() != blob[-32:]:
         raise ValueError("corrupted artifact: sha256 mismatch")
+    name = list(CODECS)[codec] if codec < len(CODECS) else ""
+    if name and not OPTIONAL_CODECS[name][1]:
+        raise ValueError(f"compressed with {name}, not installed here: pip install {OPTIONAL_CODECS[name][0]}")
     try:  # past the checksum, only a deliberately crafted file can fail here
         body = bytearray(list(CODECS.values())[codec][1](blob[ARTIFACT_HEAD.size:-32]))
         (head_len,) = struct.unpack_from("<I", body)
@@ -1910,6 +1936,18 @@ def weights_sha256(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def check_same_weights(rt: Runtime, digest: str) -> None:
+    """Log the weights' digest and whether every rank holds the same one; ranks that diverged (a nondeterministic
+    kernel, a bad collective) would score and export different models, so the run ends with exit code 1."""
+    rt.log(f"weights_sha256:{digest}")
+    digests = rt.all_gather(torch.tensor(list(bytes.fromhex(digest)), dtype=torch.uint8, device=rt.device))
+    differing = [rank for rank in range(rt.world_size) if not torch.equal(digests[rank], digests[0])]
+    rt.log(f"weights_identical_across_ranks:{int(not differing)}")
+    if differing:
+        rt.log(f"weights_differ ranks:{','.join(map(str, differing))} (their weights differ from rank 0's)")
+        rt.shutdown(1)
+
+
 @torch.no_grad()
 def swa_collect(state: TrainState, model: nn.Module) -> None:
     """Add the current weights to the fp32 running sum, on the training device (no per-step host copies)."""
@@ -2002,6 +2040,10 @@ def log_header(cfg: Config, rt: Runtime, model: GPT, n_val: int) -> None:
     rt.log(f"world_size:{rt.world_size} device:{rt.device_name()} "
            f"grad_accum_steps:{grad_accum_for(cfg, rt.world_size)} "
            f"compile:{int(rt.use_compile)} autocast:{int(rt.use_autocast)}")
+    missing = codecs_for(cfg.compressor)[1]
+    if missing and not cfg.eval_only:
+        rt.log(f"codec_fallback: {' '.join(missing)} not installed (pip install {' '.join(missing)}); the artifact "
+               f"uses {' '.join(codecs_for(cfg.compressor)[0])} only")
     shards = "" if cfg.eval_only else f"train_shards:{len(shard_paths(cfg.data_path, 'train'))} "
     rt.log(f"{shards}val_tokens:{n_val} seed:{cfg.seed}")
 
@@ -2030,7 +2072,7 @@ def train_and_export(cfg: Config, rt: Runtime, tables: ByteTables, val_tokens: T
         rt.shutdown(0)
     rt.log(rt.peak_memory_line())
     rt.log(apply_weight_average(cfg, state, model))
-    rt.log(f"weights_sha256:{weights_sha256(model)}")
+    check_same_weights(rt, weights_sha256(model))
     hessians = {}
     if cfg.quant_method == "gptq":  # NOTE: GPTQ_CALIB=train reads training data: inside the reserve, checked here
         start = time.perf_counter()
