@@ -32,6 +32,7 @@ Contents
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import difflib
@@ -617,7 +618,8 @@ SHARD_HEADER_INTS = 256
 
 
 def read_shard(path: Path) -> np.ndarray:
-    """Tokens of one shard as uint16; any header or size mismatch raises ValueError naming the file."""
+    """Tokens of one shard as a read-only uint16 memory map (pages are read when sliced, so a shard change costs the
+    training step nothing); any header or size mismatch raises ValueError naming the file."""
     header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
     if header.size != SHARD_HEADER_INTS or header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
         raise ValueError(f"{path}: not a challenge shard (want magic {SHARD_MAGIC} version {SHARD_VERSION})")
@@ -625,7 +627,9 @@ def read_shard(path: Path) -> np.ndarray:
     expected = 4 * SHARD_HEADER_INTS + 2 * count
     if path.stat().st_size != expected:
         raise ValueError(f"{path}: size {path.stat().st_size} bytes, header says {count} tokens ({expected} bytes)")
-    return np.fromfile(path, dtype="<u2", count=count, offset=4 * SHARD_HEADER_INTS)
+    if not count:  # mmap cannot map zero bytes
+        return np.zeros(0, dtype="<u2")
+    return np.memmap(path, dtype="<u2", mode="r", offset=4 * SHARD_HEADER_INTS, shape=(count,))
 
 
 def shard_paths(data_path: str, split: str) -> list[Path]:
@@ -662,20 +666,40 @@ class TokenStream:
 
 
 class TrainBatches:
-    """Per micro-step (inputs, targets) of shape (local_tokens / seq_len, seq_len) for one rank."""
+    """Per micro-step (inputs, targets) of shape (local_tokens / seq_len, seq_len) for one rank. One worker thread
+    reads the next micro-batch while the current step runs (pinned for an asynchronous copy when the device is not
+    the CPU); `position` is the stream position after the batches handed out: what a checkpoint saves."""
 
     def __init__(self, stream: TokenStream, rank: int, world_size: int, local_tokens: int, seq_len: int,
                  device: torch.device):
         self.stream, self.rank, self.world_size = stream, rank, world_size
         self.local_tokens, self.seq_len, self.device = local_tokens, seq_len, device
+        self.position = (stream.file_index, stream.offset)
+        self.worker, self.pending = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="batches"), None
 
-    def next(self) -> tuple[Tensor, Tensor]:
+    def read(self) -> tuple[list[Tensor], tuple[int, int]]:
         # Every rank reads the same chunk and keeps its slice: the extra token per rank is only a target, so the
         # pair between adjacent rank spans is never trained on (as in the challenge's loader).
         span = self.local_tokens + 1
-        chunk = self.stream.take(span * self.world_size)[self.rank * span:(self.rank + 1) * span]
-        local = torch.from_numpy(chunk.astype(np.int64)).to(self.device)
-        return local[:-1].view(-1, self.seq_len), local[1:].view(-1, self.seq_len)
+        chunk = torch.from_numpy(self.stream.take(span * self.world_size)[self.rank * span:(self.rank + 1) * span]
+                                 .astype(np.int64))
+        pair = [chunk[:-1].view(-1, self.seq_len), chunk[1:].view(-1, self.seq_len)]
+        if self.device.type != "cpu":  # separate pinned copies: y gets its own aligned device tensor too
+            pair = [t.pin_memory() for t in pair]
+        return pair, (self.stream.file_index, self.stream.offset)
+
+    def next(self) -> tuple[Tensor, Tensor]:
+        current = self.pending or self.worker.submit(self.read)
+        self.pending = self.worker.submit(self.read)  # one worker: reads stay in stream order
+        (x, y), self.position = current.result()
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def seek(self, file_index: int, offset: int) -> None:
+        if self.pending:  # let the worker finish with the stream before moving it
+            self.pending.result()
+            self.pending = None
+        self.stream.seek(file_index, offset)
+        self.position = (file_index, offset)
 
 
 def grad_accum_for(cfg: Config, world_size: int) -> int:
@@ -1867,10 +1891,9 @@ class Trainer:
         self.clock.pause()
         state.checkpoint_ms, path = state.train_ms, self.checkpoint_path()
         if self.rt.is_main:
-            stream = self.batches.stream
             payload = dict(config=resume_key(self.cfg), model=self.model.state_dict(), swa_sum=state.swa_sum,
                            ema=state.ema, optimizers={k: opt.state_dict() for k, opt in self.optimizers.items()},
-                           stream=[stream.file_index, stream.offset], rng=torch.get_rng_state(),
+                           stream=list(self.batches.position), rng=torch.get_rng_state(),
                            state=json.dumps({k: getattr(state, k) for k in RESUMED_STATE}))
             torch.save(payload, path.with_name(path.name + ".tmp"))
             os.replace(path.with_name(path.name + ".tmp"), path)
@@ -1888,7 +1911,7 @@ class Trainer:
         self.model.load_state_dict(payload["model"])
         for name, opt in self.optimizers.items():
             opt.load_state_dict(payload["optimizers"][name])
-        self.batches.stream.seek(*payload["stream"])
+        self.batches.seek(*payload["stream"])
         torch.set_rng_state(payload["rng"].cpu())
         self.rt.log(f"checkpoint:resumed path:{path}")
         return TrainState(swa_sum=payload["swa_sum"], ema=payload["ema"], **json.loads(payload["state"]))
