@@ -1732,7 +1732,8 @@ def estimate_model_bytes(cfg: Config, model: nn.Module) -> int:
 
 # === 12. TRAINING ===
 # The clock covers only optimizer steps: compile priming for every depth happens before it starts, periodic
-# validation pauses it, and all ranks take decisions (depth, LR, stop) from the max of their elapsed times.
+# validation pauses it, and all ranks take decisions (depth, LR, stop) from the max of their elapsed times, read
+# every few steps (a sync and a collective), so the host can queue the next step while the device runs this one.
 
 
 @dataclass
@@ -1749,7 +1750,8 @@ class TrainState:
 
 
 class TrainClock:
-    """Training milliseconds so far; paused around validation, synchronised with the device at each edge."""
+    """Training milliseconds so far, paused around validation and checkpoints. Its edges and synced reads wait for
+    the device; a plain read costs nothing and may run ahead of the device by the work still queued."""
 
     def __init__(self, rt: Runtime):
         self.rt, self.banked_ms, self.started = rt, 0.0, None
@@ -1759,14 +1761,28 @@ class TrainClock:
         self.started = time.perf_counter()
 
     def pause(self) -> None:
-        self.banked_ms = self.elapsed_ms()
+        self.banked_ms = self.elapsed_ms(synced=True)
         self.started = None
 
-    def elapsed_ms(self) -> float:
+    def elapsed_ms(self, synced: bool = False) -> float:
         if self.started is None:
             return self.banked_ms
-        self.rt.sync()
+        if synced:
+            self.rt.sync()
         return self.banked_ms + 1000 * (time.perf_counter() - self.started)
+
+
+CLOCK_CHECK_STEPS = 16  # most steps between two clock checks (a device sync and a collective; ~0.5 ms on 8 GPUs)
+
+
+def steps_to_next_check(step_ms: float, ms_to_deadlines: list[float]) -> int:
+    """Steps until the loop reads the clock again: half of those predicted to fit before the nearest deadline (the
+    budget, the next periodic checkpoint), so it reads every step near one; every step while no step time is known."""
+    if not ms_to_deadlines:
+        return CLOCK_CHECK_STEPS
+    if step_ms <= 0:
+        return 1
+    return int(min(CLOCK_CHECK_STEPS, max(min(ms_to_deadlines) / step_ms / 2, 1)))
 
 
 @dataclass
@@ -1855,24 +1871,34 @@ class Trainer:
             signal.signal(sig, lambda *_: setattr(self, "signalled", True))
         self.clock.banked_ms = state.train_ms
         self.clock.start()
+        checked_step, checked_ms, step_ms, next_check = state.step, state.train_ms, 0.0, state.step
         while True:
-            # The max over ranks: every rank takes the same depth, LR and stop decision at the same step.
-            before_ms, (state.train_ms, signalled) = state.train_ms, rt.all_max(self.clock.elapsed_ms(),
-                                                                               float(self.signalled))
-            last_step_ms = state.train_ms - before_ms
-            if signalled or (every_ms and state.train_ms - state.checkpoint_ms >= every_ms):
-                self.save_checkpoint(state)
-                if signalled:
-                    rt.log(f"stopped: signal step:{state.step} (continue with RESUME={self.checkpoint_path()})")
-                    state.interrupted = True
-                    return state
-            # Stop before a step that would end past the budget (the last step predicts the next one's time).
-            out_of_time = budget_ms > 0 and state.train_ms + last_step_ms > budget_ms
+            validate = cfg.val_loss_every and state.step % cfg.val_loss_every == 0
+            out_of_time = False
+            if state.step >= min(next_check, cfg.iterations) or validate:
+                # The loop's only device sync and collective: the max over ranks of the elapsed time and of "a
+                # signal came", so every rank takes the same depth, LR, checkpoint and stop decisions at one step.
+                state.train_ms, signalled = rt.all_max(self.clock.elapsed_ms(synced=True), float(self.signalled))
+                if state.step > checked_step:
+                    step_ms = (state.train_ms - checked_ms) / (state.step - checked_step)
+                checked_step, checked_ms = state.step, state.train_ms
+                if signalled or (every_ms and state.train_ms - state.checkpoint_ms >= every_ms):
+                    self.save_checkpoint(state)
+                    if signalled:
+                        rt.log(f"stopped: signal step:{state.step} (continue with RESUME={self.checkpoint_path()})")
+                        state.interrupted = True
+                        return state
+                # Stop before a step that would end past the budget (the mean step since the last check predicts it).
+                out_of_time = budget_ms > 0 and state.train_ms + step_ms > budget_ms
+                deadlines = (budget_ms, every_ms and state.checkpoint_ms + every_ms)
+                next_check = state.step + steps_to_next_check(step_ms, [ms - state.train_ms for ms in deadlines if ms])
+            else:  # between checks the schedules read a time extrapolated from the last one: the same on every rank
+                state.train_ms = checked_ms + (state.step - checked_step) * step_ms
             done = out_of_time or state.step >= cfg.iterations
             if out_of_time:
                 rt.log(f"stopping_early: wallclock_cap train_time:{state.train_ms:.0f}ms "
                        f"step:{state.step}/{cfg.iterations}")
-            if done or (cfg.val_loss_every and state.step % cfg.val_loss_every == 0):
+            if done or validate:
                 self.clock.pause()
                 loss, bpb = self.validate(state)
                 rt.log(f"step:{state.step}/{cfg.iterations} val_loss:{loss:.4f} val_bpb:{bpb:.4f} "
