@@ -32,11 +32,13 @@ Contents
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import difflib
 import functools
 import hashlib
+import importlib
 import json
 import math
 import os
@@ -51,13 +53,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
-import brotli
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import zstandard
 from torch import Tensor, nn
+
+
+def optional_module(name: str) -> object | None:
+    """The module, or None when it is not installed: the artifact codecs are optional (RunPod's image has neither)
+    and COMPRESSOR=auto uses whichever is there."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+zstandard = optional_module("zstandard")
+brotli = optional_module("brotli")
+OPTIONAL_CODECS = {"zstd": ("zstandard", zstandard), "brotli": ("brotli", brotli)}  # pip name, module or None
 
 # === 2. CONFIG ===
 # One frozen dataclass; the env var of a field is its upper-cased name. Defaults are the #1453 submitted run
@@ -301,6 +315,13 @@ def parse_prog_depth(spec: str) -> tuple[tuple[float, int], ...]:
     return tuple(pairs)
 
 
+def codecs_for(compressor: str) -> tuple[list[str], list[str]]:
+    """The installed codecs COMPRESSOR may use, and the pip names of the ones it wants that are missing."""
+    wanted = [name for name in OPTIONAL_CODECS if compressor in (name, "auto")]
+    return ([name for name in wanted if OPTIONAL_CODECS[name][1]],
+            [OPTIONAL_CODECS[name][0] for name in wanted if not OPTIONAL_CODECS[name][1]])
+
+
 def parse_ints(spec: str) -> list[int]:
     """'4,5' -> [4, 5]; '' -> []; raises ConfigError when an item is not an integer."""
     try:
@@ -373,6 +394,9 @@ def _config_problems(c: Config) -> Iterator[str]:
     if c.reserves_calibration_time and c.gptq_reserve_seconds >= c.max_wallclock_seconds > 0:
         yield (f"GPTQ_RESERVE_SECONDS={c.gptq_reserve_seconds} must be below MAX_WALLCLOCK_SECONDS="
                f"{c.max_wallclock_seconds} (GPTQ_CALIB=train calibrates inside the training budget)")
+    usable, missing = codecs_for(c.compressor)
+    if missing and not usable and not (c.dry_run or c.eval_only):  # checked before training, not after it
+        yield f"COMPRESSOR={c.compressor} needs {' or '.join(missing)}, not installed: pip install {' '.join(missing)}"
     yield from _architecture_problems(c)
 
 
@@ -470,7 +494,7 @@ class Runtime:
         if not self.distributed:
             return
         # A flat buffer instead of DDP: no re-wrap at depth switches and one collective per step; ~95 MB at the
-        # record size is a few ms on NVLink next to ~140 ms steps. Unused tensors (depth 1) send zeros.
+        # record size is ~0.5 ms on NVSwitch next to ~140 ms steps. Unused tensors (depth 1) send zeros.
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.reshape(-1) for g in grads])
         self.all_reduce(flat).div_(self.world_size)
@@ -594,7 +618,8 @@ SHARD_HEADER_INTS = 256
 
 
 def read_shard(path: Path) -> np.ndarray:
-    """Tokens of one shard as uint16; any header or size mismatch raises ValueError naming the file."""
+    """Tokens of one shard as a read-only uint16 memory map (pages are read when sliced, so a shard change costs the
+    training step nothing); any header or size mismatch raises ValueError naming the file."""
     header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
     if header.size != SHARD_HEADER_INTS or header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
         raise ValueError(f"{path}: not a challenge shard (want magic {SHARD_MAGIC} version {SHARD_VERSION})")
@@ -602,7 +627,9 @@ def read_shard(path: Path) -> np.ndarray:
     expected = 4 * SHARD_HEADER_INTS + 2 * count
     if path.stat().st_size != expected:
         raise ValueError(f"{path}: size {path.stat().st_size} bytes, header says {count} tokens ({expected} bytes)")
-    return np.fromfile(path, dtype="<u2", count=count, offset=4 * SHARD_HEADER_INTS)
+    if not count:  # mmap cannot map zero bytes
+        return np.zeros(0, dtype="<u2")
+    return np.memmap(path, dtype="<u2", mode="r", offset=4 * SHARD_HEADER_INTS, shape=(count,))
 
 
 def shard_paths(data_path: str, split: str) -> list[Path]:
@@ -639,20 +666,40 @@ class TokenStream:
 
 
 class TrainBatches:
-    """Per micro-step (inputs, targets) of shape (local_tokens / seq_len, seq_len) for one rank."""
+    """Per micro-step (inputs, targets) of shape (local_tokens / seq_len, seq_len) for one rank. One worker thread
+    reads the next micro-batch while the current step runs (pinned for an asynchronous copy when the device is not
+    the CPU); `position` is the stream position after the batches handed out: what a checkpoint saves."""
 
     def __init__(self, stream: TokenStream, rank: int, world_size: int, local_tokens: int, seq_len: int,
                  device: torch.device):
         self.stream, self.rank, self.world_size = stream, rank, world_size
         self.local_tokens, self.seq_len, self.device = local_tokens, seq_len, device
+        self.position = (stream.file_index, stream.offset)
+        self.worker, self.pending = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="batches"), None
 
-    def next(self) -> tuple[Tensor, Tensor]:
+    def read(self) -> tuple[list[Tensor], tuple[int, int]]:
         # Every rank reads the same chunk and keeps its slice: the extra token per rank is only a target, so the
         # pair between adjacent rank spans is never trained on (as in the challenge's loader).
         span = self.local_tokens + 1
-        chunk = self.stream.take(span * self.world_size)[self.rank * span:(self.rank + 1) * span]
-        local = torch.from_numpy(chunk.astype(np.int64)).to(self.device)
-        return local[:-1].view(-1, self.seq_len), local[1:].view(-1, self.seq_len)
+        chunk = torch.from_numpy(self.stream.take(span * self.world_size)[self.rank * span:(self.rank + 1) * span]
+                                 .astype(np.int64))
+        pair = [chunk[:-1].view(-1, self.seq_len), chunk[1:].view(-1, self.seq_len)]
+        if self.device.type != "cpu":  # separate pinned copies: y gets its own aligned device tensor too
+            pair = [t.pin_memory() for t in pair]
+        return pair, (self.stream.file_index, self.stream.offset)
+
+    def next(self) -> tuple[Tensor, Tensor]:
+        current = self.pending or self.worker.submit(self.read)
+        self.pending = self.worker.submit(self.read)  # one worker: reads stay in stream order
+        (x, y), self.position = current.result()
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def seek(self, file_index: int, offset: int) -> None:
+        if self.pending:  # let the worker finish with the stream before moving it
+            self.pending.result()
+            self.pending = None
+        self.stream.seek(file_index, offset)
+        self.position = (file_index, offset)
 
 
 def grad_accum_for(cfg: Config, world_size: int) -> int:
@@ -1430,8 +1477,8 @@ SELFGEN_TEMPERATURE = 0.8  # #1204's sampling temperature for self-generated cal
 STORES = ("q_attn", "q_mlp", "fp16", "fp32")  # payload order: like bytes next to like bytes
 FLOAT_STORES = {"fp16": "<f2", "fp32": "<f4"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-CODECS = {"zstd": (lambda b: zstandard.ZstdCompressor(level=22).compress(b), zstandard.decompress),
-          "brotli": (lambda b: brotli.compress(b, quality=11), brotli.decompress)}  # position = id in the file
+CODECS = {"zstd": (lambda b: zstandard.ZstdCompressor(level=22).compress(b), lambda b: zstandard.decompress(b)),
+          "brotli": (lambda b: brotli.compress(b, quality=11), lambda b: brotli.decompress(b))}  # position = file id
 MODEL_FIELDS = ("vocab_size", "num_layers", "num_repeats", "model_dim", "num_heads", "num_kv_heads", "mlp_mult",
                 "num_value_embeds", "xsa_last_n", "logit_softcap", "rope_base", "prog_depth", "recur_layers",
                 "loop_embed", "cross_repeat", "untie_scalars", "untie_repeat_mlp", "unet", "parallel_last_n",
@@ -1595,7 +1642,7 @@ def pack_artifact(cfg: Config, stored: list[StoredTensor]) -> tuple[bytes, dict[
     arrays = [t.values for t in stored] + [t.scales for t in stored if t.levels]
     body = b"".join([struct.pack("<I", len(head)), head,
                      *(a.view(np.uint8).reshape(-1, a.itemsize).T.tobytes() for a in arrays)])
-    packed = {c: CODECS[c][0](body) for c in CODECS if cfg.compressor in (c, "auto")}
+    packed = {c: CODECS[c][0](body) for c in codecs_for(cfg.compressor)[0]}
     best = min(packed, key=lambda c: len(packed[c]))
     blob = ARTIFACT_HEAD.pack(ARTIFACT_MAGIC, ARTIFACT_VERSION, list(CODECS).index(best), len(packed[best]))
     return blob + packed[best] + hashlib.sha256(blob + packed[best]).digest(), {c: len(d) for c, d in packed.items()}
@@ -1621,6 +1668,9 @@ def unpack_artifact(blob: bytes) -> tuple[dict, list[StoredTensor]]:
         raise ValueError(f"truncated artifact: {len(blob)} bytes, its header implies {ARTIFACT_HEAD.size + size + 32}")
     if hashlib.sha256(blob[:-32]).digest() != blob[-32:]:
         raise ValueError("corrupted artifact: sha256 mismatch")
+    name = list(CODECS)[codec] if codec < len(CODECS) else ""
+    if name and not OPTIONAL_CODECS[name][1]:
+        raise ValueError(f"compressed with {name}, not installed here: pip install {OPTIONAL_CODECS[name][0]}")
     try:  # past the checksum, only a deliberately crafted file can fail here
         body = bytearray(list(CODECS.values())[codec][1](blob[ARTIFACT_HEAD.size:-32]))
         (head_len,) = struct.unpack_from("<I", body)
@@ -1682,7 +1732,8 @@ def estimate_model_bytes(cfg: Config, model: nn.Module) -> int:
 
 # === 12. TRAINING ===
 # The clock covers only optimizer steps: compile priming for every depth happens before it starts, periodic
-# validation pauses it, and all ranks take decisions (depth, LR, stop) from the max of their elapsed times.
+# validation pauses it, and all ranks take decisions (depth, LR, stop) from the max of their elapsed times, read
+# every few steps (a sync and a collective), so the host can queue the next step while the device runs this one.
 
 
 @dataclass
@@ -1699,7 +1750,8 @@ class TrainState:
 
 
 class TrainClock:
-    """Training milliseconds so far; paused around validation, synchronised with the device at each edge."""
+    """Training milliseconds so far, paused around validation and checkpoints. Its edges and synced reads wait for
+    the device; a plain read costs nothing and may run ahead of the device by the work still queued."""
 
     def __init__(self, rt: Runtime):
         self.rt, self.banked_ms, self.started = rt, 0.0, None
@@ -1709,14 +1761,28 @@ class TrainClock:
         self.started = time.perf_counter()
 
     def pause(self) -> None:
-        self.banked_ms = self.elapsed_ms()
+        self.banked_ms = self.elapsed_ms(synced=True)
         self.started = None
 
-    def elapsed_ms(self) -> float:
+    def elapsed_ms(self, synced: bool = False) -> float:
         if self.started is None:
             return self.banked_ms
-        self.rt.sync()
+        if synced:
+            self.rt.sync()
         return self.banked_ms + 1000 * (time.perf_counter() - self.started)
+
+
+CLOCK_CHECK_STEPS = 16  # most steps between two clock checks (a device sync and a collective; ~0.5 ms on 8 GPUs)
+
+
+def steps_to_next_check(step_ms: float, ms_to_deadlines: list[float]) -> int:
+    """Steps until the loop reads the clock again: half of those predicted to fit before the nearest deadline (the
+    budget, the next periodic checkpoint), so it reads every step near one; every step while no step time is known."""
+    if not ms_to_deadlines:
+        return CLOCK_CHECK_STEPS
+    if step_ms <= 0:
+        return 1
+    return int(min(CLOCK_CHECK_STEPS, max(min(ms_to_deadlines) / step_ms / 2, 1)))
 
 
 @dataclass
@@ -1805,24 +1871,34 @@ class Trainer:
             signal.signal(sig, lambda *_: setattr(self, "signalled", True))
         self.clock.banked_ms = state.train_ms
         self.clock.start()
+        checked_step, checked_ms, step_ms, next_check = state.step, state.train_ms, 0.0, state.step
         while True:
-            # The max over ranks: every rank takes the same depth, LR and stop decision at the same step.
-            before_ms, (state.train_ms, signalled) = state.train_ms, rt.all_max(self.clock.elapsed_ms(),
-                                                                               float(self.signalled))
-            last_step_ms = state.train_ms - before_ms
-            if signalled or (every_ms and state.train_ms - state.checkpoint_ms >= every_ms):
-                self.save_checkpoint(state)
-                if signalled:
-                    rt.log(f"stopped: signal step:{state.step} (continue with RESUME={self.checkpoint_path()})")
-                    state.interrupted = True
-                    return state
-            # Stop before a step that would end past the budget (the last step predicts the next one's time).
-            out_of_time = budget_ms > 0 and state.train_ms + last_step_ms > budget_ms
+            validate = cfg.val_loss_every and state.step % cfg.val_loss_every == 0
+            out_of_time = False
+            if state.step >= min(next_check, cfg.iterations) or validate:
+                # The loop's only device sync and collective: the max over ranks of the elapsed time and of "a
+                # signal came", so every rank takes the same depth, LR, checkpoint and stop decisions at one step.
+                state.train_ms, signalled = rt.all_max(self.clock.elapsed_ms(synced=True), float(self.signalled))
+                if state.step > checked_step:
+                    step_ms = (state.train_ms - checked_ms) / (state.step - checked_step)
+                checked_step, checked_ms = state.step, state.train_ms
+                if signalled or (every_ms and state.train_ms - state.checkpoint_ms >= every_ms):
+                    self.save_checkpoint(state)
+                    if signalled:
+                        rt.log(f"stopped: signal step:{state.step} (continue with RESUME={self.checkpoint_path()})")
+                        state.interrupted = True
+                        return state
+                # Stop before a step that would end past the budget (the mean step since the last check predicts it).
+                out_of_time = budget_ms > 0 and state.train_ms + step_ms > budget_ms
+                deadlines = (budget_ms, every_ms and state.checkpoint_ms + every_ms)
+                next_check = state.step + steps_to_next_check(step_ms, [ms - state.train_ms for ms in deadlines if ms])
+            else:  # between checks the schedules read a time extrapolated from the last one: the same on every rank
+                state.train_ms = checked_ms + (state.step - checked_step) * step_ms
             done = out_of_time or state.step >= cfg.iterations
             if out_of_time:
                 rt.log(f"stopping_early: wallclock_cap train_time:{state.train_ms:.0f}ms "
                        f"step:{state.step}/{cfg.iterations}")
-            if done or (cfg.val_loss_every and state.step % cfg.val_loss_every == 0):
+            if done or validate:
                 self.clock.pause()
                 loss, bpb = self.validate(state)
                 rt.log(f"step:{state.step}/{cfg.iterations} val_loss:{loss:.4f} val_bpb:{bpb:.4f} "
@@ -1841,10 +1917,9 @@ class Trainer:
         self.clock.pause()
         state.checkpoint_ms, path = state.train_ms, self.checkpoint_path()
         if self.rt.is_main:
-            stream = self.batches.stream
             payload = dict(config=resume_key(self.cfg), model=self.model.state_dict(), swa_sum=state.swa_sum,
                            ema=state.ema, optimizers={k: opt.state_dict() for k, opt in self.optimizers.items()},
-                           stream=[stream.file_index, stream.offset], rng=torch.get_rng_state(),
+                           stream=list(self.batches.position), rng=torch.get_rng_state(),
                            state=json.dumps({k: getattr(state, k) for k in RESUMED_STATE}))
             torch.save(payload, path.with_name(path.name + ".tmp"))
             os.replace(path.with_name(path.name + ".tmp"), path)
@@ -1862,7 +1937,7 @@ class Trainer:
         self.model.load_state_dict(payload["model"])
         for name, opt in self.optimizers.items():
             opt.load_state_dict(payload["optimizers"][name])
-        self.batches.stream.seek(*payload["stream"])
+        self.batches.seek(*payload["stream"])
         torch.set_rng_state(payload["rng"].cpu())
         self.rt.log(f"checkpoint:resumed path:{path}")
         return TrainState(swa_sum=payload["swa_sum"], ema=payload["ema"], **json.loads(payload["state"]))
@@ -1908,6 +1983,18 @@ def weights_sha256(model: nn.Module) -> str:
     for name, p in model.named_parameters():
         digest.update(name.encode() + p.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def check_same_weights(rt: Runtime, digest: str) -> None:
+    """Log the weights' digest and whether every rank holds the same one; ranks that diverged (a nondeterministic
+    kernel, a bad collective) would score and export different models, so the run ends with exit code 1."""
+    rt.log(f"weights_sha256:{digest}")
+    digests = rt.all_gather(torch.tensor(list(bytes.fromhex(digest)), dtype=torch.uint8, device=rt.device))
+    differing = [rank for rank in range(rt.world_size) if not torch.equal(digests[rank], digests[0])]
+    rt.log(f"weights_identical_across_ranks:{int(not differing)}")
+    if differing:
+        rt.log(f"weights_differ ranks:{','.join(map(str, differing))} (their weights differ from rank 0's)")
+        rt.shutdown(1)
 
 
 @torch.no_grad()
@@ -2002,6 +2089,10 @@ def log_header(cfg: Config, rt: Runtime, model: GPT, n_val: int) -> None:
     rt.log(f"world_size:{rt.world_size} device:{rt.device_name()} "
            f"grad_accum_steps:{grad_accum_for(cfg, rt.world_size)} "
            f"compile:{int(rt.use_compile)} autocast:{int(rt.use_autocast)}")
+    missing = codecs_for(cfg.compressor)[1]
+    if missing and not cfg.eval_only:
+        rt.log(f"codec_fallback: {' '.join(missing)} not installed (pip install {' '.join(missing)}); the artifact "
+               f"uses {' '.join(codecs_for(cfg.compressor)[0])} only")
     shards = "" if cfg.eval_only else f"train_shards:{len(shard_paths(cfg.data_path, 'train'))} "
     rt.log(f"{shards}val_tokens:{n_val} seed:{cfg.seed}")
 
@@ -2030,7 +2121,7 @@ def train_and_export(cfg: Config, rt: Runtime, tables: ByteTables, val_tokens: T
         rt.shutdown(0)
     rt.log(rt.peak_memory_line())
     rt.log(apply_weight_average(cfg, state, model))
-    rt.log(f"weights_sha256:{weights_sha256(model)}")
+    check_same_weights(rt, weights_sha256(model))
     hessians = {}
     if cfg.quant_method == "gptq":  # NOTE: GPTQ_CALIB=train reads training data: inside the reserve, checked here
         start = time.perf_counter()

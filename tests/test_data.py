@@ -173,6 +173,46 @@ def test_train_batches_match_spec_volume(tmp_path):
         assert int(x[0, 0]) == call * 9 * 2 + 9
 
 
+def independent_stream(paths: list[Path]) -> np.ndarray:
+    """The train stream read without train_gpt: each file's bytes after the 1024-byte header, in name order."""
+    return np.concatenate([np.frombuffer(p.read_bytes()[1024:], dtype="<u2") for p in sorted(paths)]).astype(np.int64)
+
+
+@pytest.mark.parametrize("world", [1, 8])
+def test_prefetched_batches_equal_an_independent_read_across_shards_and_a_resume(tmp_path, world):
+    """The token stream a run consumes, prefetching included: micro-step k of rank r is tokens
+    [k*W*S + r*S, ... + S) of the endless stream (S = local + 1), across shard edges, wrap-around, and a loader
+    resumed from the `position` a checkpoint saves (the worker has already read one batch past it)."""
+    seq, rows = 4, 2
+    span = seq * rows + 1
+    paths = [tmp_path / f"fineweb_train_{i:06d}.bin" for i in range(3)]
+    rng = np.random.default_rng(world)
+    for path, size in zip(paths, [97, 40, 131]):  # spans straddle every shard edge; the stream wraps for world 8
+        build_dataset.write_shard(path, rng.integers(0, 1024, size=size, dtype=np.uint16))
+    endless = np.tile(independent_stream(paths), 40)
+    for rank in sorted({0, world - 1}):
+        loader = TrainBatches(TokenStream(paths), rank, world, seq * rows, seq, torch.device("cpu"))
+        for step in range(30):
+            if step == 17:  # a checkpoint's stream position, then a fresh loader (as RESUME builds one) seeks to it
+                loader.pending.result()  # the worker has read the next batch: the stream is one batch ahead
+                assert (loader.stream.file_index, loader.stream.offset) != loader.position
+                position = loader.position
+                loader = TrainBatches(TokenStream(paths), rank, world, seq * rows, seq, torch.device("cpu"))
+                loader.seek(*position)
+            x, y = loader.next()
+            start = (step * world + rank) * span
+            np.testing.assert_array_equal(x.reshape(-1).numpy(), endless[start:start + span - 1])
+            np.testing.assert_array_equal(y.reshape(-1).numpy(), endless[start + 1:start + span])
+        assert 30 * world * span > 2 * len(independent_stream(paths)) or world == 1
+
+
+def test_read_shard_is_a_read_only_memory_map(tmp_path):
+    path = tmp_path / "fineweb_train_000000.bin"
+    build_dataset.write_shard(path, np.arange(100, dtype=np.uint16))
+    tokens = read_shard(path)
+    assert isinstance(tokens, np.memmap) and not tokens.flags.writeable
+
+
 # --- validation tokens ---
 
 
