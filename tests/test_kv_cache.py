@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import sys
+
 import pytest
 import torch
 
@@ -114,3 +117,20 @@ def test_pr1204_defaults_are_its_64_sequences_of_2048():
     assert (cfg.gptq_calib, cfg.gptq_calib_seqs, cfg.gptq_calib_seq_len or cfg.train_seq_len) == ("selfgen", 64, 2048)
     with pytest.raises(train_gpt.ConfigError, match="GPTQ_CALIB_SEQS must be > 0"):
         train_gpt.Config.from_env({"GPTQ_CALIB_SEQS": "0"})
+
+
+def test_two_gloo_ranks_calibrate_on_their_own_text_and_export(tmp_path, demo_subset):
+    """A real 2-rank run of the #1204 shape with GPTQ_CALIB=selfgen: 5 sequences split 3 + 3, the time line, export,
+    roundtrip, exit 0 on both ranks."""
+    from test_main import SCRIPT, run, tiny_env
+
+    shape = {k.upper(): str(int(v) if isinstance(v, bool) else v) for k, v in TINY_1204.items()}
+    env = tiny_env(demo_subset, **shape, GPTQ_CALIB="selfgen", GPTQ_CALIB_SEQS="5", GPTQ_CALIB_SEQ_LEN="24",
+                   MIXER="off", ITERATIONS="6")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT]
+    out = run(cmd, env, tmp_path, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert re.search(r"^calib_selfgen seqs:6 rows_per_rank:3 seq_len:24 temperature:0\.8 time_ms:\d+$", out.stdout,
+                     re.M), out.stdout[-2000:]
+    assert re.search(r"^quant method:gptq calib:selfgen batches:1 time_ms:\d+", out.stdout, re.M)
+    assert re.search(r"^final_roundtrip_exact val_loss:\d+\.\d{8} val_bpb:\d+\.\d{8}$", out.stdout, re.M)
