@@ -3,7 +3,8 @@
 #
 #   timeout 560 bash bench/gpu_check.sh        # exit 0: no FAIL line (WARNs allowed); 1: a FAIL; 124: timed out
 #
-# 1. setup: pip-installs only brotli / zstandard / sentencepiece if missing (never torch: the image's is used);
+# 1. setup: pip-installs only brotli / zstandard / sentencepiece if missing (never torch: the image's is used), from
+#    GPU_CHECK_WHEELS (default ./wheels) when that folder exists, for a machine without network (see README);
 # 2. probe: torch / CUDA / GPU, FlashAttention for the record's shapes, one optimizer step of the full model;
 # 3. data: python3 data/prepare_demo.py (the bundled demo corpus; no download);
 # 4. run: the record model (d=880, 3x4, PROG_DEPTH, GPTQ, mixer) under torchrun with one process, COMPILE=1, at one
@@ -27,7 +28,12 @@ say() { echo "gpu_check: $*" | tee -a "$summary"; }
 
 # 1. setup
 missing=$(python3 -c 'import importlib.util as u; print(" ".join(m for m in ("brotli", "zstandard", "sentencepiece") if u.find_spec(m) is None))')
-if [ -n "$missing" ]; then
+wheels=${GPU_CHECK_WHEELS:-wheels}  # offline machines: a folder of wheels carried with the checkout
+if [ -n "$missing" ] && [ -d "$wheels" ]; then
+    say "installing $missing from $wheels/"
+    python3 -m pip install --quiet --no-index --find-links "$wheels" $missing > "$out_dir/gpu_check_pip.txt" 2>&1 \
+        || say "pip install from $wheels/ failed (see gpu_check_pip.txt)"
+elif [ -n "$missing" ]; then
     say "installing $missing"
     python3 -m pip install --quiet $missing > "$out_dir/gpu_check_pip.txt" 2>&1 || say "pip install failed (see gpu_check_pip.txt)"
 fi
