@@ -178,7 +178,9 @@ class Config:
     quant_high_tensors: int = 0  # 0: levels by the table; N: see tensor_levels (#1204's N_INT6_LAYERS)
     quant_method: str = "gptq"  # gptq | clip | ref (the reference's percentile grid, kept for comparison)
     gptq_calib: str = "train"  # train (read inside the training budget) | selfgen (text the model samples, #1204)
-    gptq_calib_batches: int = 16  # per rank; one batch has the shape of a training micro-batch
+    gptq_calib_batches: int = 16  # train: per rank; one batch has the shape of a training micro-batch
+    gptq_calib_seqs: int = 64  # selfgen: sequences sampled in all, split over the ranks (#1204: 64)
+    gptq_calib_seq_len: int = 0  # selfgen: tokens per sampled sequence; 0: TRAIN_SEQ_LEN (#1204: 2048)
     gptq_reserve_seconds: float = 8.0  # taken off MAX_WALLCLOCK_SECONDS for train-data calibration
     compressor: str = "auto"  # zstd | brotli | auto (keeps the smaller)
     eval_only: str = ""  # an artifact path: load it and run only the roundtrip eval
@@ -269,7 +271,8 @@ PRESETS: dict[str, dict[str, object]] = {
         train_seq_len=2048, train_batch_tokens=786432, eval_seq_len=2048, eval_stride=64, warmdown_iters=3500,
         tied_embed_lr=0.035, matrix_lr=0.03, scalar_lr=0.025, muon_momentum=0.99, muon_momentum_warmup_start=0.92,
         muon_momentum_warmup_steps=1500, swa_enabled=False, ema_decay=0.997, quant_levels=31, mlp_quant_levels=15,
-        quant_high_tensors=32, gptq_calib="selfgen", mixer="off", val_loss_every=4000, train_log_every=500),
+        quant_high_tensors=32, gptq_calib="selfgen", gptq_calib_seqs=64, mixer="off", val_loss_every=4000,
+        train_log_every=500),
     # #456: 10 unique layers, additive U-Net, bigram 10240x128, smear, relu^2, XSA on 3, 5200 steps by iteration,
     # SWA, int6 attention / int5 MLP (plain clip search: it had no GPTQ), score-first TTT. Not ported: Adam weight
     # decay 0.01, 3% magnitude pruning, late QAT (inert under its compile).
@@ -335,11 +338,11 @@ RANGE_RULES: dict[tuple[Callable[[float], bool], str], tuple[str, ...]] = {
     (lambda v: v > 0, "must be > 0"): (
         "num_layers", "num_repeats", "model_dim", "num_heads", "num_kv_heads", "vocab_size", "iterations",
         "train_batch_tokens", "train_seq_len", "val_batch_size", "swa_every", "muon_backend_steps", "eval_seq_len",
-        "eval_batch_seqs", "gptq_calib_batches", "bigram_dim", "ttt_batch_seqs"),
+        "eval_batch_seqs", "gptq_calib_batches", "gptq_calib_seqs", "bigram_dim", "ttt_batch_seqs"),
     (lambda v: v >= 0, "must be >= 0"): (
         "grad_accum_steps", "lr_warmup_steps", "warmdown_iters", "val_loss_every", "val_max_tokens", "xsa_last_n",
         "num_value_embeds", "muon_momentum_warmup_steps", "train_log_every", "parallel_last_n", "bigram_vocab_size",
-        "ve_dim", "rope_dims", "quant_high_tensors", "ttt_epochs"),
+        "ve_dim", "rope_dims", "quant_high_tensors", "ttt_epochs", "gptq_calib_seq_len"),
     (lambda v: 0 < v < math.inf, "must be a finite number > 0"): (
         "mlp_mult", "logit_softcap", "rope_base", "tied_embed_init_std", "qk_gain_init", "adam_eps"),
     (lambda v: 0 <= v < math.inf, "must be a finite number >= 0"): (
@@ -835,6 +838,31 @@ def remove_self_value(y: Tensor, v: Tensor) -> Tensor:
     return y.view(b, h, t, hd)
 
 
+class KVCache:
+    """Incremental decoding state (self-generated calibration text): the tokens so far and each effective layer's
+    keys and values in buffers of `capacity` positions. Attention is the only part of the model that reads other
+    positions, except the bigram hash and smear gate, which read the previous token: forward() re-embeds 2 of them."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self.ids, self.kv = capacity, None, {}
+
+    @property
+    def length(self) -> int:
+        return 0 if self.ids is None else self.ids.size(1)
+
+    def with_context(self, ids: Tensor) -> Tensor:
+        return ids if self.ids is None else torch.cat((self.ids[:, -2:], ids), 1)
+
+    def extend(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store k, v (B, Hkv, T, hd) after the cached positions; returns the keys and values of all positions."""
+        start, end = self.length, self.length + k.size(2)
+        if layer not in self.kv:
+            self.kv[layer] = tuple(x.new_empty(*x.shape[:2], self.capacity, x.size(3)) for x in (k, v))
+        keys, values = self.kv[layer]
+        keys[:, :, start:end], values[:, :, start:end] = k, v
+        return keys[:, :, :end], values[:, :, :end]
+
+
 def xsa_start(depth: int, xsa_last_n: int) -> int:
     """First effective layer with XSA at the current depth (XSA follows the depth as it grows)."""
     return max(0, depth - xsa_last_n) if xsa_last_n > 0 else depth
@@ -862,7 +890,7 @@ class Attention(nn.Module):
         nn.init.zeros_(self.proj.weight)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], q_gain: Tensor, use_xsa: bool,
-                v_extra: Tensor | None = None) -> Tensor:
+                v_extra: Tensor | None = None, kv: Callable | None = None) -> Tensor:
         b, t, d = x.shape
         q = self.c_q(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.c_k(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
@@ -872,8 +900,13 @@ class Attention(nn.Module):
         # q and k are unit-RMS, so q_gain alone sets the attention temperature per head.
         q = q * q_gain.to(q.dtype)[None, :, None, None]
         # enable_gqa lets the kernel share each kv head across its query group without materialising copies.
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        if use_xsa:
+        if kv is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:  # decoding: kv(k, v) caches this call's keys and values and returns every position's
+            keys, values = kv(k, v)
+            visible = torch.ones(t, keys.size(2), dtype=torch.bool, device=x.device).tril(keys.size(2) - t)
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, enable_gqa=True)
+        if use_xsa:  # own positions' values only
             y = remove_self_value(y, v)
         return self.proj(y.transpose(1, 2).reshape(b, t, d))
 
@@ -993,15 +1026,18 @@ class GPT(nn.Module):
             x = torch.lerp(x, F.pad(x[:, :-1], (0, 0, 1, 0)), torch.sigmoid(self.smear_gate))
         return x
 
-    def forward(self, ids: Tensor, repeats: int, targets: Tensor | None = None) -> Tensor:
+    def forward(self, ids: Tensor, repeats: int, targets: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
         """ids (B, T) -> fp32 logits (B, T, V), or per-token NLL (B, T) when targets are given. `repeats`
-        (1..NUM_REPEATS) is the current depth; a compiled forward keeps one graph per value."""
+        (1..NUM_REPEATS) is the current depth; a compiled forward keeps one graph per value. With a cache, ids are
+        the positions after the cached ones, which they attend to (and the cache then holds them too)."""
         cfg, (lo, hi) = self.cfg, self.cfg.recur_span
-        x0 = self.embed(ids)  # (B, T, D), fp32 residual stream
+        start = 0 if cache is None else cache.length
+        x0 = self.embed(ids) if cache is None else self.embed(cache.with_context(ids))[:, -ids.size(1):]  # (B, T, D)
         values = [table(ids) for table in self.value_embeds]  # looked up once, added at every layer
         ve = None if self.ve is None else self.ve.scale * self.ve.proj(self.ve.embed(ids))
         ve_index = {slot: i for i, slot in enumerate(parse_ints(cfg.ve_layers))}
-        rope = rope_tables(ids.size(1), cfg.rope_dims or cfg.head_dim, cfg.rope_base, ids.device)
+        rope = tuple(t[start:] for t in rope_tables(start + ids.size(1), cfg.rope_dims or cfg.head_dim, cfg.rope_base,
+                                                       ids.device))
         plan = layer_plan(cfg, repeats)
         first_xsa, first_lane = xsa_start(len(plan), cfg.xsa_last_n), len(plan) - cfg.parallel_last_n
         encoder = len(plan) // 2  # U-Net: the first half pushes its outputs, the second half pops them
@@ -1023,14 +1059,17 @@ class GPT(nn.Module):
             v_extra = self.ve.layer_scales[ve_index[slot]] * ve if slot in ve_index else None
             untied = k > 0 and self.repeat_mlps is not None
             mlp = self.repeat_mlps[(k - 1) * (hi - lo) + p - lo] if untied else self.blocks[p].mlp
-            lanes = self.layer(lanes, x0, p, slot, mlp, rope, i >= first_xsa, v_extra)
+            kv = None if cache is None else functools.partial(cache.extend, i)
+            lanes = self.layer(lanes, x0, p, slot, mlp, rope, i >= first_xsa, v_extra, kv)
             previous[p] = out = lanes[0] if len(lanes) == 1 else (lanes[0] + lanes[1]) / 2
             if self.skip_weights is not None and i < encoder:
                 skips.append(out)
+        if cache is not None:
+            cache.ids = ids if cache.ids is None else torch.cat((cache.ids, ids), 1)
         return self.head(rms_norm(out), targets)
 
     def layer(self, lanes: list[Tensor], x0: Tensor, p: int, slot: int, mlp: MLP, rope: tuple[Tensor, Tensor],
-              use_xsa: bool, v_extra: Tensor | None) -> list[Tensor]:
+              use_xsa: bool, v_extra: Tensor | None, kv: Callable | None = None) -> list[Tensor]:
         """One effective layer on one stream, or on #1204's two lanes: attention reads lane 0, the MLP reads lane 1
         after attention wrote to it, and each sublayer writes both lanes with learned routing weights."""
         cfg, block, si = self.cfg, self.blocks[p], slot if self.cfg.untie_scalars else p
@@ -1040,7 +1079,7 @@ class GPT(nn.Module):
             return rms_norm(x) * (slot + 1) ** -0.5 if cfg.ln_scale else rms_norm(x)
 
         def attn(x: Tensor) -> Tensor:
-            return self.attn_scale[si] * block.attn(norm(x), rope, self.q_gain[si], use_xsa, v_extra)
+            return self.attn_scale[si] * block.attn(norm(x), rope, self.q_gain[si], use_xsa, v_extra, kv)
 
         if len(lanes) == 1:
             x = mix[0] * lanes[0] + mix[1] * x0
@@ -1553,20 +1592,25 @@ def gptq_codes(w: Tensor, hessian: Tensor, scales: Tensor, levels: int) -> Tenso
 
 @torch.no_grad()
 def calibration_batches(cfg: Config, rt: Runtime, model: GPT, batches: TrainBatches) -> list[Tensor]:
-    """GPTQ_CALIB_BATCHES micro-batch-shaped inputs: this rank's next training batches, or text the model samples
-    from a uniform first token (#1204, per-rank seed; no KV cache, so ~TRAIN_SEQ_LEN/2 forwards per batch)."""
+    """GPTQ's inputs: this rank's next GPTQ_CALIB_BATCHES training micro-batches, or its share of GPTQ_CALIB_SEQS
+    sequences the model samples from a uniform first token (#1204; per-rank seed), one token per forward of all
+    rows through a KV cache (#1204 re-ran the whole prefix per token: ~4 min on 8xH100), in micro-batch chunks."""
     if cfg.gptq_calib == "train":
         return [batches.next()[0] for _ in range(cfg.gptq_calib_batches)]
-    gen, out = torch.Generator(rt.device).manual_seed(cfg.seed + rt.rank), []
-    rows = batches.local_tokens // cfg.train_seq_len
-    for _ in range(cfg.gptq_calib_batches):
-        ids = torch.randint(cfg.vocab_size, (rows, 1), generator=gen, device=rt.device)
-        while ids.size(1) < cfg.train_seq_len:
-            with rt.autocast():
-                probs = torch.softmax(model(ids, cfg.num_repeats)[:, -1] / SELFGEN_TEMPERATURE, dim=-1)
-            ids = torch.cat([ids, torch.multinomial(probs, 1, generator=gen)], dim=1)
-        out.append(ids)
-    return out
+    start = time.perf_counter()
+    rows = -(-cfg.gptq_calib_seqs // rt.world_size)  # at least one each: every rank joins the Hessian all-reduce
+    length = cfg.gptq_calib_seq_len or cfg.train_seq_len
+    gen = torch.Generator(rt.device).manual_seed(cfg.seed + rt.rank)
+    ids = new = torch.randint(cfg.vocab_size, (rows, 1), generator=gen, device=rt.device)
+    cache = KVCache(length)
+    while ids.size(1) < length:
+        with rt.autocast():
+            logits = model(new, cfg.num_repeats, cache=cache)[:, -1]
+        new = torch.multinomial(torch.softmax(logits / SELFGEN_TEMPERATURE, dim=-1), 1, generator=gen)
+        ids = torch.cat((ids, new), 1)
+    rt.log(f"calib_selfgen seqs:{rows * rt.world_size} rows_per_rank:{rows} seq_len:{length} temperature:"
+           f"{SELFGEN_TEMPERATURE} time_ms:{rt.all_max(1000 * (time.perf_counter() - start))[0]:.0f}")
+    return list(ids.split(max(1, batches.local_tokens // length)))
 
 
 @torch.no_grad()
@@ -2125,9 +2169,10 @@ def train_and_export(cfg: Config, rt: Runtime, tables: ByteTables, val_tokens: T
     hessians = {}
     if cfg.quant_method == "gptq":  # NOTE: GPTQ_CALIB=train reads training data: inside the reserve, checked here
         start = time.perf_counter()
-        hessians = collect_hessians(rt, model, calibration_batches(cfg, rt, model, batches))
+        inputs = calibration_batches(cfg, rt, model, batches)
+        hessians = collect_hessians(rt, model, inputs)
         used_ms = state.train_ms + rt.all_max(1000 * (time.perf_counter() - start))[0]
-        rt.log(f"quant method:gptq calib:{cfg.gptq_calib} batches:{cfg.gptq_calib_batches} "
+        rt.log(f"quant method:gptq calib:{cfg.gptq_calib} batches:{len(inputs)} "
                f"time_ms:{used_ms - state.train_ms:.0f} train_plus_calib_ms:{used_ms:.0f}")
         if reserve and used_ms > 1000 * cfg.max_wallclock_seconds:
             rt.log(f"gptq_calib_over_budget train_plus_calib_ms:{used_ms:.0f} budget_ms:"

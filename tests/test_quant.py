@@ -138,23 +138,6 @@ def test_hessians_accumulate_over_every_repeat_of_a_shared_block(tiny_cfg):
     assert set(hessians) == linears  # every nn.Linear, no embedding
 
 
-class NoTrainData:
-    local_tokens = 3 * 16
-
-    def next(self):
-        raise AssertionError("self-generated calibration must not read training data")
-
-
-def test_selfgen_calibration_samples_from_the_model_without_train_data(tiny_cfg):
-    cfg = tiny_cfg(gptq_calib="selfgen", gptq_calib_batches=2)
-    model = trained_like(cfg)
-    first = train_gpt.calibration_batches(cfg, CpuRuntime(), model, NoTrainData())
-    again = train_gpt.calibration_batches(cfg, CpuRuntime(), model, NoTrainData())
-    assert [b.shape for b in first] == [(3, cfg.train_seq_len)] * 2
-    assert all(torch.equal(a, b) for a, b in zip(first, again))  # seeded by SEED (+ rank)
-    assert not torch.equal(first[0], first[1]) and int(first[0].max()) < cfg.vocab_size
-
-
 # --- the artifact format ---
 
 
