@@ -1179,15 +1179,23 @@ def dirichlet(pair: Tensor, total: Tensor, strength: float, base: Tensor | float
 
 
 class Mixer:
-    """Mixture state for one MIXER eval. Per global batch of consecutive targets: score() mixes them with the state
-    before the batch, check() rebuilds one position's whole mixture by brute force, update() learns from the batch.
+    """Mixture state for one MIXER eval. The stream of targets is cut into chunks at fixed target counts (the first
+    ends where one process's first batch of EVAL_BATCH_SEQS windows ends, then every MIXER_UPDATE_TARGETS), not at
+    eval batches: a target's score is then the same on any number of ranks. Per chunk, score() mixes its targets
+    with the state before it (a chunk split over two eval batches is scored again whole, with the same result),
+    check() rebuilds one position's whole mixture by brute force, update() learns from the finished chunk.
     Every rank runs it on the same gathered inputs with integer and float64 ops, so the state is identical."""
 
     def __init__(self, cfg: Config, val_tokens: Tensor, device: torch.device):
         self.vocab, self.reference = cfg.vocab_size, cfg.mixer == "reference_hedge"
         self.per_token = not self.reference  # tables count every earlier target; the reference's, earlier batches
         self.eta = cfg.hedge_eta if self.reference else cfg.mixer_eta
-        self.tokens = F.pad(val_tokens, (1, 0)).to(device)  # a 0 stands in for the token before the first
+        # int32 (exact: ids < 65536) halves the copy of the val split; score() widens its slices to int64
+        self.tokens = F.pad(val_tokens, (1, 0)).to(device, torch.int32)  # a 0 stands in for the token before the first
+        self.update_every = cfg.mixer_update_targets or cfg.eval_batch_seqs * cfg.eval_stride
+        first_window = min(cfg.eval_seq_len, len(val_tokens) - 1)
+        self.chunk_first, self.next_update = 0, max(first_window - cfg.eval_stride, 0) + self.update_every
+        self.pending = torch.zeros(0, 2, device=device)  # (neural NLL, entropy) of the unfinished chunk's targets
         rows = (1, self.vocab, TRIGRAM_BUCKETS)
         self.pairs = [torch.zeros(r * self.vocab, dtype=torch.int32, device=device) for r in rows]  # (ctx, next)
         self.totals = [torch.zeros(r, dtype=torch.int32, device=device) for r in rows]  # per context
@@ -1210,10 +1218,29 @@ class Mixer:
             fifth = fifth.log()
         return torch.stack([neural.expand_as(uni), uni.log(), bi.log(), tri.log(), fifth], -1)
 
-    def score(self, first: int, nll: Tensor, entropy: Tensor) -> Tensor:
-        """Mixed NLL (n,) of targets first..first+n-1 (token first+1 onwards) from their neural NLL and entropy."""
+    def mix(self, first: int, features: Tensor, probe: tuple[int, Tensor] | None) -> Tensor:
+        """Mixed NLL of targets first.. from their (n, 2) neural NLL and entropy, learning at every chunk end;
+        probe = (index in features, that target's neural log-probs (V,)) is spot-checked by check()."""
+        out, done = [], 0
+        while done < len(features):
+            take = min(self.next_update - first - done, len(features) - done)
+            chunk, known = torch.cat([self.pending, features[done:done + take]]), len(self.pending)
+            out.append(self.score(self.chunk_first, chunk[:, 0], chunk[:, 1], known)[known:])
+            if probe is not None and done <= probe[0] < done + take:
+                self.check(known + probe[0] - done, probe[1])
+            done += take
+            self.pending = chunk
+            if self.chunk_first + len(chunk) == self.next_update:
+                self.update()
+                self.chunk_first, self.next_update = self.next_update, self.next_update + self.update_every
+                self.pending = chunk[:0]
+        return torch.cat(out)
+
+    def score(self, first: int, nll: Tensor, entropy: Tensor, known: int = 0) -> Tensor:
+        """Mixed NLL (n,) of targets first..first+n-1 (token first+1 onwards) from their neural NLL and entropy; the
+        first `known` were scored before (by an earlier eval batch) and are not counted in the mean weights again."""
         v, n = self.vocab, len(nll)
-        x2, x1, y = (self.tokens[first + k:first + k + n] for k in range(3))
+        x2, x1, y = (self.tokens[first + k:first + k + n].long() for k in range(3))
         ctx = (torch.zeros_like(y), x1, (x2 * TRIGRAM_HASH[0] ^ x1 * TRIGRAM_HASH[1]) % TRIGRAM_BUCKETS)
         keys = [c * v + y for c in ctx]
         pair = [t[k].double() for t, k in zip(self.pairs, keys)]
@@ -1232,7 +1259,7 @@ class Mixer:
         if cold:  # the reference scores with the neural expert alone until its tables are warm
             log_w = torch.tensor([0.0] + [-math.inf] * 4, dtype=torch.float64, device=y.device).expand_as(log_w)
         mixed = torch.logsumexp(log_w + log_probs, -1)
-        self.weight_sum += log_w.exp().sum(0)
+        self.weight_sum += log_w[known:].exp().sum(0)
         self.batch = (ctx, keys, y, entropy, log_probs, log_w, mixed, bucket, cold)
         return -mixed
 
@@ -1267,19 +1294,18 @@ class Mixer:
 
 
 def mix_batch(rt: Runtime, mixer: Mixer, batch: Tensor, rows: int, log_probs: Tensor, nll: Tensor) -> Tensor:
-    """Gather one global batch's neural NLL and entropy, mix them on every rank, spot-check one of this rank's
-    positions, learn; returns this rank's mixed NLL. `batch` is the window plan rows of all ranks, in order."""
+    """Gather one global batch's neural NLL and entropy, mix them on every rank (spot-checking one of this rank's
+    positions); returns this rank's mixed NLL. `batch` is the window plan rows of all ranks, in order."""
     counts = [int(c.sum()) for c in (batch[:, 1] - batch[:, 2]).split(rows)]
     counts += [0] * (rt.world_size - len(counts))
     features = torch.stack([nll, torch.special.entr(log_probs.exp()).sum(-1)], 1)  # (m, 2)
     gathered = rt.all_gather(F.pad(features, (0, 0, 0, max(counts) - len(features))))
     features = torch.cat([part[:count] for part, count in zip(gathered, counts)])
-    mixed = mixer.score(int(batch[0, 0] + batch[0, 2]), features[:, 0], features[:, 1])
-    offset = sum(counts[:rt.rank])
+    offset, probe = sum(counts[:rt.rank]), None
     if len(nll):
         j = int(torch.randint(len(nll), (1,), generator=mixer.rng))
-        mixer.check(offset + j, log_probs[j])
-    mixer.update()
+        probe = (offset + j, log_probs[j])
+    mixed = mixer.mix(int(batch[0, 0] + batch[0, 2]), features, probe)
     return mixed[offset:offset + len(nll)]
 
 
