@@ -1377,13 +1377,15 @@ def eval_blocks(cfg: Config, rt: Runtime, model_fn: ModelFn, val_tokens: Tensor,
                 repeats: int) -> tuple[float, float]:
     """The periodic and final float evals: non-overlapping TRAIN_SEQ_LEN blocks, i.e. the plan with stride = window."""
     plan = window_plan(len(val_tokens) - 1, cfg.train_seq_len, cfg.train_seq_len)
-    results, _ = eval_windows(cfg, rt, model_fn, val_tokens, tables, repeats, plan, eval_rows(cfg, rt.world_size))
+    results, _ = eval_windows(cfg, rt, model_fn, val_tokens, tables, repeats, plan, eval_rows(cfg))
     return results["neural"]
 
 
-def eval_rows(cfg: Config, world_size: int) -> int:
-    """Rows per eval batch: VAL_BATCH_SIZE split over ranks and grad-accumulation steps, as in training memory."""
-    return max(1, cfg.val_batch_size // (world_size * grad_accum_for(cfg, world_size) * cfg.train_seq_len))
+def eval_rows(cfg: Config) -> int:
+    """Rows per rank per eval batch: one process's VAL_BATCH_SIZE / grad-accumulation share on any world size (the
+    same on 1, 2, 4, 8 ranks with the default accumulation), so every block is scored by a forward of one shape and
+    one artifact gets one score on any number of ranks."""
+    return max(1, cfg.val_batch_size // (grad_accum_for(cfg, 1) * cfg.train_seq_len))
 
 
 def log_eval(rt: Runtime, name: str, result: tuple[float, float], eval_ms: float, text: str = "", **fields) -> None:
@@ -1820,7 +1822,7 @@ class Trainer:
             with self.rt.autocast():
                 self.model_fn(x, reps, y).mean().backward()
             with torch.inference_mode(), self.rt.autocast():
-                self.model_fn(torch.zeros(eval_rows(self.cfg, self.rt.world_size), seq, dtype=torch.int64,
+                self.model_fn(torch.zeros(eval_rows(self.cfg), seq, dtype=torch.int64,
                                           device=device), reps)
         if self.cfg.eval_stride:  # the final sliding eval's shape, at full depth
             length = min(self.cfg.eval_seq_len, len(self.val_tokens) - 1)
