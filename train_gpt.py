@@ -716,7 +716,8 @@ def check_shards(data_path: str, split: str) -> int:
     total = 0
     for path in paths:
         with path.open("rb") as fh:
-            header = np.frombuffer(fh.read(4 * SHARD_HEADER_INTS), dtype="<i4")
+            head = fh.read(4 * SHARD_HEADER_INTS)
+        header = np.frombuffer(head[:len(head) // 4 * 4], dtype="<i4")
         if header.size < SHARD_HEADER_INTS or header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
             raise ConfigError(f"{path} is not a challenge shard (no magic {SHARD_MAGIC} version {SHARD_VERSION} "
                               "header); rebuild or remove it")
