@@ -2183,10 +2183,10 @@ def roundtrip_eval(cfg: Config, rt: Runtime, state: dict, val_tokens: Tensor,
     return model, model_fn, final_block_eval(cfg, rt, "final_roundtrip", model_fn, val_tokens, tables)
 
 
-def exit_with_error(line: str, rt: Runtime | None = None) -> None:
+def exit_with_error(line: str, rt: Runtime | None = None, rank: int = 0) -> None:
     """The end of a run that cannot start: `line` once on stderr (rank 0), exit code 2 on every rank. Every rank
     checks the same inputs, so under torchrun all of them stop here together (torchrun then reports exitcode 2)."""
-    if int(os.environ.get("RANK", 0)) == 0:
+    if (rt.rank if rt else rank) == 0:
         print(line, file=sys.stderr, flush=True)
     if rt is None:
         sys.exit(2)
@@ -2259,7 +2259,7 @@ def main() -> None:
         if not cfg.dry_run:
             check_inputs(cfg, os.environ)
     except ConfigError as err:
-        exit_with_error(f"config_error: {err}")
+        exit_with_error(f"config_error: {err}", rank=int(os.environ.get("RANK", 0)))
     if cfg.dry_run:
         dry_run(cfg)
         return
