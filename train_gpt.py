@@ -1981,7 +1981,7 @@ def resume_key(cfg: Config) -> str:
 def read_checkpoint(cfg: Config, path: Path, device: torch.device | str, mmap: bool = False) -> dict:
     """The payload of a checkpoint of this configuration, read as safely as an artifact: only a torch.save zip of
     tensors and plain data is unpickled (weights_only: nothing in the file can run); any problem is one ConfigError."""
-    what = f"RESUME={cfg.resume}: {path}"
+    what = f"RESUME={cfg.resume}" + (f" ({path})" if str(path) != cfg.resume else "")
     if not path.is_file():
         raise ConfigError(f"RESUME={cfg.resume}: no checkpoint at {path}")
     with path.open("rb") as fh:

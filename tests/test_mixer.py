@@ -9,6 +9,7 @@ import math
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -334,3 +335,34 @@ def test_mix_scores_do_not_depend_on_how_the_stream_is_batched(mode, monkeypatch
         assert int(mixer.totals[0][0]) == 24 + 50 * 13  # learned from every finished chunk: 24, then 50 each
         assert mixer.errors[2] < 1e-12  # the spot checks rebuild the scored probability
     assert all(torch.equal(out, outs[0]) for out in outs[1:])
+
+
+def eval_only_exact_lines(tmp_path: Path, demo_subset: dict, world: int) -> list[str]:
+    from test_inputs import tiny_artifact
+    from test_main import tiny_env
+
+    artifact = tmp_path / "one.ptz"
+    if not artifact.exists():
+        tiny_artifact(artifact, demo_subset["vocab_size"])
+    env = tiny_env(demo_subset, EVAL_ONLY=str(artifact), RUN_ID=f"w{world}")
+    for knob in ("VOCAB_SIZE", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT"):
+        env.pop(knob)  # the shape comes from the artifact
+    cmd = [sys.executable, str(REPO / "train_gpt.py")]
+    if world > 1:
+        cmd[1:1] = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"]
+    out = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return re.findall(r"^final_\w+_exact .*$", out.stdout, re.M)
+
+
+def test_eval_only_of_one_artifact_prints_the_same_scores_on_1_2_and_3_ranks(tmp_path, demo_subset):
+    """The user checking an N-rank submission on one machine gets the submitted digits (MIXER_UPDATE_TARGETS)."""
+    single = eval_only_exact_lines(tmp_path, demo_subset, 1)
+    assert [line.split()[0] for line in single] == ["final_roundtrip_exact", "final_sliding_window_exact",
+                                                    "final_mixer_exact"]
+    for world in (2, 3):
+        assert eval_only_exact_lines(tmp_path, demo_subset, world) == single, world
+
+
+def test_eval_only_on_8_ranks_prints_the_one_rank_scores_SLOW(tmp_path, demo_subset):
+    assert eval_only_exact_lines(tmp_path, demo_subset, 8) == eval_only_exact_lines(tmp_path, demo_subset, 1)
