@@ -2185,7 +2185,8 @@ def roundtrip_eval(cfg: Config, rt: Runtime, state: dict, val_tokens: Tensor,
 
 def exit_with_error(line: str, rt: Runtime | None = None, rank: int = 0) -> None:
     """The end of a run that cannot start: `line` once on stderr (rank 0), exit code 2 on every rank. Every rank
-    checks the same inputs, so under torchrun all of them stop here together (torchrun then reports exitcode 2)."""
+    checks the same inputs, so under torchrun all of them stop here together (torchrun then reports exitcode 2);
+    before the runtime starts, `rank` is the node-local one, so a problem only one node has is still printed."""
     if (rt.rank if rt else rank) == 0:
         print(line, file=sys.stderr, flush=True)
     if rt is None:
@@ -2259,7 +2260,7 @@ def main() -> None:
         if not cfg.dry_run:
             check_inputs(cfg, os.environ)
     except ConfigError as err:
-        exit_with_error(f"config_error: {err}", rank=int(os.environ.get("RANK", 0)))
+        exit_with_error(f"config_error: {err}", rank=int(os.environ.get("LOCAL_RANK", 0)))  # once per node
     if cfg.dry_run:
         dry_run(cfg)
         return
