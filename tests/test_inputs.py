@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -234,7 +235,10 @@ def test_torchrun_prints_the_line_once_and_every_rank_exits_2(tmp_path, demo_sub
     out = run(cmd, tiny_env(demo_subset, DATA_PATH=str(tmp_path / "nowhere")), tmp_path)
     assert out.returncode == 1  # torchrun's own code for "a worker failed"
     assert out.stderr.count("config_error: ") == 1 and "is not a folder; build or download" in out.stderr
-    assert out.stderr.count("exitcode  : 2") == 2, out.stderr[-3000:]  # torchrun's report: both ranks exited 2
+    # torchrun's report: the first rank to finish exited 2; torchrun then stops the others, so on a busy machine a
+    # rank still starting up is listed with -15 (torchrun's SIGTERM) instead of its own 2.
+    codes = re.findall(r"exitcode  : (-?\d+)", out.stderr)
+    assert len(codes) == 2 and "2" in codes and set(codes) <= {"2", "-15"}, out.stderr[-3000:]
     assert not (tmp_path / "logs").exists()
 
 
