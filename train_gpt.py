@@ -42,6 +42,7 @@ import importlib
 import json
 import math
 import os
+import pickle
 import re
 import secrets
 import signal
@@ -49,6 +50,7 @@ import struct
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
@@ -111,7 +113,8 @@ class Config:
     # final sliding-window and mixer evals (section 10)
     eval_seq_len: int = 1024
     eval_stride: int = 256  # 0: no sliding-window or mixer eval (the reference's meaning)
-    eval_batch_seqs: int = 32  # windows per forward on each rank; one mixer update per all ranks' batch
+    eval_batch_seqs: int = 32  # windows per forward on each rank
+    mixer_update_targets: int = 0  # the mixer learns every N targets on any world size; 0: EVAL_BATCH_SEQS*EVAL_STRIDE
     mixer: str = "normalized"  # normalized | reference_hedge | off
     mixer_eta: float = 1.0  # step of the normalized mixer's exponentiated-gradient update
     hedge_eta: float = 0.1  # learning rate of the reference Hedge
@@ -342,7 +345,8 @@ RANGE_RULES: dict[tuple[Callable[[float], bool], str], tuple[str, ...]] = {
     (lambda v: v >= 0, "must be >= 0"): (
         "grad_accum_steps", "lr_warmup_steps", "warmdown_iters", "val_loss_every", "val_max_tokens", "xsa_last_n",
         "num_value_embeds", "muon_momentum_warmup_steps", "train_log_every", "parallel_last_n", "bigram_vocab_size",
-        "ve_dim", "rope_dims", "quant_high_tensors", "ttt_epochs", "gptq_calib_seq_len"),
+        "ve_dim", "rope_dims", "quant_high_tensors", "ttt_epochs", "gptq_calib_seq_len",
+        "mixer_update_targets"),
     (lambda v: 0 < v < math.inf, "must be a finite number > 0"): (
         "mlp_mult", "logit_softcap", "rope_base", "tied_embed_init_std", "qk_gain_init", "adam_eps"),
     (lambda v: 0 <= v < math.inf, "must be a finite number >= 0"): (
@@ -376,6 +380,12 @@ def _config_problems(c: Config) -> Iterator[str]:
         yield f"NUM_KV_HEADS={c.num_kv_heads} must divide NUM_HEADS={c.num_heads}"
     if c.vocab_size > 65536:
         yield f"VOCAB_SIZE={c.vocab_size} does not fit the uint16 shard format"
+    if 0 < c.val_max_tokens < c.train_seq_len:
+        yield f"VAL_MAX_TOKENS must be 0 (the whole split) or >= TRAIN_SEQ_LEN={c.train_seq_len}, got {c.val_max_tokens}"
+    if not re.fullmatch(r"[A-Za-z0-9._-]*", c.run_id) or c.run_id.startswith("."):
+        yield f"RUN_ID names files in logs/: use letters, digits, '.', '_', '-' (not first '.'), got {c.run_id!r}"
+    if c.resume == "auto" and not c.run_id:
+        yield "RESUME=auto resumes logs/<RUN_ID>.ckpt: set the RUN_ID of the run to continue"
     if c.train_batch_tokens % c.train_seq_len:
         yield f"TRAIN_BATCH_TOKENS={c.train_batch_tokens} must be a multiple of TRAIN_SEQ_LEN={c.train_seq_len}"
     if c.device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?", c.device):
@@ -467,6 +477,21 @@ class Runtime:
         # Same seed on every rank: models are initialised identically, so no weight broadcast is needed.
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
+
+    @staticmethod
+    def device_problem(cfg: Config, environ: Mapping[str, str]) -> str | None:
+        """Why DEVICE cannot serve every rank of this node, found before any rank starts (so all of them agree)."""
+        if not cfg.device.startswith("cuda") and not (cfg.device == "auto" and torch.cuda.is_available()):
+            return None
+        if not torch.cuda.is_available():
+            return f"DEVICE={cfg.device} but this torch {torch.__version__} sees no CUDA device; use DEVICE=cpu or auto"
+        count, ranks = torch.cuda.device_count(), int(environ.get("LOCAL_WORLD_SIZE", 1))
+        index = int(cfg.device.partition(":")[2] or 0)
+        if index >= count or (cfg.device.count(":") == 0 and ranks > count):
+            return f"DEVICE={cfg.device} with {ranks} rank(s) on this node, but {count} CUDA device(s) are visible"
+        if ":" in cfg.device and ranks > 1:
+            return f"DEVICE={cfg.device} would put all {ranks} ranks of this node on one GPU; use DEVICE=cuda"
+        return None
 
     # --- collectives (no-ops in one process) ---
     def broadcast_object(self, obj: object) -> object:
@@ -730,6 +755,29 @@ def load_val_tokens(cfg: Config) -> Tensor:
     if usable <= 0:
         raise ValueError(f"validation split has {len(tokens)} tokens, fewer than TRAIN_SEQ_LEN={cfg.train_seq_len}")
     return torch.from_numpy(tokens[:usable + 1].astype(np.int64))
+
+
+def check_shards(data_path: str, split: str) -> int:
+    """The split's token count after checking every shard's header against its file size (1 KiB read per shard,
+    so a damaged file stops the run before any work); ConfigError names the first bad file and the fix."""
+    paths = sorted(Path(data_path).glob(f"fineweb_{split}_*.bin"))
+    if not paths:
+        raise ConfigError(f"DATA_PATH={data_path} has no fineweb_{split}_*.bin shards; point DATA_PATH at a dataset"
+                          " folder (data/README.md builds one)")
+    total = 0
+    for path in paths:
+        with path.open("rb") as fh:
+            head = fh.read(4 * SHARD_HEADER_INTS)
+        header = np.frombuffer(head[:len(head) // 4 * 4], dtype="<i4")
+        if header.size < SHARD_HEADER_INTS or header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
+            raise ConfigError(f"{path} is not a challenge shard (no magic {SHARD_MAGIC} version {SHARD_VERSION} "
+                              "header); rebuild or remove it")
+        size, expected = path.stat().st_size, 4 * SHARD_HEADER_INTS + 2 * int(header[2])
+        if size != expected:
+            raise ConfigError(f"{path} is {size} bytes, its header promises {header[2]} tokens ({expected} bytes): "
+                              "a truncated or damaged copy; download or build it again")
+        total += int(header[2])
+    return total
 
 
 # === 6. BYTES ===
@@ -1219,15 +1267,23 @@ def dirichlet(pair: Tensor, total: Tensor, strength: float, base: Tensor | float
 
 
 class Mixer:
-    """Mixture state for one MIXER eval. Per global batch of consecutive targets: score() mixes them with the state
-    before the batch, check() rebuilds one position's whole mixture by brute force, update() learns from the batch.
+    """Mixture state for one MIXER eval. The stream of targets is cut into chunks at fixed target counts (the first
+    ends where one process's first batch of EVAL_BATCH_SEQS windows ends, then every MIXER_UPDATE_TARGETS), not at
+    eval batches: a target's score is then the same on any number of ranks. Per chunk, score() mixes its targets
+    with the state before it (a chunk split over two eval batches is scored again whole, with the same result),
+    check() rebuilds one position's whole mixture by brute force, update() learns from the finished chunk.
     Every rank runs it on the same gathered inputs with integer and float64 ops, so the state is identical."""
 
     def __init__(self, cfg: Config, val_tokens: Tensor, device: torch.device):
         self.vocab, self.reference = cfg.vocab_size, cfg.mixer == "reference_hedge"
         self.per_token = not self.reference  # tables count every earlier target; the reference's, earlier batches
         self.eta = cfg.hedge_eta if self.reference else cfg.mixer_eta
-        self.tokens = F.pad(val_tokens, (1, 0)).to(device)  # a 0 stands in for the token before the first
+        # int32 (exact: ids < 65536) halves the copy of the val split; score() widens its slices to int64
+        self.tokens = F.pad(val_tokens, (1, 0)).to(device, torch.int32)  # a 0 stands in for the token before the first
+        self.update_every = cfg.mixer_update_targets or cfg.eval_batch_seqs * cfg.eval_stride
+        first_window = min(cfg.eval_seq_len, len(val_tokens) - 1)
+        self.chunk_first, self.next_update = 0, max(first_window - cfg.eval_stride, 0) + self.update_every
+        self.pending = torch.zeros(0, 2, device=device)  # (neural NLL, entropy) of the unfinished chunk's targets
         rows = (1, self.vocab, TRIGRAM_BUCKETS)
         self.pairs = [torch.zeros(r * self.vocab, dtype=torch.int32, device=device) for r in rows]  # (ctx, next)
         self.totals = [torch.zeros(r, dtype=torch.int32, device=device) for r in rows]  # per context
@@ -1250,10 +1306,29 @@ class Mixer:
             fifth = fifth.log()
         return torch.stack([neural.expand_as(uni), uni.log(), bi.log(), tri.log(), fifth], -1)
 
-    def score(self, first: int, nll: Tensor, entropy: Tensor) -> Tensor:
-        """Mixed NLL (n,) of targets first..first+n-1 (token first+1 onwards) from their neural NLL and entropy."""
+    def mix(self, first: int, features: Tensor, probe: tuple[int, Tensor] | None) -> Tensor:
+        """Mixed NLL of targets first.. from their (n, 2) neural NLL and entropy, learning at every chunk end;
+        probe = (index in features, that target's neural log-probs (V,)) is spot-checked by check()."""
+        out, done = [], 0
+        while done < len(features):
+            take = min(self.next_update - first - done, len(features) - done)
+            chunk, known = torch.cat([self.pending, features[done:done + take]]), len(self.pending)
+            out.append(self.score(self.chunk_first, chunk[:, 0], chunk[:, 1], known)[known:])
+            if probe is not None and done <= probe[0] < done + take:
+                self.check(known + probe[0] - done, probe[1])
+            done += take
+            self.pending = chunk
+            if self.chunk_first + len(chunk) == self.next_update:
+                self.update()
+                self.chunk_first, self.next_update = self.next_update, self.next_update + self.update_every
+                self.pending = chunk[:0]
+        return torch.cat(out)
+
+    def score(self, first: int, nll: Tensor, entropy: Tensor, known: int = 0) -> Tensor:
+        """Mixed NLL (n,) of targets first..first+n-1 (token first+1 onwards) from their neural NLL and entropy; the
+        first `known` were scored before (by an earlier eval batch) and are not counted in the mean weights again."""
         v, n = self.vocab, len(nll)
-        x2, x1, y = (self.tokens[first + k:first + k + n] for k in range(3))
+        x2, x1, y = (self.tokens[first + k:first + k + n].long() for k in range(3))
         ctx = (torch.zeros_like(y), x1, (x2 * TRIGRAM_HASH[0] ^ x1 * TRIGRAM_HASH[1]) % TRIGRAM_BUCKETS)
         keys = [c * v + y for c in ctx]
         pair = [t[k].double() for t, k in zip(self.pairs, keys)]
@@ -1272,7 +1347,7 @@ class Mixer:
         if cold:  # the reference scores with the neural expert alone until its tables are warm
             log_w = torch.tensor([0.0] + [-math.inf] * 4, dtype=torch.float64, device=y.device).expand_as(log_w)
         mixed = torch.logsumexp(log_w + log_probs, -1)
-        self.weight_sum += log_w.exp().sum(0)
+        self.weight_sum += log_w[known:].exp().sum(0)
         self.batch = (ctx, keys, y, entropy, log_probs, log_w, mixed, bucket, cold)
         return -mixed
 
@@ -1307,19 +1382,18 @@ class Mixer:
 
 
 def mix_batch(rt: Runtime, mixer: Mixer, batch: Tensor, rows: int, log_probs: Tensor, nll: Tensor) -> Tensor:
-    """Gather one global batch's neural NLL and entropy, mix them on every rank, spot-check one of this rank's
-    positions, learn; returns this rank's mixed NLL. `batch` is the window plan rows of all ranks, in order."""
+    """Gather one global batch's neural NLL and entropy, mix them on every rank (spot-checking one of this rank's
+    positions); returns this rank's mixed NLL. `batch` is the window plan rows of all ranks, in order."""
     counts = [int(c.sum()) for c in (batch[:, 1] - batch[:, 2]).split(rows)]
     counts += [0] * (rt.world_size - len(counts))
     features = torch.stack([nll, torch.special.entr(log_probs.exp()).sum(-1)], 1)  # (m, 2)
     gathered = rt.all_gather(F.pad(features, (0, 0, 0, max(counts) - len(features))))
     features = torch.cat([part[:count] for part, count in zip(gathered, counts)])
-    mixed = mixer.score(int(batch[0, 0] + batch[0, 2]), features[:, 0], features[:, 1])
-    offset = sum(counts[:rt.rank])
+    offset, probe = sum(counts[:rt.rank]), None
     if len(nll):
         j = int(torch.randint(len(nll), (1,), generator=mixer.rng))
-        mixer.check(offset + j, log_probs[j])
-    mixer.update()
+        probe = (offset + j, log_probs[j])
+    mixed = mixer.mix(int(batch[0, 0] + batch[0, 2]), features, probe)
     return mixed[offset:offset + len(nll)]
 
 
@@ -1391,13 +1465,15 @@ def eval_blocks(cfg: Config, rt: Runtime, model_fn: ModelFn, val_tokens: Tensor,
                 repeats: int) -> tuple[float, float]:
     """The periodic and final float evals: non-overlapping TRAIN_SEQ_LEN blocks, i.e. the plan with stride = window."""
     plan = window_plan(len(val_tokens) - 1, cfg.train_seq_len, cfg.train_seq_len)
-    results, _ = eval_windows(cfg, rt, model_fn, val_tokens, tables, repeats, plan, eval_rows(cfg, rt.world_size))
+    results, _ = eval_windows(cfg, rt, model_fn, val_tokens, tables, repeats, plan, eval_rows(cfg))
     return results["neural"]
 
 
-def eval_rows(cfg: Config, world_size: int) -> int:
-    """Rows per eval batch: VAL_BATCH_SIZE split over ranks and grad-accumulation steps, as in training memory."""
-    return max(1, cfg.val_batch_size // (world_size * grad_accum_for(cfg, world_size) * cfg.train_seq_len))
+def eval_rows(cfg: Config) -> int:
+    """Rows per rank per eval batch: one process's VAL_BATCH_SIZE / grad-accumulation share on any world size (the
+    same on 1, 2, 4, 8 ranks with the default accumulation), so every block is scored by a forward of one shape and
+    one artifact gets one score on any number of ranks."""
+    return max(1, cfg.val_batch_size // (grad_accum_for(cfg, 1) * cfg.train_seq_len))
 
 
 def log_eval(rt: Runtime, name: str, result: tuple[float, float], eval_ms: float, text: str = "", **fields) -> None:
@@ -1858,7 +1934,7 @@ class Trainer:
             with self.rt.autocast():
                 self.model_fn(x, reps, y).mean().backward()
             with torch.inference_mode(), self.rt.autocast():
-                self.model_fn(torch.zeros(eval_rows(self.cfg, self.rt.world_size), seq, dtype=torch.int64,
+                self.model_fn(torch.zeros(eval_rows(self.cfg), seq, dtype=torch.int64,
                                           device=device), reps)
         if self.cfg.eval_stride:  # the final sliding eval's shape, at full depth
             length = min(self.cfg.eval_seq_len, len(self.val_tokens) - 1)
@@ -1972,12 +2048,8 @@ class Trainer:
         self.clock.start()
 
     def load_checkpoint(self, path: Path) -> TrainState:
-        """Restore a checkpoint of this same configuration (loaded with weights_only: no code runs)."""
-        payload = torch.load(path, map_location=self.rt.device, weights_only=True)
-        saved, ours = json.loads(payload["config"]), json.loads(resume_key(self.cfg))
-        changed = sorted(k for k in ours if saved.get(k) != ours[k])
-        if changed:
-            raise ConfigError(f"{path} is a checkpoint of another configuration (differs in: {', '.join(changed)})")
+        """Restore a checkpoint of this same configuration (read_checkpoint: no code in the file runs)."""
+        payload = read_checkpoint(self.cfg, path, self.rt.device)
         self.model.load_state_dict(payload["model"])
         for name, opt in self.optimizers.items():
             opt.load_state_dict(payload["optimizers"][name])
@@ -2012,14 +2084,45 @@ class Trainer:
 
 
 RESUMED_STATE = ("step", "train_ms", "repeats", "swa_count", "history", "checkpoint_ms")
+CHECKPOINT_KEYS = ("config", "model", "swa_sum", "ema", "optimizers", "stream", "rng", "state")
 
 
 def resume_key(cfg: Config) -> str:
-    """The configuration a checkpoint must match: all but the knobs that name or steer the run or act after training."""
+    """The configuration a checkpoint must match: all but the knobs that name or steer the run or act after training.
+    The budget is the training one (GPTQ's reserve taken off), so the key is the same before and after that split."""
     skip = ("run_id", "resume", "checkpoint_every_seconds", "record", "eval_seq_len", "eval_stride", "eval_batch_seqs",
-            "mixer", "mixer_eta", "hedge_eta", "quant_method", "quant_high_tensors", "compressor", "eval_only")
-    return json.dumps({k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip and not k.startswith("ttt")},
-                      sort_keys=True)
+            "mixer", "mixer_eta", "hedge_eta", "quant_method", "quant_high_tensors", "compressor", "eval_only",
+            "mixer_update_targets", "gptq_reserve_seconds")
+    values = dataclasses.asdict(cfg)
+    values["max_wallclock_seconds"] -= cfg.gptq_reserve_seconds if cfg.reserves_calibration_time else 0.0
+    return json.dumps({k: v for k, v in values.items() if k not in skip and not k.startswith("ttt")}, sort_keys=True)
+
+
+def read_checkpoint(cfg: Config, path: Path, device: torch.device | str, mmap: bool = False) -> dict:
+    """The payload of a checkpoint of this configuration, read as safely as an artifact: only a torch.save zip of
+    tensors and plain data is unpickled (weights_only: nothing in the file can run); any problem is one ConfigError."""
+    what = f"RESUME={cfg.resume}" + (f" ({path})" if str(path) != cfg.resume else "")
+    if not path.is_file():
+        raise ConfigError(f"RESUME={cfg.resume}: no checkpoint at {path}")
+    with path.open("rb") as fh:
+        if fh.read(4) != b"PK\x03\x04":
+            raise ConfigError(f"{what} is not a checkpoint of this script (not a torch.save zip); nothing was loaded")
+    try:
+        with warnings.catch_warnings():  # torch warns about the pickle protocol before it refuses a file
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
+        saved = json.loads(payload["config"]) if set(payload) == set(CHECKPOINT_KEYS) else None
+    except pickle.UnpicklingError:
+        raise ConfigError(f"{what} holds objects that need code to load: refused unread, no code ran") from None
+    except Exception as err:
+        raise ConfigError(f"{what} is damaged ({type(err).__name__}); resume from another checkpoint") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{what} is not a checkpoint of this script (other contents); nothing was loaded")
+    ours = json.loads(resume_key(cfg))
+    changed = sorted(k for k in ours if saved.get(k) != ours[k])
+    if changed:
+        raise ConfigError(f"{path} is a checkpoint of another configuration (differs in: {', '.join(changed)})")
+    return payload
 
 
 def weights_sha256(model: nn.Module) -> str:
@@ -2139,6 +2242,8 @@ def log_header(cfg: Config, rt: Runtime, model: GPT, n_val: int) -> None:
                f"uses {' '.join(codecs_for(cfg.compressor)[0])} only")
     shards = "" if cfg.eval_only else f"train_shards:{len(shard_paths(cfg.data_path, 'train'))} "
     rt.log(f"{shards}val_tokens:{n_val} seed:{cfg.seed}")
+    # What records/make_record.py needs to tell the challenge's full FineWeb val split from other data.
+    rt.log(f"val_split tokens:{check_shards(cfg.data_path, 'val')} val_max_tokens:{cfg.val_max_tokens}")
 
 
 def train_and_export(cfg: Config, rt: Runtime, tables: ByteTables, val_tokens: Tensor) -> tuple[Path, float]:
@@ -2201,9 +2306,7 @@ def open_artifact(cfg: Config, rt: Runtime, path: Path, environ: Mapping[str, st
         header, stored = unpack_artifact(path.read_bytes())
         return artifact_config(cfg, header, environ), {t.name: t.dequantize() for t in stored}
     except (OSError, ValueError, TypeError) as err:  # TypeError: a crafted header with mistyped config values
-        if rt.is_main:
-            print(f"artifact_error: {path}: {err}", file=sys.stderr)
-        rt.shutdown(2)
+        exit_with_error(f"artifact_error: {path}: {err}", rt)
 
 
 def roundtrip_eval(cfg: Config, rt: Runtime, state: dict, val_tokens: Tensor,
@@ -2217,12 +2320,84 @@ def roundtrip_eval(cfg: Config, rt: Runtime, state: dict, val_tokens: Tensor,
     return model, model_fn, final_block_eval(cfg, rt, "final_roundtrip", model_fn, val_tokens, tables)
 
 
+def exit_with_error(line: str, rt: Runtime | None = None, rank: int = 0) -> None:
+    """The end of a run that cannot start: `line` once on stderr (rank 0), exit code 2 on every rank. Every rank
+    checks the same inputs, so under torchrun all of them stop here together (torchrun then reports exitcode 2);
+    before the runtime starts, `rank` is the node-local one, so a problem only one node has is still printed."""
+    if (rt.rank if rt else rank) == 0:
+        print(line, file=sys.stderr, flush=True)
+    if rt is None:
+        sys.exit(2)
+    rt.shutdown(2)
+
+
+def check_inputs(cfg: Config, environ: Mapping[str, str]) -> None:
+    """Every device, path and file problem that can be found before any work (no process group, no file written);
+    each is one ConfigError that names the problem and its fix."""
+    problem = Runtime.device_problem(cfg, environ)
+    if problem:
+        raise ConfigError(problem)
+    if not cfg.eval_only:
+        local_batch_tokens(cfg, int(environ.get("WORLD_SIZE", 1)))
+    if not Path(cfg.data_path).is_dir():
+        raise ConfigError(f"DATA_PATH={cfg.data_path} is not a folder; build or download a dataset (data/README.md)"
+                          " or point DATA_PATH at one")
+    val = check_shards(cfg.data_path, "val")
+    if min(val - 1, cfg.val_max_tokens or val) < cfg.train_seq_len:
+        raise ConfigError(f"the val split of {cfg.data_path} has {val} tokens, too few for TRAIN_SEQ_LEN="
+                          f"{cfg.train_seq_len} + 1; build more validation documents")
+    if cfg.eval_only and not Path(cfg.eval_only).is_file():
+        raise ConfigError(f"EVAL_ONLY={cfg.eval_only}: no such file (give the .ptz artifact a training run wrote)")
+    if not cfg.eval_only:  # EVAL_ONLY takes VOCAB_SIZE from the artifact: its tokenizer is checked after reading it
+        check_shards(cfg.data_path, "train")
+        load_tokenizer(cfg)
+    elif not Path(cfg.tokenizer_path).is_file():
+        raise ConfigError(f"TOKENIZER_PATH={cfg.tokenizer_path}: no such file")
+    if cfg.resume:
+        read_checkpoint(cfg, Path(cfg.resume if cfg.resume != "auto" else f"logs/{cfg.run_id}.ckpt"), "cpu", True)
+    logs = Path("logs")
+    if logs.exists() and not logs.is_dir():
+        raise ConfigError(f"{logs.resolve()} is not a folder; the run writes logs/<RUN_ID>.txt: move it or run elsewhere")
+    if not os.access(logs if logs.is_dir() else Path.cwd(), os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write {logs.resolve()}/ (the log, artifact and checkpoints go there); run from a "
+                          "writable directory")
+
+
+def load_tokenizer(cfg: Config) -> ByteTables:
+    """The byte tables of TOKENIZER_PATH, which must hold VOCAB_SIZE pieces; ConfigError otherwise."""
+    import sentencepiece
+
+    if not Path(cfg.tokenizer_path).is_file():
+        raise ConfigError(f"TOKENIZER_PATH={cfg.tokenizer_path}: no such file")
+    try:
+        sp = sentencepiece.SentencePieceProcessor(model_file=cfg.tokenizer_path)
+    except Exception as err:
+        raise ConfigError(f"TOKENIZER_PATH={cfg.tokenizer_path} is not a SentencePiece model ({err})") from None
+    if sp.vocab_size() != cfg.vocab_size:
+        raise ConfigError(f"TOKENIZER_PATH={cfg.tokenizer_path} has {sp.vocab_size()} pieces, VOCAB_SIZE="
+                          f"{cfg.vocab_size}: set VOCAB_SIZE={sp.vocab_size()} or use the data's own tokenizer")
+    return build_byte_tables(sp, cfg.vocab_size)
+
+
+def load_inputs(cfg: Config, rt: Runtime) -> tuple[ByteTables, Tensor]:
+    """Byte tables and validation tokens, checked against VOCAB_SIZE; a mismatch ends the run with one line."""
+    try:
+        tables, val_tokens = load_tokenizer(cfg).to(rt.device), load_val_tokens(cfg)
+        if int(val_tokens.max()) >= cfg.vocab_size:
+            raise ConfigError(f"the val shards of {cfg.data_path} hold token id {int(val_tokens.max())} >= VOCAB_SIZE="
+                              f"{cfg.vocab_size}: they were built with another tokenizer than TOKENIZER_PATH")
+    except ConfigError as err:
+        exit_with_error(f"config_error: {err}", rt)
+    return tables, val_tokens
+
+
 def main() -> None:
     try:
         cfg = Config.from_env(os.environ)
+        if not cfg.dry_run:
+            check_inputs(cfg, os.environ)
     except ConfigError as err:
-        print(f"config_error: {err}", file=sys.stderr)
-        sys.exit(2)
+        exit_with_error(f"config_error: {err}", rank=int(os.environ.get("LOCAL_RANK", 0)))  # once per node
     if cfg.dry_run:
         dry_run(cfg)
         return
@@ -2230,13 +2405,7 @@ def main() -> None:
     cfg, path, float_bpb = rt.cfg, Path(cfg.eval_only), None
     if cfg.eval_only:
         cfg, state = open_artifact(cfg, rt, path, os.environ)
-    import sentencepiece
-
-    sp = sentencepiece.SentencePieceProcessor(model_file=cfg.tokenizer_path)
-    if sp.vocab_size() != cfg.vocab_size:
-        raise ValueError(f"{cfg.tokenizer_path} has {sp.vocab_size()} pieces, VOCAB_SIZE={cfg.vocab_size}")
-    tables = build_byte_tables(sp, cfg.vocab_size).to(rt.device)
-    val_tokens = load_val_tokens(cfg)
+    tables, val_tokens = load_inputs(cfg, rt)
     if cfg.eval_only:
         log_header(cfg, rt, meta_model(cfg), len(val_tokens) - 1)
     else:
@@ -2274,12 +2443,9 @@ def resume_from(cfg: Config, rt: Runtime, trainer: Trainer) -> TrainState | None
         return None
     path = trainer.checkpoint_path() if cfg.resume == "auto" else Path(cfg.resume)
     try:
-        if not path.is_file():
-            raise ConfigError(f"RESUME={cfg.resume}: no checkpoint at {path}")
         return trainer.load_checkpoint(path)
     except ConfigError as err:
-        print(f"config_error: {err}", file=sys.stderr)
-        rt.shutdown(2)
+        exit_with_error(f"config_error: {err}", rt)
 
 
 if __name__ == "__main__":

@@ -9,14 +9,17 @@ The output mirrors the layout used by the Parameter Golf challenge, so
     <output-root>/datasets/<name>_sp<vocab>/fineweb_val_000000.bin ...
     <output-root>/datasets/<name>_sp<vocab>/manifest.json
 
-Input files (one or more, read in the order given; ``.xz`` / ``.gz`` compression
-is recognised by suffix):
+Input files (one or more, read in the order given; ``.gz`` / ``.xz`` / ``.zst``
+compression is recognised by suffix):
 
 * ``*.jsonl``: one JSON object per line; its ``"text"`` string is one document.
   Blank lines are ignored.
-* ``*.txt``: documents are separated by one or more blank (whitespace-only)
-  lines; line breaks inside a document are kept.  Use JSONL when a document
-  contains blank lines of its own (e.g. multi-paragraph articles).
+* ``*.txt``: by default documents are separated by one or more blank
+  (whitespace-only) lines; line breaks inside a document are kept.  When a
+  document has blank lines of its own (e-mails, multi-paragraph articles), pass
+  ``--txt-separator LINE`` (a line whose stripped text is LINE ends a document;
+  blank lines inside are kept) or ``--txt-separator file`` (each file is one
+  document), or use JSONL.
 
 Documents whose text is empty or whitespace-only are skipped.  The LAST
 ``--val-docs`` documents (in input order) form the validation split; all earlier
@@ -33,6 +36,8 @@ shards hold only validation documents.
 Example::
 
     python3 data/build_dataset.py corpus.jsonl.xz --name mycorpus --val-docs 100
+
+At the end it prints the train_gpt.py command that trains on what it built.
 """
 
 from __future__ import annotations
@@ -77,6 +82,10 @@ MAX_TOKENIZER_SENTENCES = 5_000_000
 # fixed (rather than os.cpu_count()) to make the model bytes reproducible across
 # machines.  The learned pieces do not depend on it.
 TOKENIZER_TRAIN_THREADS = 2
+
+# --txt-separator values with a meaning of their own; any other value is a separator line.
+TXT_BLANK, TXT_FILE = "blank", "file"
+COMPRESSED = (".gz", ".xz", ".zst")
 
 # Bump when the build logic changes in a way that changes outputs; consumers
 # such as prepare_demo.py use it to decide whether existing outputs are stale.
@@ -213,16 +222,20 @@ def _open_text(path: Path) -> io.TextIOBase:
         return lzma.open(path, "rt", encoding="utf-8")
     if path.suffix == ".gz":
         return gzip.open(path, "rt", encoding="utf-8")
+    if path.suffix == ".zst":
+        import zstandard
+
+        return zstandard.open(path, "rt", encoding="utf-8")
     return open(path, "r", encoding="utf-8")
 
 
 def _format_of(path: Path) -> str:
     suffixes = path.suffixes
-    if suffixes and suffixes[-1] in (".xz", ".gz"):
+    if suffixes and suffixes[-1] in COMPRESSED:
         suffixes = suffixes[:-1]
     fmt = suffixes[-1] if suffixes else ""
     if fmt not in (".jsonl", ".txt"):
-        raise BuildError(f"{path}: unsupported input (expected .jsonl or .txt, optionally .xz/.gz)")
+        raise BuildError(f"{path}: unsupported input (expected .jsonl or .txt, optionally .gz/.xz/.zst)")
     return fmt
 
 
@@ -250,32 +263,39 @@ def _iter_jsonl(path: Path) -> Iterator[str]:
             yield obj["text"]
 
 
-def _iter_txt(path: Path) -> Iterator[str]:
+def _iter_txt(path: Path, separator: str = TXT_BLANK) -> Iterator[str]:
+    """Documents of a text file: split at blank lines (TXT_BLANK), the whole file (TXT_FILE), or at lines whose
+    stripped text is ``separator`` (blank lines then stay inside documents; a document's edges are stripped)."""
     lines: list[str] = []
     with _open_text(path) as f:
         for line in f:
-            if line.strip():
-                lines.append(line.rstrip("\r\n"))
-            elif lines:
-                yield "\n".join(lines)
+            ends_doc = not line.strip() if separator == TXT_BLANK else line.strip() == separator
+            if ends_doc and separator != TXT_FILE:
+                if lines:
+                    yield "\n".join(lines).strip("\n")
                 lines = []
+            elif line.strip() or separator != TXT_BLANK:
+                lines.append(line.rstrip("\r\n"))
     if lines:
-        yield "\n".join(lines)
+        yield "\n".join(lines).strip("\n")
 
 
-def iter_documents(paths: Iterable[str | os.PathLike]) -> Iterator[str]:
+def iter_documents(paths: Iterable[str | os.PathLike], txt_separator: str = TXT_BLANK) -> Iterator[str]:
     """Yield the non-empty documents of ``paths`` in order (see module docstring)."""
     for p in paths:
         path = Path(p)
-        reader = _iter_jsonl if _format_of(path) == ".jsonl" else _iter_txt
-        for text in reader(path):
+        if _format_of(path) == ".jsonl":
+            docs = _iter_jsonl(path)
+        else:
+            docs = _iter_txt(path, txt_separator)
+        for text in docs:
             if text.strip():
                 yield _clean(text)
 
 
-def count_documents(paths: Sequence[str | os.PathLike]) -> int:
+def count_documents(paths: Sequence[str | os.PathLike], txt_separator: str = TXT_BLANK) -> int:
     """Number of documents :func:`iter_documents` yields (one extra pass)."""
-    return sum(1 for _ in iter_documents(paths))
+    return sum(1 for _ in iter_documents(paths, txt_separator))
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -457,6 +477,7 @@ def build(
     reuse_tokenizer: str | os.PathLike | None = None,
     seed: int = DEFAULT_SEED,
     shuffle_train: bool = False,
+    txt_separator: str = TXT_BLANK,
     log=print,
 ) -> dict:
     """Build tokenizer + shards + manifest; return the manifest dict.
@@ -470,6 +491,8 @@ def build(
     ``seed`` (the challenge's shards are a shuffled document stream, and
     train_gpt.py reads shards sequentially); it holds the encoded training
     split in memory. Validation documents always keep their input order.
+    ``txt_separator`` says how ``.txt`` inputs split into documents (see the
+    module docstring).
     """
     t0 = time.perf_counter()
     if not _NAME_RE.match(name):
@@ -486,14 +509,16 @@ def build(
     if val_docs < 1:
         raise BuildError("val_docs must be at least 1 (train_gpt.py needs validation data)")
 
-    total_docs = count_documents(inputs)
+    if not txt_separator:
+        raise BuildError("--txt-separator must not be empty")
+    total_docs = count_documents(inputs, txt_separator)
     n_train = total_docs - val_docs
     if n_train < 1:
         raise BuildError(f"{total_docs} documents found; need more than val_docs={val_docs}")
     log(f"{total_docs} documents: {n_train} train, {val_docs} val (the last {val_docs})")
 
     def train_docs() -> Iterator[str]:
-        for i, doc in enumerate(iter_documents(inputs)):
+        for i, doc in enumerate(iter_documents(inputs, txt_separator)):
             if i >= n_train:
                 return
             yield doc
@@ -535,7 +560,7 @@ def build(
     writers = {s: ShardWriter(work_dir, s, shard_tokens) for s in ("train", "val")}
     docs = {"train": 0, "val": 0}
     held: list[np.ndarray] = []
-    for i, toks in enumerate(encode_documents(sp, iter_documents(inputs))):
+    for i, toks in enumerate(encode_documents(sp, iter_documents(inputs, txt_separator))):
         split = "train" if i < n_train else "val"
         if split == "train" and shuffle_train:
             held.append(toks)
@@ -564,6 +589,7 @@ def build(
             "shard_tokens": shard_tokens,
             "seed": seed,
             "shuffle_train": shuffle_train,
+            "txt_separator": txt_separator,
             "reuse_tokenizer": None if reuse_tokenizer is None else str(reuse_tokenizer),
         },
         "tokenizer": {
@@ -607,7 +633,7 @@ def build(
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Build a SentencePiece BPE tokenizer and challenge-format train/val shards "
-        "from .jsonl / .txt corpora (optionally .xz/.gz compressed).",
+        "from .jsonl / .txt corpora (optionally .gz/.xz/.zst compressed).",
     )
     p.add_argument("inputs", nargs="+", help="input files, read in the order given")
     p.add_argument("--name", required=True, help="dataset name used in output file names")
@@ -637,13 +663,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--shuffle-train", action="store_true",
         help="write the training documents in a seeded random order (holds the split in memory)",
     )
+    p.add_argument(
+        "--txt-separator", default=TXT_BLANK, metavar="LINE",
+        help=f"how .txt inputs split into documents: '{TXT_BLANK}' (default: at blank lines), '{TXT_FILE}' "
+        "(one document per file) or a separator line, e.g. --txt-separator=--- (blank lines then stay inside documents)",
+    )
     return p
+
+
+def training_command(manifest: dict, output_root: str | os.PathLike) -> str:
+    """The train_gpt.py command (8 GPUs) that trains on a build; its runs are recorded as not submissions."""
+    root = Path(output_root)
+    return (f"DATA_PATH={root / 'datasets' / manifest['dataset']} "
+            f"TOKENIZER_PATH={root / manifest['tokenizer']['model_path']} "
+            f"VOCAB_SIZE={manifest['tokenizer']['vocab_size']} torchrun --standalone --nproc_per_node=8 train_gpt.py")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        build(
+        manifest = build(
             args.inputs,
             name=args.name,
             val_docs=args.val_docs,
@@ -653,10 +692,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             reuse_tokenizer=args.reuse_tokenizer,
             seed=args.seed,
             shuffle_train=args.shuffle_train,
+            txt_separator=args.txt_separator,
         )
     except BuildError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    command = training_command(manifest, args.output_root)
+    print(f"train on it (8 GPUs):  {command}")
+    print(f"or on CPU:             PRESET=demo {command.split(' torchrun')[0]} python3 train_gpt.py")
     return 0
 
 

@@ -48,6 +48,7 @@ def _settings() -> dict:
         # documents would mean training on the 1790s alone. Shuffled, like the challenge's document stream.
         "shuffle_train": True,
         "reuse_tokenizer": None,
+        "txt_separator": bd.TXT_BLANK,  # recorded by the builder; the demo corpus is JSONL, so it does not act
     }
 
 

@@ -20,8 +20,12 @@ The folder holds, and nothing a previous run wrote is overwritten:
                       text outside the markers is the entrant's and is kept
   train_curve.png     train loss and val_bpb against step and training time (matplotlib; skipped without it)
 
-Folder name: <date>_<name>, date = the run's start date, name = the template's, sanitized; runs on the demo corpus
-(data/prepare_demo.py) get _demo appended. A run joins an existing folder of that name only when its train_gpt.py is
+Folder name: <date>_<name>, date = the run's start date, name = the template's, sanitized. Only a challenge
+submission goes to records/<track>/: a run on the challenge's FineWeb validation split in full (recognised by content:
+no VAL_MAX_TOKENS cap and the split's token count logged for that tokenizer, 62,021,632 for sp1024) within the budget
+(artifact <= 16,000,000 bytes; on track_10min_16mb also train and eval <= 600 s). Any other run goes to
+records/not_a_submission/<date>_<name>_<why>/, why = demo (data/prepare_demo.py's corpus), capped (VAL_MAX_TOKENS),
+custom (other data) or over_budget, and its compliance block says so (val_split, challenge_submission). A run joins an existing folder of that name only when its train_gpt.py is
 byte-identical and its configuration equal apart from seed and run id; otherwise it gets a new folder (_2, _3, ...),
 so seeds of different code or configuration are never averaged together.
 Newest run per seed: the latest start time (the log's `started:`, else a generated RUN_ID's timestamp, else the
@@ -43,6 +47,7 @@ import hashlib
 import importlib.util
 import itertools
 import json
+import math
 import os
 import re
 import shlex
@@ -58,6 +63,10 @@ import significance  # noqa: E402  (one definition of the exact lines and of the
 import pack_script  # noqa: E402  (a packed train_gpt.py names its readable source)
 
 TRACKS = ("track_10min_16mb", "track_non_record_16mb")
+NOT_A_SUBMISSION = "not_a_submission"  # records/<this>/: runs that are not on the challenge's data or budget
+# The challenge's logged val token counts (the full FineWeb val split cut to whole 1024-token blocks) by tokenizer
+# vocabulary: ../shared/spec/challenge-conventions.md 1.7 (sp4096's is known only to 0.01 M, so it is not listed).
+CHALLENGE_VAL_TOKENS = {1024: 62_021_632, 8192: 40_540_160}
 BUDGET_BYTES = 16_000_000
 LIMIT_SECONDS = 600.0  # training, and separately evaluation, on 8xH100
 # Config keys that may differ between the seeds of one submission (and are not knobs of the reproduction command).
@@ -84,6 +93,7 @@ LINE = {name: re.compile(pattern, re.M) for name, pattern in dict(
     penalty=r"^quant_penalty_bpb:(\S+)",
     sizes=r"^artifact\b.*?code_bytes:(\d+) model_bytes:(\d+) total_bytes:(\d+)",
     artifact=r"^artifact\b.*?([^\s:]+\.ptz)\b",
+    val_split=r"^val_split tokens:(\d+) val_max_tokens:\d+$",
 ).items()}
 
 
@@ -119,6 +129,7 @@ class Run:
     val_points: dict[int, tuple[float, float]] = field(default_factory=dict)  # step -> (bpb, ms)
     depth_switches: list[tuple[int, int]] = field(default_factory=list)  # (step, repeats)
     swa_start: int | None = None
+    val_split_tokens: int | None = None  # tokens in the val shards, before any cap (the `val_split` line)
 
 
 def segments(text: str, source: str, path: Path) -> list[str]:
@@ -177,6 +188,8 @@ def parse_log(path: Path, source: str) -> Run:
         run.sizes = dict(zip(("code_bytes", "model_bytes", "total_bytes"), map(int, m.groups())))
     if m := LINE["artifact"].search(last):
         run.artifact = m.group(1)
+    if m := LINE["val_split"].search(last):
+        run.val_split_tokens = int(m.group(1))
     for block in blocks:
         run.train_points.update({int(s): (float(x), float(ms)) for s, x, ms in LINE["train"].findall(block)})
         run.val_points.update({int(s): (float(x), float(ms)) for s, x, ms in LINE["val"].findall(block)})
@@ -254,6 +267,26 @@ def is_demo(config: dict, module) -> bool:
     """Trained on the embedded demo corpus (PRESET=demo's data folder): never mistaken for a real submission."""
     demo_data = module.PRESETS.get("demo", {}).get("data_path")
     return bool(demo_data) and Path(config["data_path"]).name == Path(demo_data).name
+
+
+def val_split(run: Run, module) -> str:
+    """fineweb (the challenge's full val split, recognised by its token count), demo, capped or custom."""
+    if is_demo(run.config, module):
+        return "demo"
+    if run.config.get("val_max_tokens"):
+        return "capped"
+    want, tokens = CHALLENGE_VAL_TOKENS.get(run.config.get("vocab_size")), run.val_split_tokens
+    return "fineweb" if want and tokens and (tokens - 1) // 1024 * 1024 == want else "custom"
+
+
+def not_a_submission(run: Run, template: dict, module) -> str:
+    """Why the run is no challenge submission ('' when it is one): its val_split, or over_budget."""
+    split = val_split(run, module)
+    if split != "fineweb":
+        return split
+    limit_ms = 1000 * LIMIT_SECONDS if track_folder(template) == "track_10min_16mb" else math.inf
+    over = run.sizes.get("total_bytes", 0) > BUDGET_BYTES or max(run.train_ms, run.eval_ms or 0.0) > limit_ms
+    return "over_budget" if over else ""
 
 
 def choose_folder(track_dir: Path, base: str, run: Run, code: bytes, source: str) -> Path:
@@ -461,12 +494,16 @@ def readme_block(sub: dict, counted: list[Run], superseded: list[tuple[Run, Run]
     env = " ".join(["SEED=$seed", *reproduce_env(newest.config, module)])
     world = int(newest.hardware.split("x", 1)[0])
     seeds = " ".join(str(s) for s in sub["seeds"])
-    path = f"records/{track_folder(sub)}/{folder.name}"
+    path = f"records/{folder.parent.name}/{folder.name}"
     lines = [f"# {md(sub['name'])}", "", md(sub.get("blurb", "")), "",
              f"Author: {md(sub.get('author', ''))} (GitHub {md(sub.get('github_id', ''))}) · track: "
              f"{track_folder(sub)} · date: {sub['date']} · {md(sub['hardware'])} · PyTorch {sub['pytorch_version']}",
              "", f"**val_bpb {sub['val_bpb']:.8f}**{spread}, val_loss {sub['val_loss']:.8f} nats: "
              f"`{sub['headline_metric']}`, mean over {len(counted)} seed(s): {seeds}.", "",
+             *([] if sub["compliance"]["challenge_submission"] else [
+                 f"**Not a challenge submission** (val_split: {sub['compliance']['val_split']}; see compliance in "
+                 "submission.json): a challenge score needs the full FineWeb val split, no VAL_MAX_TOKENS, and the "
+                 "budget.", ""]),
              "## Results", "",
              "One row per seed: the newest run of that seed (latest start). Train s is the training clock (paused "
              "during validation); eval s is the sum of the final evals.", "", *results_table(sub, counted), "",
@@ -593,8 +630,10 @@ def make_record(log: Path, script: Path, template_path: Path, records_root: Path
     source, code = script.read_text(encoding="utf-8"), script.read_bytes()
     run = parse_log(log, source)
     template, module = load_template(template_path), load_script(script)
-    base = sanitize(template["name"]) + ("_demo" if is_demo(run.config, module) else "")
-    folder = choose_folder(records_root / track_folder(template), base, run, code, source)
+    why = not_a_submission(run, template, module)
+    base = sanitize(template["name"]) + (f"_{why}" if why else "")
+    folder = choose_folder(records_root / (NOT_A_SUBMISSION if why else track_folder(template)), base, run, code,
+                           source)
     folder.mkdir(parents=True, exist_ok=True)
     copy_new(script, folder / "train_gpt.py")
     readable = pack_script.readable_source(script, note)
@@ -609,7 +648,11 @@ def make_record(log: Path, script: Path, template_path: Path, records_root: Path
     existing = json.loads(sub_path.read_text(encoding="utf-8")) if sub_path.is_file() else {}
     pinned = headline or {**existing, **template}.get("headline_metric_override")
     metric = choose_headline(counted, pinned)
-    sub = merge_submission(existing, template, measured(counted, superseded, metric, folder, len(code)))
+    measurement = measured(counted, superseded, metric, folder, len(code))
+    measurement["compliance"].update(val_split=", ".join(sorted({val_split(r, module) for r in counted})),
+                                     challenge_submission=not any(not_a_submission(r, template, module)
+                                                                  for r in counted))
+    sub = merge_submission(existing, template, measurement)
     if headline:
         sub["headline_metric_override"] = headline
     write_atomic(sub_path, (json.dumps(sub, indent=2) + "\n").encode("utf-8"))

@@ -144,6 +144,60 @@ def test_iter_documents_jsonl_xz_and_txt(tmp_path):
     ]
 
 
+EMAILS = "From: a\nSubject: one\n\nFirst paragraph.\n\nSecond paragraph.\n---\nFrom: b\n\nOnly one.\n---\n"
+
+
+@pytest.mark.parametrize("suffix", ["", ".gz", ".xz", ".zst"])
+def test_txt_separator_keeps_blank_lines_inside_documents(tmp_path, suffix):
+    import gzip
+
+    import zstandard
+
+    path = tmp_path / f"mail.txt{suffix}"
+    opener = {"": open, ".gz": gzip.open, ".xz": lzma.open, ".zst": zstandard.open}[suffix]
+    with opener(path, "wt", encoding="utf-8") as f:
+        f.write(EMAILS)
+    assert list(bd.iter_documents([path], "---")) == [
+        "From: a\nSubject: one\n\nFirst paragraph.\n\nSecond paragraph.", "From: b\n\nOnly one."]
+    assert list(bd.iter_documents([path], "file")) == [EMAILS.strip("\n")]
+    # The default is unchanged: every blank line ends a document (5 here, separator lines included).
+    assert list(bd.iter_documents([path])) == [
+        "From: a\nSubject: one", "First paragraph.", "Second paragraph.\n---\nFrom: b", "Only one.\n---"]
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".zst"])
+def test_compressed_jsonl_reads_like_plain(tmp_path, suffix):
+    import gzip
+
+    import zstandard
+
+    docs = ["one", "two\n\nparas"]
+    opener = {".gz": gzip.open, ".zst": zstandard.open}[suffix]
+    with opener(tmp_path / f"c.jsonl{suffix}", "wt", encoding="utf-8") as f:
+        f.write("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    assert list(bd.iter_documents([tmp_path / f"c.jsonl{suffix}"])) == docs
+
+
+def test_cli_prints_the_training_command(tmp_path, capsys):
+    corpus = tmp_path / "mail.txt.zst"
+    import zstandard
+
+    with zstandard.open(corpus, "wt", encoding="utf-8") as f:
+        f.write("\n---\n".join(synthetic_docs(30)) + "\n")
+    assert bd.main([str(corpus), "--name", "mail", "--val-docs", "3", "--output-root", str(tmp_path / "out"),
+                    "--vocab-size", str(VOCAB), "--txt-separator=---"]) == 0  # "=": LINE starts with "-"
+    out = capsys.readouterr().out
+    command = re.search(r"^train on it \(8 GPUs\):  (.*)$", out, re.M).group(1)
+    env = dict(item.split("=", 1) for item in command.split(" torchrun")[0].split())
+    assert command.endswith("torchrun --standalone --nproc_per_node=8 train_gpt.py")
+    assert Path(env["DATA_PATH"], "fineweb_val_000000.bin").is_file() and Path(env["TOKENIZER_PATH"]).is_file()
+    assert env["VOCAB_SIZE"] == str(spm.SentencePieceProcessor(model_file=env["TOKENIZER_PATH"]).vocab_size())
+    manifest = json.loads(Path(env["DATA_PATH"], "manifest.json").read_text())
+    assert manifest["stats"]["docs_total"] == 30 and manifest["settings"]["txt_separator"] == "---"
+    assert re.search(r"^or on CPU: +PRESET=demo DATA_PATH=\S+ TOKENIZER_PATH=\S+ VOCAB_SIZE=\d+ python3 train_gpt.py$",
+                     out, re.M)
+
+
 def test_iter_documents_rejects_bad_input(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"body": "no text field"}\n')

@@ -97,8 +97,9 @@ class RecordingRanks:
 
 def test_eval_rows():
     cfg = train_gpt.Config()
-    assert train_gpt.eval_rows(cfg, 8) == 64  # the reference's 64 sequences per rank on 8 GPUs
-    assert train_gpt.eval_rows(train_gpt.Config(val_batch_size=1000), 8) == 1  # never zero rows
+    assert train_gpt.eval_rows(cfg) == 64  # the reference's 64 sequences per rank on 8 GPUs (and 1 GPU's per step)
+    assert train_gpt.eval_rows(train_gpt.Config(val_batch_size=1000)) == 1  # never zero rows
+    assert train_gpt.eval_rows(train_gpt.Config(grad_accum_steps=1, val_batch_size=8192)) == 8  # any world size
 
 
 @pytest.mark.parametrize("repeats", [2, 4])
@@ -153,7 +154,7 @@ def test_ranks_split_each_global_batch_of_blocks(eval_cfg, sp, world):
     assert summed[2].item() == whole[2].item()
     assert summed[0].item() == pytest.approx(whole[0].item(), rel=1e-6)  # fp32 per-batch sums
     # Each global batch of rows * world consecutive blocks gives rank r its r-th run of `rows` blocks.
-    rows, n = train_gpt.eval_rows(cfg, world), VAL_CAP // 16
+    rows, n = train_gpt.eval_rows(cfg), VAL_CAP // 16
     blocks = [sum(len(range(b + r * rows, min(b + (r + 1) * rows, n))) for b in range(0, n, rows * world))
               for r in range(world)]
     assert [p[1].item() for p in parts] == [16 * k for k in blocks]

@@ -61,8 +61,9 @@ def test_runs_write_one_folder_seeds_accumulate_and_nothing_is_overwritten(works
     line = re.search(r"^record:written path:(\S+) .*$", out, re.M)
     assert line, out[-2000:]
     folder = workspace / line.group(1)
-    assert folder.parent == workspace / "records" / TRACK and re.fullmatch(rf"\d{{4}}-\d\d-\d\d_{FOLDER_NAME}",
-                                                                            folder.name)
+    # A tiny run on a capped custom corpus is recorded, but as what it is: not a challenge submission.
+    assert folder.parent == workspace / "records" / "not_a_submission" and re.fullmatch(
+        rf"\d{{4}}-\d\d-\d\d_{FOLDER_NAME}_capped", folder.name)
     assert sorted(p.name for p in folder.iterdir()) == [
         "README.md", "requirements.txt", "submission.json", "train_curve.png", "train_gpt.py", "train_seed1.jsonl",
         "train_seed1.log", "train_seed1.ptz"]
@@ -81,6 +82,8 @@ def test_runs_write_one_folder_seeds_accumulate_and_nothing_is_overwritten(works
     assert sub["bytes_code"] == code_bytes and sub["bytes_total"] == code_bytes + model_bytes
     assert sub["hardware"].startswith("1xcpu") and sub["pytorch_version"] == train_gpt.torch.__version__
     assert sub["seed_results"]["1"]["steps"] == 12 and sub["compliance"]["train_under_600s"] is True
+    assert sub["compliance"]["val_split"] == "capped" and sub["compliance"]["challenge_submission"] is False
+    assert "**Not a challenge submission** (val_split: capped;" in (folder / "README.md").read_text()
     first = snapshot(folder)
 
     # RECORD=0: the run writes nothing anywhere under records/.
@@ -139,6 +142,7 @@ def fake_log(logs: Path, run_id: str, seed: int, finals: dict[str, tuple[float, 
              "config:" + json.dumps(cfg, sort_keys=True), "model_params:23662344",
              "world_size:8 device:NVIDIA H100 80GB HBM3 grad_accum_steps:1 compile:1 autocast:1",
              f"train_shards:80 val_tokens:62021632 seed:{seed}",
+             "val_split tokens:62022001 val_max_tokens:0",  # the challenge's sp1024 val split, in full
              "step:0/20000 val_loss:6.9300 val_bpb:4.1000 train_time:0ms step_avg:0.00ms",
              "step:1/20000 train_loss:6.9310 lr_scale:0.0200 repeats:2 train_time:150ms step_avg:150.00ms",
              "prog_depth:switch repeats:3 step:1200 frac:0.300",
@@ -216,7 +220,8 @@ def test_every_final_is_reported_and_the_mixer_is_the_headline(repo, capsys, mon
     assert sub["hardware"] == "8xNVIDIA H100 80GB HBM3" and sub["pytorch_version"] == "2.9.1+cu128"
     # 600.04 s is over 600 s: the flag says so rather than rounding it away.
     assert sub["compliance"] == dict(train_seconds_max=600.04, train_under_600s=False, eval_seconds_max=500.0,
-                                     eval_under_600s=True, artifact_under_16mb=True)
+                                     eval_under_600s=True, artifact_under_16mb=True, val_split="fineweb",
+                                     challenge_submission=True)  # non-record track: no time limit
     assert list(sub)[:10] == ["author", "github_id", "name", "blurb", "date", "val_loss", "val_bpb", "bytes_total",
                               "bytes_code", "track"]
 
@@ -326,14 +331,44 @@ def test_other_code_or_configuration_gets_its_own_folder(repo, capsys):
 def test_demo_runs_are_named_apart_and_reproduce_with_the_preset(repo, capsys):
     log = fake_log(repo / "logs", "d1", 1337, FINALS, config=dict(train_gpt.PRESETS["demo"]))
     assert run_tool(capsys, repo, log)[0] == 0
-    folder = only_folder(repo)
-    assert folder.name == f"2026-11-20_{FOLDER_NAME}_demo"
+    (folder,) = (repo / "records" / "not_a_submission").iterdir()
+    assert folder.name == f"2026-11-20_{FOLDER_NAME}_demo" and not (repo / "records" / TRACK).exists()
     readme = (folder / "README.md").read_text()
     assert "do SEED=$seed PRESET=demo torchrun --standalone --nproc_per_node=8 train_gpt.py; done" in readme
     log = fake_log(repo / "logs", "d2", 1, FINALS, config=dict(train_gpt.PRESETS["demo"], model_dim=64, compile="1"))
     assert run_tool(capsys, repo, log)[0] == 0
-    readme = (repo / "records" / TRACK / f"2026-11-20_{FOLDER_NAME}_demo_2" / "README.md").read_text()
+    readme = (repo / "records" / "not_a_submission" / f"2026-11-20_{FOLDER_NAME}_demo_2" / "README.md").read_text()
     assert "do SEED=$seed PRESET=demo COMPILE=1 MODEL_DIM=64 torchrun" in readme
+
+
+@pytest.mark.parametrize("case, why", [
+    ("fineweb", ""), ("capped", "capped"), ("custom_count", "custom"), ("no_val_split_line", "custom"),
+    ("demo_preset_elsewhere", "capped"), ("over_size", "over_budget"), ("over_time_10min", "over_budget")])
+def test_only_the_full_fineweb_val_split_within_budget_is_a_submission(repo, capsys, case, why):
+    """The challenge's data is recognised by content (no cap, its val token count), never by a folder name."""
+    config = dict(capped=dict(val_max_tokens=65536),
+                  demo_preset_elsewhere=dict(train_gpt.PRESETS["demo"], data_path="./data/datasets/mail_sp1024",
+                                             tokenizer_path="./data/tokenizers/mail_1024_bpe.model")).get(case)
+    log = fake_log(repo / "logs", "r1", 1, FINALS, config=config, artifact_bytes=16_000_000 if case == "over_size"
+                   else 1000, train_ms=600_500.0 if case == "over_time_10min" else 599_000.0)
+    text = log.read_text()
+    if case == "custom_count":
+        text = text.replace("val_split tokens:62022001 ", "val_split tokens:61000000 ")
+    elif case == "no_val_split_line":  # a log of an older script: its data cannot be told apart, so not a submission
+        text = text.replace("val_split tokens:62022001 val_max_tokens:0\n", "")
+    log.write_text(text)
+    if case == "over_time_10min":
+        (repo / "submission.json").write_text(json.dumps({**TEMPLATE, "track": "track_10min_16mb"}))
+    assert run_tool(capsys, repo, log)[0] == 0
+    (folder,) = (repo / "records").glob("*/*")
+    sub = submission(folder)
+    assert sub["compliance"]["challenge_submission"] is (why == "")
+    assert sub["compliance"]["val_split"] == ("fineweb" if why in ("", "over_budget") else why)
+    if why:
+        assert folder.parent.name == "not_a_submission" and folder.name == f"2026-11-20_{FOLDER_NAME}_{why}"
+        assert "**Not a challenge submission**" in (folder / "README.md").read_text()
+    else:
+        assert folder.parent.name == TRACK and folder.name == f"2026-11-20_{FOLDER_NAME}"
 
 
 @pytest.mark.parametrize("case", ["other_script", "unfinished", "bad_track", "no_template"])
