@@ -1715,9 +1715,10 @@ def rungs_of(cfg: Config, levels: int) -> list[int]:
 def choose_levels(costs: Costs, start: Mapping[str, int], limit: float,
                   spend: bool) -> tuple[dict[str, int] | None, list[str]]:
     """A pure function of the cost table, hence the same on every rank. While the size-model bytes exceed `limit`,
-    lower one rung the tensor whose error grows least per byte saved; with `spend`, then raise one rung the tensor
-    whose error falls most per byte while the bytes stay within `limit`. Returns the levels (None: even the lowest
-    rungs do not fit) and one log line per change."""
+    lower one rung the tensor whose error grows least per byte saved; then raise one rung the tensor whose error
+    falls most per byte while the bytes stay within `limit`: up to its start levels (the last lowering may have
+    overshot), or with `spend` up to its top rung. Returns the levels (None: even the lowest rungs do not fit) and
+    one log line per change."""
     levels, lines = dict(start), []
     total = sum(costs[n][levels[n]][1] for n in costs)
 
@@ -1726,7 +1727,7 @@ def choose_levels(costs: Costs, start: Mapping[str, int], limit: float,
         for name in sorted(costs):
             rungs = sorted(costs[name])
             i = rungs.index(levels[name]) + (1 if up else -1)
-            if 0 <= i < len(rungs):
+            if 0 <= i < len(rungs) and (spend or not up or rungs[i] <= start[name]):
                 (err, size), (new_err, new_size) = costs[name][levels[name]], costs[name][rungs[i]]
                 saved = (new_size - size) if up else (size - new_size)
                 if saved > 0 and (not up or total + saved <= limit):
@@ -1735,7 +1736,7 @@ def choose_levels(costs: Costs, start: Mapping[str, int], limit: float,
         return out
 
     for up in (False, True):
-        while (total > limit) if not up else spend:
+        while total > limit or up:
             options = moves(up)
             if not options:
                 if up:
@@ -1796,25 +1797,27 @@ def export_artifact(cfg: Config, rt: Runtime, model: nn.Module, hessians: Mappin
                                                         for L in rungs_of(cfg, start[n]) if L != start[n]])
     costs = {n: {L: done[(n, L)][2] for L in rungs_of(cfg, start[n])} for n in fitted}
     model_bytes = lambda levels: sum(costs[n][levels[n]][1] for n in fitted)  # noqa: E731
-    anchor, anchor_real, slope = start, len(blob), 1.0  # real bytes ~ anchor_real + slope * (model bytes change)
+    configured, slope, tighten, levels = len(blob), 1.0, 0.0, start  # real ~ configured + slope * model bytes moved
     for round_ in range(1, FIT_ROUNDS + 1):
-        limit = model_bytes(anchor) + (target - anchor_real) / slope
+        limit = model_bytes(start) + (target - tighten - configured) / slope
         levels, lines = choose_levels(costs, start, limit, cfg.quant_fit == "spend")
         if levels is None:
             rt.log(f"fit:impossible lowest_rungs_over_target target_bytes:{target}")
-            break
+            return blob, sizes, sum(f for _, f, _ in pick(start))
         blob, sizes = compress_shared(cfg, rt, [t for t, _, _ in pick(levels)])
-        predicted = anchor_real + slope * (model_bytes(levels) - model_bytes(anchor))
+        moved = model_bytes(levels) - model_bytes(start)
+        predicted = configured + slope * moved
         rt.log(f"fit:check round:{round_} predicted_bytes:{predicted:.0f} real_bytes:{len(blob)} "
                f"target_bytes:{target} size_model_error:{predicted / len(blob) - 1:+.4%}")
         if len(blob) <= target:
             for line in lines:
                 rt.log(line)
             return blob, sizes, sum(f for _, f, _ in pick(levels))
-        moved = model_bytes(levels) - model_bytes(anchor)
-        slope = (len(blob) - anchor_real) / moved if abs(moved) > 1 and len(blob) != anchor_real else slope
-        anchor, anchor_real = levels, len(blob)
-    return blob, sizes, sum(f for _, f, _ in pick(levels or start))
+        if round_ == 1 and abs(moved) > 0.01 * configured:  # the codec's bytes per size-model byte, measured once
+            slope = min(max((len(blob) - configured) / moved, 0.5), 2.0)
+        tighten += max(len(blob) - target, 0.001 * target)  # each miss asks for at least 0.1 % more
+    rt.log(f"fit:gave_up rounds:{FIT_ROUNDS} real_bytes:{len(blob)} target_bytes:{target}")
+    return blob, sizes, sum(f for _, f, _ in pick(levels))
 
 
 def estimate_model_bytes(cfg: Config, model: nn.Module) -> int:
