@@ -1820,15 +1820,17 @@ def export_artifact(cfg: Config, rt: Runtime, model: nn.Module, hessians: Mappin
     return blob, sizes, sum(f for _, f, _ in pick(levels))
 
 
+def code_bits(levels: int, cols: int) -> float:
+    """Entropy of a code of a Gaussian row of C weights on a grid of step (expected max sigma sqrt(2 ln C)) / L:
+    log2(L sqrt(pi e / ln C)) bits, capped at log2(2L+1)."""
+    bits = math.log2(levels * math.sqrt(math.pi * math.e / math.log(max(cols, 2))))
+    return min(max(bits, 0.0), math.log2(2 * levels + 1))
+
+
 def estimate_model_bytes(cfg: Config, model: nn.Module) -> int:
-    """DRY_RUN's guess: floats verbatim, fp16 row scales, and per code the entropy of a Gaussian row of C weights on
-    a grid of step (expected max sigma sqrt(2 ln C)) / L: log2(L sqrt(pi e / ln C)) bits, capped at log2(2L+1).
+    """DRY_RUN's guess at the configured levels: floats verbatim, fp16 row scales, code_bits per code.
     QUANT_HIGH_TENSORS ranks matrices by Hessians, unknown here: each matrix gets the high levels with probability
     N / (number of matrices), i.e. the expected size if the choice did not depend on size."""
-    def code_bits(levels: int, cols: int) -> float:
-        bits = math.log2(levels * math.sqrt(math.pi * math.e / math.log(max(cols, 2))))
-        return min(max(bits, 0.0), math.log2(2 * levels + 1))
-
     rows = [r for r in param_table(model) if r.name not in model.unexported()]
     n_matrices = sum(r.rule.group == "muon" for r in rows)
     high = min(cfg.quant_high_tensors / max(n_matrices, 1), 1.0)
@@ -1843,6 +1845,25 @@ def estimate_model_bytes(cfg: Config, model: nn.Module) -> int:
         else:
             total += numel * (2 if row.rule.store == "fp16" else 4)
     return round(total)
+
+
+def estimate_fit(cfg: Config, model: nn.Module, code_bytes: int) -> tuple[int | None, dict[str, int]]:
+    """What QUANT_FIT would do at init: choose_levels on estimated bytes (code_bits) and an error of numel / L^2 per
+    matrix (at init only the shapes tell the matrices apart). Returns the estimated model bytes (None: even the
+    lowest rungs do not fit) and the levels of the matrices GPTQ would fit."""
+    configured = estimate_model_bytes(cfg, model)
+    if cfg.quant_fit == "off" or cfg.quant_method != "gptq":
+        return configured, {}
+    rows = [r for r in export_rows(model) if r.rule.group == "muon" and store_levels(cfg, r.rule.store)]
+    start = {r.name: store_levels(cfg, r.rule.store) for r in rows}
+    costs = {r.name: {L: (math.prod(r.shape) / L**2, math.prod(r.shape) * code_bits(L, r.shape[-1]) / 8)
+                      for L in rungs_of(cfg, start[r.name])} for r in rows}
+    fixed = configured - sum(costs[n][start[n]][1] for n in costs)
+    target = cfg.budget_bytes - code_bytes - (cfg.quant_fit_margin if cfg.quant_fit == "spend" else 0)
+    if cfg.quant_fit == "fit" and configured <= target:
+        return configured, start
+    levels, _ = choose_levels(costs, start, target - fixed, cfg.quant_fit == "spend")
+    return (None, start) if levels is None else (round(fixed + sum(costs[n][levels[n]][1] for n in costs)), levels)
 
 
 # === 12. TRAINING ===
@@ -2148,7 +2169,13 @@ def dry_run(cfg: Config) -> None:
     print("config:" + json.dumps(dataclasses.asdict(cfg), sort_keys=True))
     model = meta_model(cfg)
     print("\n".join(describe_params(cfg, model)))
-    print(budget_line("artifact_estimate", len(Path(__file__).read_bytes()), estimate_model_bytes(cfg, model))[0])
+    code_bytes = len(Path(__file__).read_bytes())
+    model_bytes, levels = estimate_fit(cfg, model, code_bytes)
+    counts = {L: sum(v == L for v in levels.values()) for L in sorted(set(levels.values()), reverse=True)}
+    print(f"fit_estimate mode:{cfg.quant_fit} fits:{int(model_bytes is not None)} matrix_levels:"
+          + (",".join(f"{L}x{n}" for L, n in counts.items()) or "-"))
+    print(budget_line("artifact_estimate", code_bytes, model_bytes or estimate_model_bytes(cfg, model),
+                      cfg.budget_bytes)[0])
 
 
 def build_model(cfg: Config, rt: Runtime) -> GPT:

@@ -3,11 +3,12 @@
     python3 bench/export_ranks.py [checkpoint]                                   # 1 process
     torchrun --standalone --nproc_per_node=2 bench/export_ranks.py [checkpoint]  # 2 gloo ranks
 
-Weights: the "model" of a train_gpt checkpoint (logs/<RUN_ID>.ckpt, e.g. from CHECKPOINT_EVERY_SECONDS), else the
+Weights: the "model" of a train_gpt checkpoint (logs/<RUN_ID>.ckpt: CHECKPOINT_EVERY_SECONDS), else the
 seeded init. Every rank builds the same Hessians from the same GPTQ_CALIB_BATCHES training batches (rank 0's
 stream, summed locally), so the weights and Hessians are identical whatever the world size; then export_artifact
 runs as in train_gpt (QUANT_FIT, BUDGET_BYTES, ... apply) and rank 0 prints `bench_export world:<n> time_ms:<ms>
-bytes:<n> sha256:<hex>` and, with BENCH_EVAL=1, the full-depth roundtrip bpb of the file (final_roundtrip line).
+bytes:<n> sha256:<hex>`; with BENCH_LEGACY=1 the same for the pre-sharing path (quantize_model + pack_artifact in
+one process, codecs one after the other) and, with BENCH_EVAL=1, the full-depth roundtrip bpb of the file (final_roundtrip line).
 """
 
 from __future__ import annotations
@@ -50,6 +51,11 @@ def main() -> None:
                                                 len(Path(tg.__file__).read_bytes()))
     rt.log(f"bench_export world:{rt.world_size} time_ms:{1000 * (time.perf_counter() - start):.0f} "
            f"bytes:{len(blob)} sha256:{hashlib.sha256(blob).hexdigest()} fallbacks:{fallbacks}")
+    if os.environ.get("BENCH_LEGACY") == "1" and rt.is_main:  # the pre-sharing path: one rank, codecs in turn
+        start = time.perf_counter()
+        legacy, _ = tg.pack_artifact(cfg, tg.quantize_model(cfg, model, hessians, model.recurrent_matrices())[0])
+        rt.log(f"bench_export_legacy time_ms:{1000 * (time.perf_counter() - start):.0f} bytes:{len(legacy)} "
+               f"sha256:{hashlib.sha256(legacy).hexdigest()}")
     if os.environ.get("BENCH_EVAL") == "1" and rt.is_main:
         _, stored = tg.unpack_artifact(blob)
         fresh = tg.meta_model(cfg)
