@@ -8,7 +8,8 @@ seeded init. Every rank builds the same Hessians from the same GPTQ_CALIB_BATCHE
 stream, summed locally), so the weights and Hessians are identical whatever the world size; then export_artifact
 runs as in train_gpt (QUANT_FIT, BUDGET_BYTES, ... apply) and rank 0 prints `bench_export world:<n> time_ms:<ms>
 bytes:<n> sha256:<hex>`; with BENCH_LEGACY=1 the same for the pre-sharing path (quantize_model + pack_artifact in
-one process, codecs one after the other) and, with BENCH_EVAL=1, the full-depth roundtrip bpb of the file (final_roundtrip line).
+one process, codecs one after the other) and, with BENCH_EVAL=1, the full-depth roundtrip bpb of the file
+(final_roundtrip line).
 """
 
 from __future__ import annotations
