@@ -143,3 +143,20 @@ def test_two_gloo_ranks_write_the_bytes_of_one_process(tmp_path, demo_subset):
     assert digest[0][2] == digest[1][2] and int(digest[0][1]) <= 0.98 * size
     assert [ln for ln in one.splitlines() if ln.startswith("fit:")] == [
         ln for ln in two.splitlines() if ln.startswith("fit:")]  # the same choices, logged once
+
+
+def test_a_run_fits_its_budget_and_logs_the_export_time(tmp_path, demo_subset):
+    """A real tiny training run, first at the configured levels, then with BUDGET_BYTES 2 % below that size."""
+    from test_main import SCRIPT, run, tiny_env
+    env = tiny_env(demo_subset, ITERATIONS="4", VAL_LOSS_EVERY="0", EVAL_STRIDE="0", MIXER="off")
+    first = run([sys.executable, SCRIPT], {**env, "QUANT_FIT": "off"}, tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    total = int(re.search(r"^artifact code_bytes:\d+ model_bytes:\d+ total_bytes:(\d+) ", first.stdout, re.M)[1])
+    assert re.search(r"^export_time train_end_to_artifact_ms:\d+$", first.stdout, re.M)
+    budget = total - int(0.02 * (total - len((REPO / "train_gpt.py").read_bytes())))
+    out = run([sys.executable, SCRIPT], {**env, "BUDGET_BYTES": str(budget), "RUN_ID": "fit"}, tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = re.search(rf"^artifact code_bytes:\d+ model_bytes:\d+ total_bytes:(\d+) budget_bytes:{budget} "
+                     r"headroom_bytes:(\d+)$", out.stdout, re.M)
+    assert line and int(line[1]) <= budget and "fit:lower" in out.stdout and "artifact_over_budget" not in out.stdout
+    assert re.search(r"^final_roundtrip_exact ", out.stdout, re.M)
