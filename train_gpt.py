@@ -1721,23 +1721,17 @@ def choose_levels(costs: Costs, start: Mapping[str, int], limit: float,
     one log line per change."""
     levels, lines = dict(start), []
     total = sum(costs[n][levels[n]][1] for n in costs)
-
-    def moves(up: bool) -> list[tuple[float, str, int, float, float]]:
-        out = []
-        for name in sorted(costs):
-            rungs = sorted(costs[name])
-            i = rungs.index(levels[name]) + (1 if up else -1)
-            if 0 <= i < len(rungs) and (spend or not up or rungs[i] <= start[name]):
-                (err, size), (new_err, new_size) = costs[name][levels[name]], costs[name][rungs[i]]
-                saved = (new_size - size) if up else (size - new_size)
-                if saved > 0 and (not up or total + saved <= limit):
-                    out.append(((err - new_err if up else new_err - err) / saved * (-1 if up else 1), name,
-                                rungs[i], new_size - size, new_err - err))
-        return out
-
     for up in (False, True):
         while total > limit or up:
-            options = moves(up)
+            options = []  # (error change per byte saved: lowering minimizes it, raising maximizes it), ...
+            for name in sorted(costs):
+                rungs = sorted(costs[name])
+                i = rungs.index(levels[name]) + (1 if up else -1)
+                if 0 <= i < len(rungs) and (spend or not up or rungs[i] <= start[name]):
+                    (err, size), (new_err, new_size) = costs[name][levels[name]], costs[name][rungs[i]]
+                    if (new_size > size if up else new_size < size) and (not up or total - size + new_size <= limit):
+                        per_byte = (new_err - err) / (size - new_size)
+                        options.append((-per_byte if up else per_byte, name, rungs[i], new_size - size, new_err - err))
             if not options:
                 if up:
                     break
