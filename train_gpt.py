@@ -1843,19 +1843,17 @@ def estimate_model_bytes(cfg: Config, model: nn.Module) -> int:
 
 def estimate_fit(cfg: Config, model: nn.Module, code_bytes: int) -> tuple[int | None, dict[str, int]]:
     """What QUANT_FIT would do at init: choose_levels on estimated bytes (code_bits) and an error of numel / L^2 per
-    matrix (at init only the shapes tell the matrices apart). Returns the estimated model bytes (None: even the
-    lowest rungs do not fit) and the levels of the matrices GPTQ would fit."""
+    matrix (at init only the shapes tell the matrices apart). Returns the estimated model bytes (None: it would not
+    fit) and the levels of the matrices GPTQ would fit."""
     configured = estimate_model_bytes(cfg, model)
-    if cfg.quant_fit == "off" or cfg.quant_method != "gptq":
-        return configured, {}
+    target = cfg.budget_bytes - code_bytes - (cfg.quant_fit_margin if cfg.quant_fit == "spend" else 0)
     rows = [r for r in export_rows(model) if r.rule.group == "muon" and store_levels(cfg, r.rule.store)]
     start = {r.name: store_levels(cfg, r.rule.store) for r in rows}
+    if cfg.quant_fit == "off" or cfg.quant_method != "gptq" or (cfg.quant_fit == "fit" and configured <= target):
+        return (configured if configured <= target else None), start
     costs = {r.name: {L: (math.prod(r.shape) / L**2, math.prod(r.shape) * code_bits(L, r.shape[-1]) / 8)
                       for L in rungs_of(cfg, start[r.name])} for r in rows}
     fixed = configured - sum(costs[n][start[n]][1] for n in costs)
-    target = cfg.budget_bytes - code_bytes - (cfg.quant_fit_margin if cfg.quant_fit == "spend" else 0)
-    if cfg.quant_fit == "fit" and configured <= target:
-        return configured, start
     levels, _ = choose_levels(costs, start, target - fixed, cfg.quant_fit == "spend")
     return (None, start) if levels is None else (round(fixed + sum(costs[n][levels[n]][1] for n in costs)), levels)
 
