@@ -160,3 +160,18 @@ def test_a_run_fits_its_budget_and_logs_the_export_time(tmp_path, demo_subset):
                      r"headroom_bytes:(\d+)$", out.stdout, re.M)
     assert line and int(line[1]) <= budget and "fit:lower" in out.stdout and "artifact_over_budget" not in out.stdout
     assert re.search(r"^final_roundtrip_exact ", out.stdout, re.M)
+
+
+def test_dry_run_estimate_reports_the_levels_the_fit_would_choose():
+    cfg = train_gpt.Config.from_env({"PRESET": "demo"})
+    model = train_gpt.meta_model(cfg)
+    configured = train_gpt.estimate_model_bytes(cfg, model)
+    assert train_gpt.estimate_fit(cfg, model, CODE_BYTES) == (configured, train_gpt.estimate_fit(cfg, model, 0)[1])
+    tight = dataclasses.replace(cfg, budget_bytes=CODE_BYTES + int(0.9 * configured))
+    size, levels = train_gpt.estimate_fit(tight, model, CODE_BYTES)
+    assert size <= 0.9 * configured and min(levels.values()) < cfg.mlp_quant_levels
+    assert train_gpt.estimate_fit(dataclasses.replace(tight, quant_fit="off"), model, CODE_BYTES)[0] is None
+    hopeless = dataclasses.replace(tight, budget_bytes=CODE_BYTES + 1000)
+    assert train_gpt.estimate_fit(hopeless, model, CODE_BYTES)[0] is None
+    spent, raised = train_gpt.estimate_fit(dataclasses.replace(cfg, quant_fit="spend"), model, CODE_BYTES)
+    assert spent > configured and max(raised.values()) == 127  # the demo is far under 16 MB: everything goes up
