@@ -1791,13 +1791,14 @@ def export_artifact(cfg: Config, rt: Runtime, model: nn.Module, hessians: Mappin
                                                         for L in rungs_of(cfg, start[n]) if L != start[n]])
     costs = {n: {L: done[(n, L)][2] for L in rungs_of(cfg, start[n])} for n in fitted}
     model_bytes = lambda levels: sum(costs[n][levels[n]][1] for n in fitted)  # noqa: E731
-    configured, slope, tighten, levels = len(blob), 1.0, 0.0, start  # real ~ configured + slope * model bytes moved
+    configured, slope, tighten, written = len(blob), 1.0, 0.0, start  # real ~ configured + slope * model bytes moved
     for round_ in range(1, FIT_ROUNDS + 1):
         limit = model_bytes(start) + (target - tighten - configured) / slope
         levels, lines = choose_levels(costs, start, limit, cfg.quant_fit == "spend")
         if levels is None:
             rt.log(f"fit:impossible lowest_rungs_over_target target_bytes:{target}")
-            return blob, sizes, sum(f for _, f, _ in pick(start))
+            return blob, sizes, sum(f for _, f, _ in pick(written))
+        written = levels
         blob, sizes = compress_shared(cfg, rt, [t for t, _, _ in pick(levels)])
         moved = model_bytes(levels) - model_bytes(start)
         predicted = configured + slope * moved
