@@ -51,6 +51,7 @@ import subprocess
 import sys
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
@@ -186,6 +187,10 @@ class Config:
     gptq_calib_seq_len: int = 0  # selfgen: tokens per sampled sequence; 0: TRAIN_SEQ_LEN (#1204: 2048)
     gptq_reserve_seconds: float = 8.0  # taken off MAX_WALLCLOCK_SECONDS for train-data calibration
     compressor: str = "auto"  # zstd | brotli | auto (keeps the smaller)
+    budget_bytes: int = 16_000_000  # the challenge's decimal cap on code bytes + compressed model bytes
+    quant_fit: str = "fit"  # off | fit (lower levels until the artifact fits) | spend (also raise into the headroom)
+    quant_fit_margin: int = 20_000  # bytes spend leaves unused: headroom for the codec's variance
+    quant_fit_max_levels: int = 127  # the highest levels spend may raise a tensor to
     eval_only: str = ""  # an artifact path: load it and run only the roundtrip eval
 
     def __post_init__(self) -> None:
@@ -341,12 +346,12 @@ RANGE_RULES: dict[tuple[Callable[[float], bool], str], tuple[str, ...]] = {
     (lambda v: v > 0, "must be > 0"): (
         "num_layers", "num_repeats", "model_dim", "num_heads", "num_kv_heads", "vocab_size", "iterations",
         "train_batch_tokens", "train_seq_len", "val_batch_size", "swa_every", "muon_backend_steps", "eval_seq_len",
-        "eval_batch_seqs", "gptq_calib_batches", "gptq_calib_seqs", "bigram_dim", "ttt_batch_seqs"),
+        "eval_batch_seqs", "gptq_calib_batches", "gptq_calib_seqs", "bigram_dim", "ttt_batch_seqs", "budget_bytes"),
     (lambda v: v >= 0, "must be >= 0"): (
         "grad_accum_steps", "lr_warmup_steps", "warmdown_iters", "val_loss_every", "val_max_tokens", "xsa_last_n",
         "num_value_embeds", "muon_momentum_warmup_steps", "train_log_every", "parallel_last_n", "bigram_vocab_size",
-        "ve_dim", "rope_dims", "quant_high_tensors", "ttt_epochs", "gptq_calib_seq_len",
-        "mixer_update_targets"),
+        "ve_dim", "rope_dims", "quant_high_tensors", "ttt_epochs", "gptq_calib_seq_len", "mixer_update_targets",
+        "quant_fit_margin"),
     (lambda v: 0 < v < math.inf, "must be a finite number > 0"): (
         "mlp_mult", "logit_softcap", "rope_base", "tied_embed_init_std", "qk_gain_init", "adam_eps"),
     (lambda v: 0 <= v < math.inf, "must be a finite number >= 0"): (
@@ -356,11 +361,12 @@ RANGE_RULES: dict[tuple[Callable[[float], bool], str], tuple[str, ...]] = {
     (lambda v: 0 <= v < 1, "must be in [0, 1)"): (
         "beta1", "beta2", "muon_momentum", "muon_momentum_warmup_start", "ema_decay"),
     (lambda v: 0 < v <= 1, "must be in (0, 1]"): ("swa_start_frac",),
-    (lambda v: 1 <= v <= 127, "must be in 1..127 (int8 codes)"): ("quant_levels", "mlp_quant_levels"),
+    (lambda v: 1 <= v <= 127, "must be in 1..127 (int8 codes)"): ("quant_levels", "mlp_quant_levels",
+                                                                     "quant_fit_max_levels"),
 }
 CHOICES = {"mixer": ("normalized", "reference_hedge", "off"), "compile": ("auto", "0", "1"),
            "unet": ("off", "add", "gated"), "quant_method": ("gptq", "clip", "ref"), "gptq_calib": ("train", "selfgen"),
-           "compressor": ("auto", "zstd", "brotli")}
+           "compressor": ("auto", "zstd", "brotli"), "quant_fit": ("off", "fit", "spend")}
 
 
 def _config_problems(c: Config) -> Iterator[str]:
@@ -508,6 +514,14 @@ class Runtime:
 
     def all_max(self, *values: float) -> list[float]:
         return self.all_reduce(torch.tensor(values, dtype=torch.float64, device=self.device), "max").tolist()
+
+    def gather_objects(self, obj: object) -> list:
+        """Every rank's picklable object, in rank order."""
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
 
     def all_gather(self, tensor: Tensor) -> Tensor:
         """(world, *shape): every rank's equally shaped tensor, in rank order."""
@@ -1602,7 +1616,7 @@ MODEL_FIELDS = ("vocab_size", "num_layers", "num_repeats", "model_dim", "num_hea
 ARTIFACT_MAGIC = b"PGQZ\r\n\x1a\n"  # PNG-style: the CR/LF/EOF bytes expose text-mode mangling
 ARTIFACT_VERSION = 2  # 2: the #1204/#456 architecture knobs joined MODEL_FIELDS
 ARTIFACT_HEAD = struct.Struct("<8sBBQ")  # magic, format version, codec id, compressed body bytes; sha256 at the end
-BUDGET_BYTES = 16_000_000  # the challenge's decimal cap on code bytes + compressed model bytes
+BUDGET_BYTES = Config.budget_bytes  # the challenge's decimal cap on code bytes + compressed model bytes
 
 
 @dataclass(frozen=True)
@@ -1727,45 +1741,62 @@ def tensor_levels(cfg: Config, model: nn.Module, hessians: Mapping[str, Tensor],
     return levels
 
 
+def export_rows(model: nn.Module) -> list[ParamRow]:
+    """The exported rows of the parameter table in STORES order (the artifact's tensor order)."""
+    rows = [row for row in param_table(model) if row.name not in model.unexported()]
+    return sorted(rows, key=lambda r: STORES.index(r.rule.store))
+
+
 @torch.no_grad()
+def quantize_tensor(cfg: Config, name: str, p: Tensor, store: str, levels: int,
+                    hessian: Tensor | None) -> tuple[StoredTensor, bool]:
+    """One parameter as its store holds it at `levels`, and whether GPTQ fell back to rounding. GPTQ runs where
+    there is a Hessian (nn.Linear weights under QUANT_METHOD=gptq); embeddings are rounded."""
+    meta = (name, tuple(p.shape), str(p.dtype).removeprefix("torch."), store, levels)
+    if not levels:
+        return StoredTensor(*meta, p.float().cpu().numpy().astype(FLOAT_STORES[store]).ravel()), False
+    w = p.float().reshape(p.shape[0], -1)
+    scales = row_scales(w, levels, cfg.quant_method)
+    codes = gptq_codes(w, hessian, scales, levels) if hessian is not None else None
+    fell_back = hessian is not None and codes is None
+    codes = quantize_rows(w, scales, levels) if codes is None else codes
+    return StoredTensor(*meta, codes.to(torch.int8).cpu().numpy().ravel(), scales.half().cpu().numpy()), fell_back
+
+
 def quantize_model(cfg: Config, model: nn.Module, hessians: Mapping[str, Tensor],
                    forced: frozenset[str] = frozenset()) -> tuple[list[StoredTensor], int]:
-    """Every parameter as tensor_levels says, in STORES order, and how many GPTQ tensors fell back to rounding.
-    GPTQ runs where there is a Hessian (nn.Linear weights under QUANT_METHOD=gptq); embeddings are rounded."""
-    params, stored, fallbacks = dict(model.named_parameters()), [], 0
-    levels_of = tensor_levels(cfg, model, hessians, forced)
-    rows = [row for row in param_table(model) if row.name not in model.unexported()]
-    for row in sorted(rows, key=lambda r: STORES.index(r.rule.store)):
-        p, store, levels = params[row.name].detach(), row.rule.store, levels_of[row.name]
-        meta = (row.name, row.shape, str(p.dtype).removeprefix("torch."), store, levels)
-        if not levels:
-            stored.append(StoredTensor(*meta, p.float().cpu().numpy().astype(FLOAT_STORES[store]).ravel()))
-            continue
-        w = p.float().reshape(p.shape[0], -1)
-        scales = row_scales(w, levels, cfg.quant_method)
-        codes = gptq_codes(w, hessians[row.name], scales, levels) if row.name in hessians else None
-        fallbacks += row.name in hessians and codes is None
-        codes = quantize_rows(w, scales, levels) if codes is None else codes
-        stored.append(StoredTensor(*meta, codes.to(torch.int8).cpu().numpy().ravel(), scales.half().cpu().numpy()))
-    return stored, fallbacks
+    """Every parameter as tensor_levels says, in STORES order, and how many GPTQ tensors fell back to rounding."""
+    params, levels_of = dict(model.named_parameters()), tensor_levels(cfg, model, hessians, forced)
+    out = [quantize_tensor(cfg, r.name, params[r.name].detach(), r.rule.store, levels_of[r.name], hessians.get(r.name))
+           for r in export_rows(model)]
+    return [t for t, _ in out], sum(fell_back for _, fell_back in out)
 
 
-def pack_artifact(cfg: Config, stored: list[StoredTensor]) -> tuple[bytes, dict[str, int]]:
-    """The artifact file and the compressed body size under each codec COMPRESSOR tried. File: ARTIFACT_HEAD |
-    compressed body | sha256 of all before it. Body: u32 length, JSON header (model config; tensor index: name,
-    shape, dtype, store, levels), every tensor's values in index order, then every row scale vector, so codes,
-    scales and floats each form one run. Arrays are byte-planed (all first bytes, then all second bytes...): float
-    exponent bytes then sit together, which both codecs reward; int8 codes are unchanged."""
+def artifact_body(cfg: Config, stored: list[StoredTensor]) -> bytes:
+    """The uncompressed body: u32 length, JSON header (model config; tensor index: name, shape, dtype, store,
+    levels), every tensor's values in index order, then every row scale vector, so codes, scales and floats each
+    form one run. Arrays are byte-planed (all first bytes, then all second bytes...): float exponent bytes then sit
+    together, which both codecs reward; int8 codes are unchanged."""
     header = {"config": {k: getattr(cfg, k) for k in MODEL_FIELDS},
               "tensors": [[t.name, list(t.shape), t.dtype, t.store, t.levels] for t in stored]}
     head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     arrays = [t.values for t in stored] + [t.scales for t in stored if t.levels]
-    body = b"".join([struct.pack("<I", len(head)), head,
+    return b"".join([struct.pack("<I", len(head)), head,
                      *(a.view(np.uint8).reshape(-1, a.itemsize).T.tobytes() for a in arrays)])
-    packed = {c: CODECS[c][0](body) for c in codecs_for(cfg.compressor)[0]}
-    best = min(packed, key=lambda c: len(packed[c]))
+
+
+def seal_artifact(packed: dict[str, bytes]) -> tuple[bytes, dict[str, int]]:
+    """The file for the smallest of the compressed bodies (ties: CODECS order) and each codec's size. File:
+    ARTIFACT_HEAD | compressed body | sha256 of all before it."""
+    best = min(packed, key=lambda c: (len(packed[c]), list(CODECS).index(c)))
     blob = ARTIFACT_HEAD.pack(ARTIFACT_MAGIC, ARTIFACT_VERSION, list(CODECS).index(best), len(packed[best]))
     return blob + packed[best] + hashlib.sha256(blob + packed[best]).digest(), {c: len(d) for c, d in packed.items()}
+
+
+def pack_artifact(cfg: Config, stored: list[StoredTensor]) -> tuple[bytes, dict[str, int]]:
+    """The artifact file and the compressed body size under each codec COMPRESSOR tries, in one process."""
+    body = artifact_body(cfg, stored)
+    return seal_artifact({c: CODECS[c][0](body) for c in codecs_for(cfg.compressor)[0]})
 
 
 def read_planes(body: bytearray, dtype: str, count: int, offset: int) -> np.ndarray:
@@ -1818,22 +1849,153 @@ def artifact_config(cfg: Config, header: dict, environ: Mapping[str, str]) -> Co
     return dataclasses.replace(cfg, **header["config"])
 
 
-def budget_line(tag: str, code_bytes: int, model_bytes: int) -> tuple[str, int]:
-    """The size line of the artifact (or of DRY_RUN's estimate) and its excess over the cap (> 0: over budget)."""
+def budget_line(tag: str, code_bytes: int, model_bytes: int, budget: int = BUDGET_BYTES) -> tuple[str, int]:
+    """The size line of the artifact (or of DRY_RUN's estimate) and its excess over BUDGET_BYTES (> 0: over)."""
     total = code_bytes + model_bytes
-    return (f"{tag} code_bytes:{code_bytes} model_bytes:{model_bytes} total_bytes:{total} budget_bytes:{BUDGET_BYTES}"
-            f" headroom_bytes:{BUDGET_BYTES - total}", total - BUDGET_BYTES)
+    return (f"{tag} code_bytes:{code_bytes} model_bytes:{model_bytes} total_bytes:{total} budget_bytes:{budget}"
+            f" headroom_bytes:{budget - total}", total - budget)
+
+
+# --- the export shared by the ranks, sized to the budget (QUANT_FIT) ---
+
+LEVEL_LADDER = (3, 5, 7, 11, 15, 23, 31, 47, 63, 95, 127)  # ~1/2 bit per weight apart: the fit's level choices
+FIT_RUNGS_DOWN = 4  # ladder rungs below its configured levels a tensor may go: ~2 bits per weight less
+FIT_ROUNDS = 6  # real-size checks (each a full compression) before the fit gives up
+Costs = dict[str, dict[int, tuple[float, float]]]  # name -> levels -> (output error, size-model bytes)
+
+
+def code_cost(t: StoredTensor, p: Tensor, hessian: Tensor) -> tuple[float, float]:
+    """The expected output error sum |dW x|^2 over the calibration inputs, tr(dW H dW^T), of a stored matrix and
+    its size-model bytes: the order-0 entropy of its codes plus its fp16 row scales."""
+    d = p.float().reshape(len(t.scales), -1) - t.dequantize().float().reshape(len(t.scales), -1).to(p.device)
+    counts = np.bincount(t.values.astype(np.int64) + 127, minlength=255)
+    probs = counts[counts > 0] / t.values.size
+    return float(((d @ hessian.float()) * d).sum()), float(-(probs * np.log2(probs)).sum() * t.values.size / 8
+                                                           + 2 * len(t.scales))
+
+
+def rungs_of(cfg: Config, levels: int) -> list[int]:
+    """The levels a fitted tensor may take: its configured ones, FIT_RUNGS_DOWN ladder rungs below and, to spend,
+    every rung above up to QUANT_FIT_MAX_LEVELS."""
+    down = [r for r in LEVEL_LADDER if r < levels][-FIT_RUNGS_DOWN:]
+    up = [r for r in LEVEL_LADDER if levels < r <= cfg.quant_fit_max_levels] if cfg.quant_fit == "spend" else []
+    return [*down, levels, *up]
+
+
+def choose_levels(costs: Costs, start: Mapping[str, int], limit: float,
+                  spend: bool) -> tuple[dict[str, int] | None, list[str]]:
+    """A pure function of the cost table, hence the same on every rank. While the size-model bytes exceed `limit`,
+    lower one rung the tensor whose error grows least per byte saved; then raise one rung the tensor whose error
+    falls most per byte while the bytes stay within `limit`: up to its start levels (the last lowering may have
+    overshot), or with `spend` up to its top rung. Returns the levels (None: even the lowest rungs do not fit) and
+    one log line per change."""
+    levels, lines = dict(start), []
+    total = sum(costs[n][levels[n]][1] for n in costs)
+    for up in (False, True):
+        while total > limit or up:
+            options = []  # (error change per byte saved: lowering minimizes it, raising maximizes it), ...
+            for name in sorted(costs):
+                rungs = sorted(costs[name])
+                i = rungs.index(levels[name]) + (1 if up else -1)
+                if 0 <= i < len(rungs) and (spend or not up or rungs[i] <= start[name]):
+                    (err, size), (new_err, new_size) = costs[name][levels[name]], costs[name][rungs[i]]
+                    if (new_size > size if up else new_size < size) and (not up or total - size + new_size <= limit):
+                        per_byte = (new_err - err) / (size - new_size)
+                        options.append((-per_byte if up else per_byte, name, rungs[i], new_size - size, new_err - err))
+            if not options:
+                if up:
+                    break
+                return None, lines
+            _, name, new, d_size, d_err = min(options)
+            lines.append(f"fit:{'raise' if up else 'lower'} name:{name} levels:{levels[name]}->{new} "
+                         f"bytes:{d_size:+.0f} err:{d_err:+.6g}")
+            levels[name], total = new, total + d_size
+    return levels, lines
+
+
+def quantize_shared(cfg: Config, rt: Runtime, params: Mapping[str, Tensor], hessians: Mapping[str, Tensor],
+                    items: list[tuple[str, str, int]]) -> dict[tuple[str, int], tuple[StoredTensor, bool, tuple]]:
+    """Quantize the (name, store, levels) items, each on one rank (largest GPTQ work first, to the least loaded
+    rank), and give every rank all results: (stored tensor, fell back, (error, size-model bytes) or ())."""
+    work = {it: params[it[0]].numel() * params[it[0]].shape[-1] for it in items}  # GPTQ: rows x cols^2
+    loads, local = [0] * rt.world_size, {}
+    for name, store, levels in sorted(work, key=lambda it: (-work[it], it)):
+        owner = loads.index(min(loads))
+        loads[owner] += work[(name, store, levels)]
+        if owner == rt.rank:
+            p, hessian = params[name].detach(), hessians.get(name)
+            t, fell_back = quantize_tensor(cfg, name, p, store, levels, hessian)
+            local[(name, levels)] = (t, fell_back, code_cost(t, p, hessian) if hessian is not None else ())
+    return {key: value for part in rt.gather_objects(local) for key, value in part.items()}
+
+
+def compress_shared(cfg: Config, rt: Runtime, stored: list[StoredTensor]) -> tuple[bytes, dict[str, int]]:
+    """pack_artifact with the codecs spread over the ranks (round robin), each codec in its own thread: zstandard
+    and brotli release the GIL, so one process runs both at once too. Every rank gets the same file."""
+    body, codecs = artifact_body(cfg, stored), codecs_for(cfg.compressor)[0]
+    mine = codecs[rt.rank::rt.world_size]
+    with ThreadPoolExecutor(max(len(mine), 1)) as pool:
+        local = dict(zip(mine, pool.map(lambda c: CODECS[c][0](body), mine)))
+    merged = {c: data for part in rt.gather_objects(local) for c, data in part.items()}
+    return seal_artifact({c: merged[c] for c in codecs})
+
+
+@torch.no_grad()
+def export_artifact(cfg: Config, rt: Runtime, model: nn.Module, hessians: Mapping[str, Tensor],
+                    forced: frozenset[str], code_bytes: int) -> tuple[bytes, dict[str, int], int]:
+    """The artifact every rank helps to build: the configured levels first; over the budget (or to spend the
+    headroom) the cost table of every rung of every tensor with a Hessian, levels from choose_levels, and a real
+    compression to check, whose miss corrects the size model (a secant through the measured sizes) and goes again.
+    Returns the file, each codec's size and the GPTQ fallbacks of the chosen codes."""
+    params, rows = dict(model.named_parameters()), export_rows(model)
+    start = tensor_levels(cfg, model, hessians, forced)
+    done = quantize_shared(cfg, rt, params, hessians, [(r.name, r.rule.store, start[r.name]) for r in rows])
+    pick = lambda levels: [done[(r.name, levels[r.name])] for r in rows]  # noqa: E731
+    blob, sizes = compress_shared(cfg, rt, [t for t, _, _ in pick(start)])
+    target = cfg.budget_bytes - code_bytes - (cfg.quant_fit_margin if cfg.quant_fit == "spend" else 0)
+    fitted = [n for n in sorted(hessians) if start.get(n)]
+    if cfg.quant_fit == "off" or not fitted or (cfg.quant_fit == "fit" and len(blob) <= target):
+        return blob, sizes, sum(f for _, f, _ in pick(start))
+    store = {r.name: r.rule.store for r in rows}
+    done |= quantize_shared(cfg, rt, params, hessians, [(n, store[n], L) for n in fitted
+                                                        for L in rungs_of(cfg, start[n]) if L != start[n]])
+    costs = {n: {L: done[(n, L)][2] for L in rungs_of(cfg, start[n])} for n in fitted}
+    model_bytes = lambda levels: sum(costs[n][levels[n]][1] for n in fitted)  # noqa: E731
+    configured, slope, tighten, written = len(blob), 1.0, 0.0, start  # real ~ configured + slope * model bytes moved
+    for round_ in range(1, FIT_ROUNDS + 1):
+        limit = model_bytes(start) + (target - tighten - configured) / slope
+        levels, lines = choose_levels(costs, start, limit, cfg.quant_fit == "spend")
+        if levels is None:
+            rt.log(f"fit:impossible lowest_rungs_over_target target_bytes:{target}")
+            return blob, sizes, sum(f for _, f, _ in pick(written))
+        written = levels
+        blob, sizes = compress_shared(cfg, rt, [t for t, _, _ in pick(levels)])
+        moved = model_bytes(levels) - model_bytes(start)
+        predicted = configured + slope * moved
+        rt.log(f"fit:check round:{round_} predicted_bytes:{predicted:.0f} real_bytes:{len(blob)} "
+               f"target_bytes:{target} size_model_error:{predicted / len(blob) - 1:+.4%}")
+        if len(blob) <= target:
+            for line in lines:
+                rt.log(line)
+            return blob, sizes, sum(f for _, f, _ in pick(levels))
+        if round_ == 1 and abs(moved) > 0.01 * configured:  # the codec's bytes per size-model byte, measured once
+            slope = min(max((len(blob) - configured) / moved, 0.5), 2.0)
+        tighten += max(len(blob) - target, 0.001 * target)  # each miss asks for at least 0.1 % more
+    rt.log(f"fit:gave_up rounds:{FIT_ROUNDS} real_bytes:{len(blob)} target_bytes:{target}")
+    return blob, sizes, sum(f for _, f, _ in pick(levels))
+
+
+def code_bits(levels: int, cols: int) -> float:
+    """Entropy of a code of a Gaussian row of C weights on a grid of step (expected max sigma sqrt(2 ln C)) / L:
+    log2(L sqrt(pi e / ln C)) bits, capped at log2(2L+1)."""
+    bits = math.log2(levels * math.sqrt(math.pi * math.e / math.log(max(cols, 2))))
+    return min(max(bits, 0.0), math.log2(2 * levels + 1))
 
 
 def estimate_model_bytes(cfg: Config, model: nn.Module) -> int:
-    """DRY_RUN's guess: floats verbatim, fp16 row scales, and per code the entropy of a Gaussian row of C weights on
-    a grid of step (expected max sigma sqrt(2 ln C)) / L: log2(L sqrt(pi e / ln C)) bits, capped at log2(2L+1).
+    """DRY_RUN's guess at the configured levels: floats verbatim, fp16 row scales, code_bits per code.
     QUANT_HIGH_TENSORS ranks matrices by Hessians, unknown here: each matrix gets the high levels with probability
     N / (number of matrices), i.e. the expected size if the choice did not depend on size."""
-    def code_bits(levels: int, cols: int) -> float:
-        bits = math.log2(levels * math.sqrt(math.pi * math.e / math.log(max(cols, 2))))
-        return min(max(bits, 0.0), math.log2(2 * levels + 1))
-
     rows = [r for r in param_table(model) if r.name not in model.unexported()]
     n_matrices = sum(r.rule.group == "muon" for r in rows)
     high = min(cfg.quant_high_tensors / max(n_matrices, 1), 1.0)
@@ -1848,6 +2010,23 @@ def estimate_model_bytes(cfg: Config, model: nn.Module) -> int:
         else:
             total += numel * (2 if row.rule.store == "fp16" else 4)
     return round(total)
+
+
+def estimate_fit(cfg: Config, model: nn.Module, code_bytes: int) -> tuple[int | None, dict[str, int]]:
+    """What QUANT_FIT would do at init: choose_levels on estimated bytes (code_bits) and an error of numel / L^2 per
+    matrix (at init only the shapes tell the matrices apart). Returns the estimated model bytes (None: it would not
+    fit) and the levels of the matrices GPTQ would fit."""
+    configured = estimate_model_bytes(cfg, model)
+    target = cfg.budget_bytes - code_bytes - (cfg.quant_fit_margin if cfg.quant_fit == "spend" else 0)
+    rows = [r for r in export_rows(model) if r.rule.group == "muon" and store_levels(cfg, r.rule.store)]
+    start = {r.name: store_levels(cfg, r.rule.store) for r in rows}
+    if cfg.quant_fit == "off" or cfg.quant_method != "gptq" or (cfg.quant_fit == "fit" and configured <= target):
+        return (configured if configured <= target else None), start
+    costs = {r.name: {L: (math.prod(r.shape) / L**2, math.prod(r.shape) * code_bits(L, r.shape[-1]) / 8)
+                      for L in rungs_of(cfg, start[r.name])} for r in rows}
+    fixed = configured - sum(costs[n][start[n]][1] for n in costs)
+    levels, _ = choose_levels(costs, start, target - fixed, cfg.quant_fit == "spend")
+    return (None, start) if levels is None else (round(fixed + sum(costs[n][levels[n]][1] for n in costs)), levels)
 
 
 # === 12. TRAINING ===
@@ -2192,9 +2371,9 @@ def apply_weight_average(cfg: Config, state: TrainState, model: nn.Module) -> st
 
 
 # === 13. MAIN ===
-# Train, calibrate inside the budget, evaluate the float model; rank 0 alone quantizes and writes the artifact, and
-# after a barrier every rank reads that file back into a fresh model and evaluates it, so every rank scores the very
-# bytes that are submitted. EVAL_ONLY=<artifact> does only the last part.
+# Train, calibrate inside the budget, evaluate the float model; every rank quantizes its share and runs its codec,
+# rank 0 writes the artifact, and after a barrier every rank reads that file back into a fresh model and evaluates
+# it, so every rank scores the very bytes that are submitted. EVAL_ONLY=<artifact> does only the last part.
 
 
 def meta_model(cfg: Config) -> GPT:
@@ -2217,7 +2396,13 @@ def dry_run(cfg: Config) -> None:
     print("config:" + json.dumps(dataclasses.asdict(cfg), sort_keys=True))
     model = meta_model(cfg)
     print("\n".join(describe_params(cfg, model)))
-    print(budget_line("artifact_estimate", len(Path(__file__).read_bytes()), estimate_model_bytes(cfg, model))[0])
+    code_bytes = len(Path(__file__).read_bytes())
+    model_bytes, levels = estimate_fit(cfg, model, code_bytes)
+    counts = {L: sum(v == L for v in levels.values()) for L in sorted(set(levels.values()), reverse=True)}
+    print(f"fit_estimate mode:{cfg.quant_fit} fits:{int(model_bytes is not None)} matrix_levels:"
+          + (",".join(f"{L}x{n}" for L, n in counts.items()) or "-"))
+    print(budget_line("artifact_estimate", code_bytes, model_bytes or estimate_model_bytes(cfg, model),
+                      cfg.budget_bytes)[0])
 
 
 def build_model(cfg: Config, rt: Runtime) -> GPT:
@@ -2266,6 +2451,7 @@ def train_and_export(cfg: Config, rt: Runtime, tables: ByteTables, val_tokens: T
                       val_tokens, tables)
     rt.log(f"compile_warmup_ms:{trainer.prime_compiled_graphs():.0f} (outside the training clock)")
     state = trainer.run(resume_from(cfg, rt, trainer))
+    train_end = time.perf_counter()
     if state.interrupted:
         rt.shutdown(0)
     rt.log(rt.peak_memory_line())
@@ -2284,18 +2470,19 @@ def train_and_export(cfg: Config, rt: Runtime, tables: ByteTables, val_tokens: T
                    f"{1000 * cfg.max_wallclock_seconds:.0f} (raise GPTQ_RESERVE_SECONDS)")
     bpb = final_block_eval(cfg, rt, "final_float", trainer.model_fn, val_tokens, tables, step=state.step,
                            train_time_ms=state.train_ms)
-    path = rt.log_path.with_suffix(".ptz")
+    path, start = rt.log_path.with_suffix(".ptz"), time.perf_counter()
+    blob, sizes, fallbacks = export_artifact(cfg, rt, model, hessians, model.recurrent_matrices(),
+                                             len(Path(__file__).read_bytes()))
+    if cfg.quant_high_tensors:
+        high = sum(L == cfg.quant_levels for n, L in tensor_levels(cfg, model, hessians,
+                                                                   model.recurrent_matrices()).items() if n in hessians)
+        rt.log(f"quant_levels high:{high} low:{len(hessians) - high} by:hessian_rounding_error")
     if rt.is_main:
-        start = time.perf_counter()
-        stored, fallbacks = quantize_model(cfg, model, hessians, model.recurrent_matrices())
-        if cfg.quant_high_tensors:
-            high = sum(t.levels == cfg.quant_levels for t in stored if t.name in hessians)
-            rt.log(f"quant_levels high:{high} low:{len(hessians) - high} by:hessian_rounding_error")
-        blob, sizes = pack_artifact(cfg, stored)
         path.write_bytes(blob)
-        rt.log(f"artifact path:{path} method:{cfg.quant_method} gptq_fallbacks:{fallbacks} codec:"
-               f"{list(CODECS)[blob[9]]} {' '.join(f'{c}_bytes:{n}' for c, n in sizes.items())} "
-               f"time_ms:{1000 * (time.perf_counter() - start):.0f}")
+    rt.log(f"artifact path:{path} method:{cfg.quant_method} gptq_fallbacks:{fallbacks} codec:"
+           f"{list(CODECS)[blob[9]]} {' '.join(f'{c}_bytes:{n}' for c, n in sizes.items())} "
+           f"time_ms:{1000 * (time.perf_counter() - start):.0f}")
+    rt.log(f"export_time train_end_to_artifact_ms:{1000 * (time.perf_counter() - train_end):.0f}")
     return path, bpb
 
 
@@ -2412,7 +2599,7 @@ def main() -> None:
         path, float_bpb = train_and_export(cfg, rt, tables, val_tokens)
         rt.barrier()  # rank 0 has written the artifact
         cfg, state = open_artifact(cfg, rt, path, os.environ)
-    line, excess = budget_line("artifact", len(Path(__file__).read_bytes()), path.stat().st_size)
+    line, excess = budget_line("artifact", len(Path(__file__).read_bytes()), path.stat().st_size, cfg.budget_bytes)
     rt.log(line)
     if excess > 0:
         rt.log(f"artifact_over_budget excess_bytes:{excess} (not a valid submission; the evals still run)")

@@ -19,8 +19,17 @@ from train_gpt import (BUDGET_BYTES, GPT, Config, ConfigError, StoredTensor, art
 
 
 class CpuRuntime:
-    """What the quantization code needs of Runtime, for one CPU process."""
-    device, rank = torch.device("cpu"), 0
+    """What the quantization code needs of Runtime, for one CPU process; keeps the lines it logs."""
+    device, rank, world_size = torch.device("cpu"), 0, 1
+
+    def __init__(self):
+        self.lines = []
+
+    def log(self, line):
+        self.lines.append(line)
+
+    def gather_objects(self, obj):
+        return [obj]
 
     def autocast(self):
         return torch.autocast("cpu", enabled=False)
