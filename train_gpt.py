@@ -467,7 +467,7 @@ class Runtime:
             major, minor = torch.cuda.get_device_capability(self.device)
             return ("bf16" if major >= 8 else "fp32"), f"cuda_sm{major}{minor}"
         dim, hidden = cfg.model_dim, int(cfg.mlp_mult * cfg.model_dim)
-        rows = max(16, min(cfg.train_batch_tokens, 2048, 2**27 // (dim * hidden)))  # <= 0.27 GFLOP per matmul
+        rows = max(16, min(cfg.train_batch_tokens, 2**25 // (dim * hidden)))  # <= 67 MFLOP: emulated bf16 ~15 ms
         return pick_cpu_precision(*(matmul_ms(rows, dim, hidden, dtype) for dtype in (torch.bfloat16, torch.float32)))
 
     # --- collectives (no-ops in one process) ---
@@ -567,13 +567,16 @@ BF16_MIN_SPEEDUP = 1.25  # bf16 must beat fp32 by this much on a CPU: fp32 is th
 
 
 def matmul_ms(rows: int, dim: int, hidden: int, dtype: torch.dtype) -> float:
-    """Best of 3 timed (rows, dim) @ (dim, hidden) CPU matmuls after one untimed (kernel selection, JIT)."""
+    """Best of 5 timed (rows, dim) @ (dim, hidden) CPU matmuls after one untimed (kernel selection, JIT), on one
+    thread: a second one waiting for a busy core would time the scheduler, not the arithmetic."""
     x, w = torch.full((rows, dim), 0.5, dtype=dtype), torch.full((dim, hidden), 0.25, dtype=dtype)
-    times = []
-    for _ in range(4):
+    threads, times = torch.get_num_threads(), []
+    torch.set_num_threads(1)
+    for _ in range(6):
         start = time.perf_counter()
         x @ w
         times.append(1000 * (time.perf_counter() - start))
+    torch.set_num_threads(threads)
     return min(times[1:])
 
 
