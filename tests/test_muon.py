@@ -144,9 +144,8 @@ run_steps(train_gpt.Muon(sharded, **HYPER, rt=rt), sharded)
 single = train_gpt.Muon(whole, **HYPER)
 single.ns_dtype = rt.compute_dtype
 run_steps(single, whole)
-same = all(torch.equal(a, b) for a, b in zip(sharded, whole))
 gap = max((a - b).abs().max().item() for a, b in zip(sharded, whole))
-print(f"rank:{{rt.rank}} precision:{{rt.precision}} equal:{{int(same)}} max_abs_diff:{{gap:.3e}}", flush=True)
+open(f"rank{{rt.rank}}.txt", "w").write(f"precision:{{rt.precision}} max_abs_diff:{{gap:.3e}}")
 rt.shutdown(0)
 """
 
@@ -160,11 +159,11 @@ def test_two_gloo_ranks_sharded_equals_unsharded(autocast, tmp_path):
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           str(script), autocast], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stderr[-3000:]
-    lines = re.findall(r"^rank:(\d) precision:(\w+) equal:(\d) max_abs_diff:(\S+)$", out.stdout, re.M)
-    assert sorted(rank for rank, *_ in lines) == ["0", "1"], out.stdout
-    for _, precision, _, gap in lines:
+    for rank in (0, 1):
+        text = (tmp_path / f"rank{rank}.txt").read_text()
+        precision, gap = re.fullmatch(r"precision:(\w+) max_abs_diff:(\S+)", text).groups()
         assert precision == ("bf16" if autocast == "1" else "fp32")
-        assert float(gap) <= 1e-6  # each matrix is orthogonalised by one rank in the same batched call shape
+        assert float(gap) <= 1e-6, gap  # bitwise equal on this CPU; a backend may round a smaller batch differently
 
 
 # --- the precision decision (section 3) ---
