@@ -1170,8 +1170,9 @@ class Muon(torch.optim.Optimizer):
                 by_shape.setdefault((min(p.shape), max(p.shape)), []).append(p)
         return [(params, -(-len(params) // self.world)) for params in by_shape.values()]
 
+    @torch.no_grad()  # as in step(): dynamo guards on the grad mode
     def prime(self) -> None:
-        """Compile every shard shape before the clock (a no-op when not compiled)."""
+        """Compile every shard shape before the clock (cheap when not compiled)."""
         for params, share in self.buckets():
             self.orthogonalize(params[0].new_zeros(share, *sorted(params[0].shape)), self.ns_steps, self.ns_dtype)
 
