@@ -563,9 +563,6 @@ class Runtime:
         os._exit(code)
 
 
-BF16_MIN_SPEEDUP = 1.25  # bf16 must beat fp32 by this much on a CPU: fp32 is the more exact one at equal speed
-
-
 def matmul_ms(rows: int, dim: int, hidden: int, dtype: torch.dtype) -> float:
     """Best of 5 timed (rows, dim) @ (dim, hidden) CPU matmuls after one untimed (kernel selection, JIT), on one
     thread: a second one waiting for a busy core would time the scheduler, not the arithmetic."""
@@ -581,7 +578,7 @@ def matmul_ms(rows: int, dim: int, hidden: int, dtype: torch.dtype) -> float:
 
 
 def pick_cpu_precision(bf16_ms: float, fp32_ms: float) -> tuple[str, str]:
-    precision = "bf16" if bf16_ms * BF16_MIN_SPEEDUP <= fp32_ms else "fp32"
+    precision = "bf16" if bf16_ms * 1.25 <= fp32_ms else "fp32"  # at equal speed, the more exact fp32
     return precision, f"cpu_matmul_probe bf16_ms:{bf16_ms:.3f} fp32_ms:{fp32_ms:.3f}"
 
 
@@ -1145,13 +1142,11 @@ def newton_schulz(g: Tensor, steps: int, dtype: torch.dtype) -> Tensor:
 
 
 class Muon(torch.optim.Optimizer):
-    """Orthogonalised momentum for the block matrices; the update of torch.optim.Muon(nesterov=True,
-    adjust_lr_fn="original"): buf <- mu buf + (1-mu) g; u = NS(g + mu (buf - g)); p <- (1 - lr wd) p -
-    lr sqrt(max(1, rows/cols)) u. The EMA buffer is the reference's buf = mu buf + g scaled by (1-mu), which NS
-    normalises away. Matrices of one shape (tall ones transposed) are orthogonalised in one batched call, in the
-    run's precision; each rank does its share of every batch and one all-gather brings every update to every rank
-    (gradients are already averaged, so all ranks hold the same momentum). A parameter without a gradient (a depth
-    not yet reached) is skipped, as torch's Muon does, but keeps its zero slot so compiled shapes never change."""
+    """torch.optim.Muon's update (nesterov, adjust_lr_fn="original"): buf <- mu buf + (1-mu) g (the reference's
+    buf = mu buf + g times 1-mu, which NS normalises away); p <- (1 - lr wd) p - lr sqrt(max(1, rows/cols)) NS(g + mu
+    (buf - g)). Equal shapes (tall ones transposed) go through one batched NS in the run's precision; each rank does
+    its share and one all-gather brings every update to every rank (gradients are averaged, so momenta agree). A
+    matrix without a gradient (a depth not reached yet) is skipped but keeps its zero slot: compiled shapes stay."""
 
     def __init__(self, params: list[nn.Parameter], lr: float, momentum: float, weight_decay: float, ns_steps: int,
                  rt: Runtime | None = None):
