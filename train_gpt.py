@@ -229,9 +229,9 @@ PRESETS: dict[str, dict[str, object]] = {
     "demo": dict(
         data_path="./data/datasets/demo_sp1024",
         tokenizer_path="./data/tokenizers/demo_1024_bpe.model",
-        model_dim=128, num_heads=4, num_kv_heads=2, train_seq_len=256, train_batch_tokens=4096, grad_accum_steps=1,
-        max_wallclock_seconds=240.0, warmdown_iters=150, lr_warmup_steps=20, muon_momentum_warmup_steps=100,
-        swa_every=10, val_batch_size=16384, val_loss_every=100, val_max_tokens=65536, train_log_every=25,
+        model_dim=128, num_heads=4, num_kv_heads=2, train_seq_len=256, train_batch_tokens=2048, grad_accum_steps=1,
+        max_wallclock_seconds=240.0, warmdown_iters=250, lr_warmup_steps=20, muon_momentum_warmup_steps=100,
+        swa_every=10, val_batch_size=16384, val_loss_every=100, val_max_tokens=32768, train_log_every=25,
         eval_seq_len=256, eval_stride=64, eval_batch_seqs=16,
         gptq_calib_batches=4),  # 16 took 13 s on 2 busy cores, more than the 8 s reserve
     # The seed systems (reference-1453.md section 15, reference-1204-456.md), each reproducing its logged parameter
