@@ -229,9 +229,9 @@ PRESETS: dict[str, dict[str, object]] = {
     "demo": dict(
         data_path="./data/datasets/demo_sp1024",
         tokenizer_path="./data/tokenizers/demo_1024_bpe.model",
-        model_dim=128, num_heads=4, num_kv_heads=2, train_seq_len=256, train_batch_tokens=2048, grad_accum_steps=1,
-        max_wallclock_seconds=240.0, warmdown_iters=250, lr_warmup_steps=20, muon_momentum_warmup_steps=100,
-        swa_every=10, val_batch_size=16384, val_loss_every=100, val_max_tokens=32768, train_log_every=25,
+        model_dim=128, num_heads=4, num_kv_heads=2, train_seq_len=256, train_batch_tokens=4096, grad_accum_steps=1,
+        max_wallclock_seconds=240.0, warmdown_iters=150, lr_warmup_steps=20, muon_momentum_warmup_steps=100,
+        swa_every=10, val_batch_size=16384, val_loss_every=100, val_max_tokens=65536, train_log_every=25,
         eval_seq_len=256, eval_stride=64, eval_batch_seqs=16,
         gptq_calib_batches=4),  # 16 took 13 s on 2 busy cores, more than the 8 s reserve
     # The seed systems (reference-1453.md section 15, reference-1204-456.md), each reproducing its logged parameter
@@ -459,16 +459,15 @@ class Runtime:
 
     def choose_precision(self, cfg: Config) -> tuple[str, str]:
         """AUTOCAST=auto: bf16 on CUDA from sm80 (native bf16 tensor cores); on a CPU, bf16 only if a bf16 matmul of
-        the model's MLP shape is clearly faster than fp32. CPUs without bf16 units (AVX2, AVX-512 before Cooper Lake)
+        an MLP's shape is clearly faster than fp32. CPUs without bf16 units (AVX2, AVX-512 before Cooper Lake)
         emulate it ~10x slower, and flags can mislead (a library may be limited to a lower ISA), so time it."""
         if cfg.autocast != "auto":
             return ("bf16" if cfg.autocast == "1" else "fp32"), f"AUTOCAST={cfg.autocast}"
         if self.is_cuda:
             major, minor = torch.cuda.get_device_capability(self.device)
             return ("bf16" if major >= 8 else "fp32"), f"cuda_sm{major}{minor}"
-        dim, hidden = cfg.model_dim, int(cfg.mlp_mult * cfg.model_dim)
-        rows = max(16, min(cfg.train_batch_tokens, 2**25 // (dim * hidden)))  # <= 67 MFLOP: emulated bf16 ~15 ms
-        return pick_cpu_precision(*(matmul_ms(rows, dim, hidden, dtype) for dtype in (torch.bfloat16, torch.float32)))
+        # A fixed d=256 MLP shape (50 MFLOP; emulated bf16 ~40 ms): a tiny model's matmuls time only overhead.
+        return pick_cpu_precision(*(matmul_ms(128, 256, 768, dtype) for dtype in (torch.bfloat16, torch.float32)))
 
     # --- collectives (no-ops in one process) ---
     def broadcast_object(self, obj: object) -> object:
@@ -564,12 +563,12 @@ class Runtime:
 
 
 def matmul_ms(rows: int, dim: int, hidden: int, dtype: torch.dtype) -> float:
-    """Best of 5 timed (rows, dim) @ (dim, hidden) CPU matmuls after one untimed (kernel selection, JIT), on one
+    """Best of 3 timed (rows, dim) @ (dim, hidden) CPU matmuls after one untimed (kernel selection, JIT), on one
     thread: a second one waiting for a busy core would time the scheduler, not the arithmetic."""
     x, w = torch.full((rows, dim), 0.5, dtype=dtype), torch.full((dim, hidden), 0.25, dtype=dtype)
     threads, times = torch.get_num_threads(), []
     torch.set_num_threads(1)
-    for _ in range(6):
+    for _ in range(4):
         start = time.perf_counter()
         x @ w
         times.append(1000 * (time.perf_counter() - start))
