@@ -94,7 +94,7 @@ class Config:
     seed: int = 1337
     dry_run: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    autocast: bool = True  # bf16 autocast on both CUDA and CPU
+    autocast: str = "auto"  # auto (bf16 where the device's bf16 matmuls are fast, else fp32) | 1 (bf16) | 0 (fp32)
     compile: str = "auto"  # auto (on for CUDA) | 0 | 1
     checkpoint_every_seconds: float = 0.0  # 0: only on SIGTERM/SIGINT; written to logs/<RUN_ID>.ckpt
     resume: str = ""  # a checkpoint path, or "auto" for logs/<RUN_ID>.ckpt
@@ -225,6 +225,8 @@ class Config:
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> "Config":
         """Parse knobs by annotation on top of PRESET's defaults; reject typos of knob names."""
+        if problem := torch_version_problem(torch.__version__):
+            raise ConfigError(problem)
         knobs = {f.name.upper(): f for f in dataclasses.fields(cls)}
         for key in environ:
             if key in knobs or key in NON_KNOB_ENV:
@@ -293,6 +295,16 @@ PRESETS: dict[str, dict[str, object]] = {
         muon_momentum_warmup_steps=1500, eval_seq_len=2048, eval_stride=128, eval_batch_seqs=64, quant_levels=31,
         mlp_quant_levels=15, quant_method="clip", mixer="off", ttt=True, val_loss_every=500, train_log_every=100),
 }
+
+
+TORCH_MIN = (2, 5)  # SDPA's enable_gqa; the next newest APIs used are F.rms_norm (2.4), init_process_group's device_id
+
+
+def torch_version_problem(version: str) -> str:
+    """'' when this torch is new enough, else the one line that ends the run (exit 2) before any work."""
+    found = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+    need = ".".join(map(str, TORCH_MIN))
+    return "" if found >= TORCH_MIN else f"torch {version} found, this script needs torch>={need} (SDPA enable_gqa)"
 
 
 def _parse_value(key: str, raw: str, annotation: str) -> object:
@@ -366,7 +378,8 @@ RANGE_RULES: dict[tuple[Callable[[float], bool], str], tuple[str, ...]] = {
 }
 CHOICES = {"mixer": ("normalized", "reference_hedge", "off"), "compile": ("auto", "0", "1"),
            "unet": ("off", "add", "gated"), "quant_method": ("gptq", "clip", "ref"), "gptq_calib": ("train", "selfgen"),
-           "compressor": ("auto", "zstd", "brotli"), "quant_fit": ("off", "fit", "spend")}
+           "compressor": ("auto", "zstd", "brotli"), "quant_fit": ("off", "fit", "spend"),
+           "autocast": ("auto", "0", "1")}
 
 
 def _config_problems(c: Config) -> Iterator[str]:
@@ -473,7 +486,11 @@ class Runtime:
             dist.init_process_group(backend, device_id=self.device if self.is_cuda else None)
             dist.barrier()
         self.use_compile = cfg.compile == "1" or (cfg.compile == "auto" and self.is_cuda)
-        self.use_autocast = cfg.autocast
+        # Rank 0 decides so every rank computes in the same precision (a probe could time differently per rank).
+        decision = self.choose_precision(cfg) if self.is_main else None
+        self.precision, self.precision_reason = self.broadcast_object(decision)
+        self.use_autocast = self.precision == "bf16"
+        self.compute_dtype = torch.bfloat16 if self.use_autocast else torch.float32
         # Rank 0 draws the run id so every rank names the same log, artifact and records folder.
         run_id = self.broadcast_object(cfg.run_id or time.strftime("%Y%m%d_%H%M%S_") + secrets.token_hex(3))
         self.cfg = dataclasses.replace(cfg, run_id=run_id)
@@ -498,6 +515,18 @@ class Runtime:
         if ":" in cfg.device and ranks > 1:
             return f"DEVICE={cfg.device} would put all {ranks} ranks of this node on one GPU; use DEVICE=cuda"
         return None
+
+    def choose_precision(self, cfg: Config) -> tuple[str, str]:
+        """AUTOCAST=auto: bf16 on CUDA from sm80 (native bf16 tensor cores); on a CPU, bf16 only if a bf16 matmul of
+        an MLP's shape is clearly faster than fp32. CPUs without bf16 units (AVX2, AVX-512 before Cooper Lake)
+        emulate it ~10x slower, and flags can mislead (a library may be limited to a lower ISA), so time it."""
+        if cfg.autocast != "auto":
+            return ("bf16" if cfg.autocast == "1" else "fp32"), f"AUTOCAST={cfg.autocast}"
+        if self.is_cuda:
+            major, minor = torch.cuda.get_device_capability(self.device)
+            return ("bf16" if major >= 8 else "fp32"), f"cuda_sm{major}{minor}"
+        # A fixed d=256 MLP shape (50 MFLOP; emulated bf16 ~40 ms): a tiny model's matmuls time only overhead.
+        return pick_cpu_precision(*(matmul_ms(128, 256, 768, dtype) for dtype in (torch.bfloat16, torch.float32)))
 
     # --- collectives (no-ops in one process) ---
     def broadcast_object(self, obj: object) -> object:
@@ -598,6 +627,25 @@ class Runtime:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+
+
+def matmul_ms(rows: int, dim: int, hidden: int, dtype: torch.dtype) -> float:
+    """Best of 3 timed (rows, dim) @ (dim, hidden) CPU matmuls after one untimed (kernel selection, JIT), on one
+    thread: a second one waiting for a busy core would time the scheduler, not the arithmetic."""
+    x, w = torch.full((rows, dim), 0.5, dtype=dtype), torch.full((dim, hidden), 0.25, dtype=dtype)
+    threads, times = torch.get_num_threads(), []
+    torch.set_num_threads(1)
+    for _ in range(4):
+        start = time.perf_counter()
+        x @ w
+        times.append(1000 * (time.perf_counter() - start))
+    torch.set_num_threads(threads)
+    return min(times[1:])
+
+
+def pick_cpu_precision(bf16_ms: float, fp32_ms: float) -> tuple[str, str]:
+    precision = "bf16" if bf16_ms * 1.25 <= fp32_ms else "fp32"  # at equal speed, the more exact fp32
+    return precision, f"cpu_matmul_probe bf16_ms:{bf16_ms:.3f} fp32_ms:{fp32_ms:.3f}"
 
 
 # === 4. SCHEDULES ===
@@ -1226,18 +1274,91 @@ def apply_param_dtypes(model: nn.Module) -> None:
         model.get_parameter(row.name).data = model.get_parameter(row.name).data.to(row.rule.dtype)
 
 
-def build_optimizers(model: nn.Module, cfg: Config, fused: bool) -> dict[str, torch.optim.Optimizer]:
-    """Muon for block matrices, Adam for embeddings and scalars; each group remembers its base LR. torch.optim.Muon
-    keeps momentum as an EMA (buf = mu buf + (1-mu) g); that is the reference's buf = mu buf + g scaled by (1-mu),
-    which Newton-Schulz normalises away, so updates match at constant momentum."""
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # the quintic's steepest slope at 0 that still converges (#1453's)
+
+
+def newton_schulz(g: Tensor, steps: int, dtype: torch.dtype) -> Tensor:
+    """Approximately orthogonalise every (m, n), m <= n, matrix of a (batch, m, n) stack in `dtype`: scale to unit
+    Frobenius norm, then X <- aX + (bA + cA^2)X with A = XX^T (baddbmm: the same fused roundings as torch's addmm)."""
+    a, b, c = NS_COEFFICIENTS
+    x = g.to(dtype)
+    x = x / x.norm(dim=(1, 2), keepdim=True).clamp_min(1e-7)
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x
+
+
+class Muon(torch.optim.Optimizer):
+    """torch.optim.Muon's update (nesterov, adjust_lr_fn="original"): buf <- mu buf + (1-mu) g (the reference's
+    buf = mu buf + g times 1-mu, which NS normalises away); p <- (1 - lr wd) p - lr sqrt(max(1, rows/cols)) NS(g + mu
+    (buf - g)). Equal shapes (tall ones transposed) go through one batched NS in the run's precision; each rank does
+    its share and one all-gather brings every update to every rank (gradients are averaged, so momenta agree). A
+    matrix without a gradient (a depth not reached yet) is skipped but keeps its zero slot: compiled shapes stay."""
+
+    def __init__(self, params: list[nn.Parameter], lr: float, momentum: float, weight_decay: float, ns_steps: int,
+                 rt: Runtime | None = None):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+        self.ns_steps = ns_steps
+        self.ns_dtype = rt.compute_dtype if rt else torch.bfloat16
+        self.rank, self.world = (rt.rank, rt.world_size) if rt else (0, 1)
+        self.gather = rt.all_gather if rt else (lambda t: t[None])
+        self.orthogonalize = rt.compile(newton_schulz) if rt else newton_schulz
+
+    def buckets(self) -> list[tuple[list[nn.Parameter], int]]:
+        """Parameters grouped by (short side, long side), in parameter order, with the matrices each rank takes."""
+        by_shape: dict[tuple[int, int], list[nn.Parameter]] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                by_shape.setdefault((min(p.shape), max(p.shape)), []).append(p)
+        return [(params, -(-len(params) // self.world)) for params in by_shape.values()]
+
+    @torch.no_grad()  # as in step(): dynamo guards on the grad mode
+    def prime(self) -> None:
+        """Compile every shard shape before the clock (cheap when not compiled)."""
+        for params, share in self.buckets():
+            self.orthogonalize(params[0].new_zeros(share, *sorted(params[0].shape)), self.ns_steps, self.ns_dtype)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        (group,) = self.param_groups
+        lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+        buckets, mine = self.buckets(), []
+        for params, share in buckets:
+            stack = torch.stack([self.nesterov(p, mu) for p in params])
+            stack = F.pad(stack, (0, 0, 0, 0, 0, share * self.world - len(params)))[self.rank * share:][:share]
+            mine.append(self.orthogonalize(stack, self.ns_steps, self.ns_dtype).flatten())
+        gathered = self.gather(torch.cat(mine))  # (world, all of one rank's shares)
+        offset = 0
+        for (params, share), part in zip(buckets, mine):
+            updates = gathered[:, offset:offset + part.numel()].reshape(-1, *sorted(params[0].shape))
+            offset += part.numel()
+            for p, u in zip(params, updates):
+                if p.grad is not None:
+                    p.mul_(1 - lr * wd)
+                    p.add_(u.T if p.size(0) > p.size(1) else u, alpha=-lr * math.sqrt(max(1, p.size(0) / p.size(1))))
+
+    def nesterov(self, p: nn.Parameter, mu: float) -> Tensor:
+        """g + mu (buf - g) after the EMA update of buf, oriented wide (m <= n); zeros without a gradient."""
+        if p.grad is None:
+            return p.new_zeros(sorted(p.shape))
+        buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+        buf.lerp_(p.grad, 1 - mu)
+        u = p.grad.lerp(buf, mu)
+        return u.T if p.size(0) > p.size(1) else u
+
+
+def build_optimizers(model: nn.Module, cfg: Config, fused: bool,
+                     rt: Runtime | None = None) -> dict[str, torch.optim.Optimizer]:
+    """Muon for block matrices (sharded and in the run's precision given `rt`; one process in bf16 without), Adam
+    for embeddings and scalars; each group remembers its base LR."""
     by_group: dict[str, list[nn.Parameter]] = {"muon": [], "embed": [], "scalar": []}
     for row in param_table(model):
         by_group[row.rule.group].append(model.get_parameter(row.name))
     adam = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, weight_decay=0.0, fused=fused)
     optimizers = {
-        "muon": torch.optim.Muon(by_group["muon"], lr=cfg.matrix_lr, weight_decay=cfg.muon_wd,
-                                 momentum=cfg.muon_momentum_warmup_start, nesterov=True,
-                                 ns_steps=cfg.muon_backend_steps, adjust_lr_fn="original"),
+        "muon": Muon(by_group["muon"], lr=cfg.matrix_lr, momentum=cfg.muon_momentum_warmup_start,
+                     weight_decay=cfg.muon_wd, ns_steps=cfg.muon_backend_steps, rt=rt),
         "embed": torch.optim.Adam(by_group["embed"], lr=cfg.tied_embed_lr, **adam),
         "scalar": torch.optim.Adam(by_group["scalar"], lr=cfg.scalar_lr, **adam),
     }
@@ -2121,6 +2242,7 @@ class Trainer:
                 self.model_fn(torch.zeros(self.cfg.eval_batch_seqs, length, dtype=torch.int64, device=device),
                               self.cfg.num_repeats)
         self.model.zero_grad(set_to_none=True)
+        self.optimizers["muon"].prime()
         self.rt.sync()
         return 1000 * (time.perf_counter() - start)
 
@@ -2421,6 +2543,7 @@ def log_header(cfg: Config, rt: Runtime, model: GPT, n_val: int) -> None:
     rt.log(f"world_size:{rt.world_size} device:{rt.device_name()} "
            f"grad_accum_steps:{grad_accum_for(cfg, rt.world_size)} "
            f"compile:{int(rt.use_compile)} autocast:{int(rt.use_autocast)}")
+    rt.log(f"precision:{rt.precision} reason:{rt.precision_reason}")
     missing = codecs_for(cfg.compressor)[1]
     if missing and not cfg.eval_only:
         rt.log(f"codec_fallback: {' '.join(missing)} not installed (pip install {' '.join(missing)}); the artifact "
@@ -2447,8 +2570,8 @@ def train_and_export(cfg: Config, rt: Runtime, tables: ByteTables, val_tokens: T
                                     gptq_reserve_seconds=0.0)  # the schedules fit the shorter training budget
     if reserve:
         rt.log(f"gptq_reserve:{reserve:g}s train_budget:{train_cfg.max_wallclock_seconds:g}s")
-    trainer = Trainer(train_cfg, rt, model, rt.compile(model), build_optimizers(model, cfg, fused=rt.is_cuda), batches,
-                      val_tokens, tables)
+    trainer = Trainer(train_cfg, rt, model, rt.compile(model), build_optimizers(model, cfg, rt.is_cuda, rt),
+                      batches, val_tokens, tables)
     rt.log(f"compile_warmup_ms:{trainer.prime_compiled_graphs():.0f} (outside the training clock)")
     state = trainer.run(resume_from(cfg, rt, trainer))
     train_end = time.perf_counter()

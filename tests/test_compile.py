@@ -51,6 +51,10 @@ def test_compiled_run_primes_every_graph_before_the_clock(tmp_path, demo_subset)
     # Priming compiles the train graph, then recompiles once for the eval (grad-mode) graph; any further compile
     # would have happened inside the timed loop or an eval.
     assert out.stderr.count("Recompiling function forward") == 1, out.stderr[-3000:]
+    # Muon's Newton-Schulz: one graph per bucket of equal shapes, all primed; one more would be a timed-loop compile.
+    cfg = train_gpt.Config.from_env(env)
+    buckets = train_gpt.build_optimizers(train_gpt.GPT(cfg), cfg, False)["muon"].buckets()
+    assert len(buckets) == 3 and out.stderr.count("Recompiling function newton_schulz") == len(buckets) - 1
     assert re.search(r"^final_float_exact val_loss:\d+\.\d{8} val_bpb:\d+\.\d{8}$", out.stdout, re.M)
     assert re.search(r"^final_mixer_exact val_loss:\d+\.\d{8} val_bpb:\d+\.\d{8}$", out.stdout, re.M)
 

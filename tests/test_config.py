@@ -99,7 +99,7 @@ def test_unknown_preset_is_rejected():
     ("SWA_ENABLED", "1", "swa_enabled", True),
     ("SWA_ENABLED", "false", "swa_enabled", False),
     ("SWA_ENABLED", "true", "swa_enabled", True),
-    ("AUTOCAST", "False", "autocast", False),
+    ("AUTOCAST", "0", "autocast", "0"),
     ("DRY_RUN", "TRUE", "dry_run", True),
 ])
 def test_from_env_parses_by_annotation(key, raw, field, value):
@@ -157,6 +157,7 @@ def test_non_numbers_are_rejected_naming_the_knob(key, raw):
     ({"MLP_QUANT_LEVELS": "0"}, "MLP_QUANT_LEVELS"),
     ({"DEVICE": "tpu"}, "DEVICE"),
     ({"COMPILE": "yes"}, "COMPILE"),
+    ({"AUTOCAST": "bf16"}, "AUTOCAST"),
     ({"TOKENIZER_PATH": "tok.vocab"}, "TOKENIZER_PATH"),
     ({"WARMDOWN_ITERS": "-1"}, "WARMDOWN_ITERS"),
     ({"LOGIT_SOFTCAP": "0"}, "LOGIT_SOFTCAP"),

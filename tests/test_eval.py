@@ -39,7 +39,7 @@ def sp(demo_subset):
 @pytest.fixture
 def eval_cfg(tiny_cfg, demo_subset):
     def make(**kw):
-        base = dict(data_path=demo_subset["data_path"], vocab_size=demo_subset["vocab_size"], autocast=False,
+        base = dict(data_path=demo_subset["data_path"], vocab_size=demo_subset["vocab_size"], autocast="0",
                     val_max_tokens=VAL_CAP)
         base.update(kw)
         return tiny_cfg(**base)
@@ -161,7 +161,7 @@ def test_ranks_split_each_global_batch_of_blocks(eval_cfg, sp, world):
 
 
 def test_eval_under_autocast_is_close(eval_cfg, runtime, sp):
-    cfg32, cfg16 = eval_cfg(), eval_cfg(autocast=True)
+    cfg32, cfg16 = eval_cfg(), eval_cfg(autocast="1")
     model = random_model(cfg32)
     val = train_gpt.load_val_tokens(cfg32)
     tables = train_gpt.build_byte_tables(sp, cfg32.vocab_size)
@@ -303,7 +303,7 @@ def test_swa_collects_in_the_warmdown(tiny_cfg, runtime, tmp_path):
     # Positive control for the test below: at full depth, no warmup, step-mode warmdown over the 4 steps
     # (scales 1, 0.75, 0.5, 0.25), SWA_EVERY 2 collects after step 4 only (scale 0.25 < 0.6).
     cfg = tiny_cfg(prog_depth="1.0:4", lr_warmup_steps=0, swa_every=2, iterations=4, warmdown_iters=4,
-                   grad_accum_steps=1, autocast=False)
+                   grad_accum_steps=1, autocast="0")
     trainer, state = make_trainer(cfg, runtime(cfg), tmp_path)
     for _ in range(4):
         trainer.advance(state, 1)
@@ -316,7 +316,7 @@ def test_swa_does_not_collect_during_lr_warmup(tiny_cfg, runtime, tmp_path):
     # explicit LR warmup (absent in the reference) also makes the scale small at the start, so at full depth
     # from step 0 (PROG_DEPTH=1.0:4) the warmup's near-initial weights must not enter the average.
     cfg = tiny_cfg(prog_depth="1.0:4", lr_warmup_steps=10, swa_every=2, iterations=100, warmdown_iters=4,
-                   grad_accum_steps=1, autocast=False)
+                   grad_accum_steps=1, autocast="0")
     trainer, state = make_trainer(cfg, runtime(cfg), tmp_path)
     for _ in range(4):  # LR scales 0.1, 0.2, 0.3, 0.4: warming up, far from the warmdown
         trainer.advance(state, 1)
@@ -328,7 +328,7 @@ def test_swa_does_not_collect_during_lr_warmup(tiny_cfg, runtime, tmp_path):
 
 
 def test_ema_is_off_by_default(tiny_cfg, runtime, tmp_path):
-    cfg = tiny_cfg(prog_depth="1.0:4", grad_accum_steps=1, autocast=False)
+    cfg = tiny_cfg(prog_depth="1.0:4", grad_accum_steps=1, autocast="0")
     trainer, state = make_trainer(cfg, runtime(cfg), tmp_path)
     trainer.advance(state, 1)
     assert state.ema is None
@@ -336,7 +336,7 @@ def test_ema_is_off_by_default(tiny_cfg, runtime, tmp_path):
 
 
 def test_ema_follows_every_step_and_is_applied_in_each_params_dtype(tiny_cfg, runtime, tmp_path):
-    cfg = tiny_cfg(prog_depth="1.0:4", swa_enabled=False, ema_decay=0.75, grad_accum_steps=1, autocast=False)
+    cfg = tiny_cfg(prog_depth="1.0:4", swa_enabled=False, ema_decay=0.75, grad_accum_steps=1, autocast="0")
     trainer, state = make_trainer(cfg, runtime(cfg), tmp_path)
     want = None
     for step in (1, 2, 3):  # by hand, in float64: the first step's weights, then ema = d ema + (1 - d) w
@@ -357,7 +357,7 @@ def test_ema_follows_every_step_and_is_applied_in_each_params_dtype(tiny_cfg, ru
 
 
 def test_ema_checkpoint_resume_is_bit_identical(tiny_cfg, runtime, tmp_path):
-    cfg = tiny_cfg(prog_depth="1.0:4", swa_enabled=False, ema_decay=0.9, grad_accum_steps=1, autocast=False)
+    cfg = tiny_cfg(prog_depth="1.0:4", swa_enabled=False, ema_decay=0.9, grad_accum_steps=1, autocast="0")
     trainer, state = make_trainer(cfg, runtime(cfg), tmp_path)
     for _ in range(2):
         trainer.advance(state, 1)

@@ -199,6 +199,8 @@ def test_torchrun_two_gloo_ranks_train_evaluate_and_exit_zero(tmp_path, demo_sub
     out = run(cmd, tiny_env(demo_subset), tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]  # torchrun exits 0 only when every rank did
     assert re.search(r"^world_size:2 ", out.stdout, re.M)
+    assert len(re.findall(r"^precision:(bf16|fp32) reason:cpu_matmul_probe bf16_ms:\S+ fp32_ms:\S+$", out.stdout,
+                          re.M)) == 1  # rank 0 decided for both ranks, logged once
     for name in ("final_float", "final_roundtrip", "final_sliding_window", "final_mixer"):  # rank 0 logs, once
         assert len(re.findall(rf"^{name}_exact ", out.stdout, re.M)) == 1, name
     text, records = read_log(tmp_path)

@@ -209,7 +209,7 @@ def scored_stream(monkeypatch, cfg, rt, model, val) -> tuple[torch.Tensor, torch
 @pytest.mark.parametrize("mode", ["normalized", "reference_hedge"])
 def test_changing_later_tokens_never_changes_earlier_scores(mode, monkeypatch, runtime):
     monkeypatch.setattr(train_gpt, "HEDGE_COLD_START", 100)
-    cfg = tiny_config(vocab_size=VOCAB, autocast=False, mixer=mode, eval_seq_len=32, eval_stride=8, eval_batch_seqs=3)
+    cfg = tiny_config(vocab_size=VOCAB, autocast="0", mixer=mode, eval_seq_len=32, eval_stride=8, eval_batch_seqs=3)
     rt, model, val = runtime(cfg), random_model(tiny_config(vocab_size=VOCAB)), stream(400, seed=3)
     neural, mixed = scored_stream(monkeypatch, cfg, rt, model, val)
     for t in (57, 250, 399):  # token t and everything after it changes (mid-batch, mid-window, the end)
@@ -236,7 +236,7 @@ class FakeRank:
 
 
 def test_a_rank_that_scores_nothing_returns_nan_without_raising():
-    cfg = tiny_config(vocab_size=VOCAB, autocast=False)
+    cfg = tiny_config(vocab_size=VOCAB, autocast="0")
     model, val = random_model(cfg), stream(40)
     plan = window_plan(len(val) - 1, 16, 8)  # 4 windows: with 2 per rank, ranks 2 and 3 of 4 get none
     for rank in (2, 3):
@@ -246,7 +246,7 @@ def test_a_rank_that_scores_nothing_returns_nan_without_raising():
 
 
 def test_final_evals_are_deterministic_and_logged(runtime, tmp_path):
-    cfg = tiny_config(vocab_size=VOCAB, autocast=True, eval_seq_len=32, eval_stride=8, eval_batch_seqs=4)
+    cfg = tiny_config(vocab_size=VOCAB, autocast="1", eval_seq_len=32, eval_stride=8, eval_batch_seqs=4)
     model, val = random_model(tiny_config(vocab_size=VOCAB)), stream(600, seed=5)
     rt = runtime(cfg)
     first = train_gpt.run_final_evals(cfg, rt, model, val, flat_tables(VOCAB))
@@ -274,7 +274,7 @@ import train_gpt
 from test_mixer import VOCAB, flat_tables, random_model, stream
 train_gpt.HEDGE_COLD_START = 100
 torch.set_num_threads(1)
-cfg = tiny_config(vocab_size=VOCAB, autocast=False, eval_seq_len=32, eval_stride=8, eval_batch_seqs=7,
+cfg = tiny_config(vocab_size=VOCAB, autocast="0", eval_seq_len=32, eval_stride=8, eval_batch_seqs=7,
                   mixer_update_targets=int(sys.argv[1]), mixer=sys.argv[2], run_id="two")
 rt = train_gpt.Runtime(cfg, os.environ)
 out = train_gpt.run_final_evals(cfg, rt, random_model(tiny_config(vocab_size=VOCAB)), stream(500), flat_tables(VOCAB))

@@ -270,7 +270,7 @@ def test_disabled_layer0_attention_is_left_out_of_the_artifact_and_filled_on_loa
     blob, _ = train_gpt.pack_artifact(cfg, stored)
     header, back = train_gpt.unpack_artifact(blob)
     state = {t.name: t.dequantize() for t in back}
-    rt = train_gpt.Runtime(dataclasses.replace(cfg, device="cpu", autocast=False), {})
+    rt = train_gpt.Runtime(dataclasses.replace(cfg, device="cpu", autocast="0"), {})
     tokens = torch.randint(0, cfg.vocab_size, (200,))
     tables = train_gpt.ByteTables(*(torch.ones(cfg.vocab_size, dtype=t) for t in (torch.int32, torch.bool,
                                                                                    torch.bool)))

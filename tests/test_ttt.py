@@ -20,7 +20,7 @@ from train_gpt import Config, ConfigError
 
 VOCAB = 24
 # 16-token windows every 8 targets, 64-target chunks: 4 training sequences per chunk.
-EVAL = dict(vocab_size=VOCAB, autocast=False, eval_seq_len=16, eval_stride=8, eval_batch_seqs=3, ttt=True,
+EVAL = dict(vocab_size=VOCAB, autocast="0", eval_seq_len=16, eval_stride=8, eval_batch_seqs=3, ttt=True,
             ttt_chunk_tokens=64, ttt_batch_seqs=4, run_id="ttt")
 
 
