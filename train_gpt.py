@@ -1146,8 +1146,9 @@ class GPT(nn.Module):
         values = [table(ids) for table in self.value_embeds]  # looked up once, added at every layer
         ve = None if self.ve is None else self.ve.scale * self.ve.proj(self.ve.embed(ids))
         ve_index = {slot: i for i, slot in enumerate(parse_ints(cfg.ve_layers))}
-        rope = tuple(t[start:] for t in rope_tables(start + ids.size(1), cfg.rope_dims or cfg.head_dim, cfg.rope_base,
-                                                       ids.device))
+        rope = rope_tables(start + ids.size(1), cfg.rope_dims or cfg.head_dim, cfg.rope_base, ids.device)
+        if start:  # decoding: the positions after the cached ones
+            rope = tuple(t[start:] for t in rope)
         plan = layer_plan(cfg, repeats)
         first_xsa, first_lane = xsa_start(len(plan), cfg.xsa_last_n), len(plan) - cfg.parallel_last_n
         encoder = len(plan) // 2  # U-Net: the first half pushes its outputs, the second half pops them

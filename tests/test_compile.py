@@ -34,14 +34,18 @@ def test_fullgraph_trace_at_every_depth_train_and_eval(repeats):
     assert logits.shape == (2, cfg.train_seq_len, cfg.vocab_size) and logits.dtype == torch.float32
 
 
-def test_compiled_run_primes_every_graph_before_the_clock(tmp_path, demo_subset):
+@pytest.mark.parametrize("autocast", ["0", "1"])
+def test_compiled_run_primes_every_graph_before_the_clock(tmp_path, demo_subset, autocast):
     """A real inductor run (COMPILE=1) on one depth: priming happens before training and nothing recompiles after.
 
-    One depth keeps this to two inductor graphs (train + eval); the trace test above covers every depth.
+    One depth keeps this to two inductor graphs (train + eval); the trace test above covers every depth. Both
+    precisions: AUTOCAST=auto picks fp32 on CPUs without bf16 units, and inductor's fp32 CPU code once crashed
+    (heap corruption) on a zero-offset slice of the RoPE tables that bf16 runs never exercised.
     """
     # EVAL_SEQ_LEN = TRAIN_SEQ_LEN and EVAL_BATCH_SEQS = eval rows (32): the final sliding eval reuses the eval graph.
     env = tiny_env(demo_subset, COMPILE="1", PROG_DEPTH="1.0:4", ITERATIONS="4", VAL_LOSS_EVERY="2",
-                   TORCH_LOGS="recompiles", OMP_NUM_THREADS="2", EVAL_SEQ_LEN="32", EVAL_STRIDE="8")
+                   TORCH_LOGS="recompiles", OMP_NUM_THREADS="2", EVAL_SEQ_LEN="32", EVAL_STRIDE="8",
+                   AUTOCAST=autocast)
     out = subprocess.run([sys.executable, str(REPO / "train_gpt.py")], env=env, cwd=tmp_path, capture_output=True,
                          text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
