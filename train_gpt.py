@@ -707,16 +707,26 @@ SHARD_VERSION = 1
 SHARD_HEADER_INTS = 256
 
 
+def shard_tokens(path: Path) -> int:
+    """The token count one shard's header promises, after checking the header and the file size against it (reads
+    only the header); a mismatch raises ValueError naming the file."""
+    with path.open("rb") as fh:
+        head = fh.read(4 * SHARD_HEADER_INTS)
+    header = np.frombuffer(head[:len(head) // 4 * 4], dtype="<i4")
+    if header.size < SHARD_HEADER_INTS or header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
+        raise ValueError(f"{path} is not a challenge shard (no magic {SHARD_MAGIC} version {SHARD_VERSION} header); "
+                         "rebuild or remove it")
+    size, expected = path.stat().st_size, 4 * SHARD_HEADER_INTS + 2 * int(header[2])
+    if size != expected:
+        raise ValueError(f"{path} is {size} bytes, its header promises {header[2]} tokens ({expected} bytes): a "
+                         "truncated or damaged copy; download or build it again")
+    return int(header[2])
+
+
 def read_shard(path: Path) -> np.ndarray:
     """Tokens of one shard as a read-only uint16 memory map (pages are read when sliced, so a shard change costs the
-    training step nothing); any header or size mismatch raises ValueError naming the file."""
-    header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
-    if header.size != SHARD_HEADER_INTS or header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
-        raise ValueError(f"{path}: not a challenge shard (want magic {SHARD_MAGIC} version {SHARD_VERSION})")
-    count = int(header[2])
-    expected = 4 * SHARD_HEADER_INTS + 2 * count
-    if path.stat().st_size != expected:
-        raise ValueError(f"{path}: size {path.stat().st_size} bytes, header says {count} tokens ({expected} bytes)")
+    training step nothing)."""
+    count = shard_tokens(path)
     if not count:  # mmap cannot map zero bytes
         return np.zeros(0, dtype="<u2")
     return np.memmap(path, dtype="<u2", mode="r", offset=4 * SHARD_HEADER_INTS, shape=(count,))
@@ -828,17 +838,10 @@ def check_shards(data_path: str, split: str) -> int:
                           " folder (data/README.md builds one)")
     total = 0
     for path in paths:
-        with path.open("rb") as fh:
-            head = fh.read(4 * SHARD_HEADER_INTS)
-        header = np.frombuffer(head[:len(head) // 4 * 4], dtype="<i4")
-        if header.size < SHARD_HEADER_INTS or header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
-            raise ConfigError(f"{path} is not a challenge shard (no magic {SHARD_MAGIC} version {SHARD_VERSION} "
-                              "header); rebuild or remove it")
-        size, expected = path.stat().st_size, 4 * SHARD_HEADER_INTS + 2 * int(header[2])
-        if size != expected:
-            raise ConfigError(f"{path} is {size} bytes, its header promises {header[2]} tokens ({expected} bytes): "
-                              "a truncated or damaged copy; download or build it again")
-        total += int(header[2])
+        try:
+            total += shard_tokens(path)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     return total
 
 
@@ -2557,11 +2560,7 @@ def log_header(cfg: Config, rt: Runtime, model: GPT, n_val: int) -> None:
 
 def train_and_export(cfg: Config, rt: Runtime, tables: ByteTables, val_tokens: Tensor) -> tuple[Path, float]:
     """Train, calibrate, evaluate the float model, and on rank 0 write the artifact; returns its path and float bpb."""
-    try:
-        local_tokens = local_batch_tokens(cfg, rt.world_size)
-    except ConfigError as err:
-        print(f"config_error: {err}", file=sys.stderr)
-        rt.shutdown(2)
+    local_tokens = local_batch_tokens(cfg, rt.world_size)  # check_inputs has validated the split
     model = build_model(cfg, rt)
     log_header(cfg, rt, model, len(val_tokens) - 1)
     batches = TrainBatches(TokenStream(shard_paths(cfg.data_path, "train")), rt.rank, rt.world_size, local_tokens,

@@ -51,4 +51,4 @@ def test_module_level_code_is_only_definitions():
 def test_line_count_ratchet():
     """The rule is at most 1,600 lines. The merged file is over it (see the open trim work in the project notes);
     until that lands this ratchet only stops it from growing. Lower the number as lines come off."""
-    assert SOURCE.count("\n") <= 2763
+    assert SOURCE.count("\n") <= 2762
