@@ -64,8 +64,7 @@ from torch import Tensor, nn
 
 
 def optional_module(name: str) -> object | None:
-    """The module, or None when it is not installed: the artifact codecs are optional (RunPod's image has neither)
-    and COMPRESSOR=auto uses whichever is there."""
+    """The module, or None: the artifact codecs are optional and COMPRESSOR=auto uses whichever is installed."""
     try:
         return importlib.import_module(name)
     except ImportError:
@@ -77,121 +76,124 @@ brotli = optional_module("brotli")
 OPTIONAL_CODECS = {"zstd": ("zstandard", zstandard), "brotli": ("brotli", brotli)}  # pip name, module or None
 
 # === 2. CONFIG ===
-# One frozen dataclass; the env var of a field is its upper-cased name. Defaults are the #1453 submitted run
-# (README command + SUMMARY block), not the reference script's own defaults, which differ in 8 places.
+# One frozen dataclass; a field's env var is its upper-cased name. Each knob is declared once, with knob(): its
+# default (the #1453 submitted run), its kind and its allowed values. The validation, MODEL_FIELDS, resume_key
+# and the README's knob table (checked by tests/test_config.py) all derive from that declaration.
+
+MODEL = "model"  # the shape of the network: the artifact carries these knobs
+TRAIN = "train"  # changes what training computes: a checkpoint resumes only with the same values
+EVAL = "eval"  # acts only after training (quantization, the artifact, the final evals): may change on RESUME
+RUN = "run"  # names or steers the run and changes no number
 
 
 class ConfigError(ValueError):
     """A bad knob: reported as one line and exit code 2 before any work starts."""
 
 
+def knob(default: object, kind: str, allowed: str | tuple[str, ...] = "") -> object:
+    """A Config field. allowed: "> 0", ">= 0" (floats also finite), an interval like "[0, 1)", or the choices."""
+    return field(default=default, metadata={"kind": kind, "allowed": allowed})
+
+
 @dataclass(frozen=True)
 class Config:
-    # run and paths
-    data_path: str = "./data/datasets/fineweb10B_sp1024"
-    tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"
-    run_id: str = ""  # empty: rank 0 draws one at start-up and shares it
-    seed: int = 1337
-    dry_run: bool = False
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    autocast: str = "auto"  # auto (bf16 where the device's bf16 matmuls are fast, else fp32) | 1 (bf16) | 0 (fp32)
-    compile: str = "auto"  # auto (on for CUDA) | 0 | 1
-    checkpoint_every_seconds: float = 0.0  # 0: only on SIGTERM/SIGINT; written to logs/<RUN_ID>.ckpt
-    resume: str = ""  # a checkpoint path, or "auto" for logs/<RUN_ID>.ckpt
-    record: bool = True  # at the end, write records/<track>/<date>_<name>/ with records/make_record.py
-    # length and cadence
-    iterations: int = 20000
-    max_wallclock_seconds: float = 600.0  # 0: step-based schedules over ITERATIONS
-    train_batch_tokens: int = 524288
-    train_seq_len: int = 1024
-    grad_accum_steps: int = 0  # 0: 8 // world_size when that divides, else 1
-    lr_warmup_steps: int = 50
-    warmdown_iters: int = 3000
-    val_batch_size: int = 524288
-    val_loss_every: int = 1000
-    val_max_tokens: int = 0  # 0: the whole validation split; >0 caps it (CPU runs)
-    train_log_every: int = 200
-    # final sliding-window and mixer evals (section 10)
-    eval_seq_len: int = 1024
-    eval_stride: int = 256  # 0: no sliding-window or mixer eval (the reference's meaning)
-    eval_batch_seqs: int = 32  # windows per forward on each rank
-    mixer_update_targets: int = 0  # the mixer learns every N targets on any world size; 0: EVAL_BATCH_SEQS*EVAL_STRIDE
-    mixer: str = "normalized"  # normalized | reference_hedge | off
-    mixer_eta: float = 1.0  # step of the normalized mixer's exponentiated-gradient update
-    hedge_eta: float = 0.1  # learning rate of the reference Hedge
-    # score-first test-time training (#456), the last eval; it adapts the model on targets it has already scored
-    ttt: bool = False
-    ttt_chunk_tokens: int = 32768  # targets per chunk: score the chunk, then train on it
-    ttt_lr: float = 5e-4  # AdamW LR at chunk 0, cosine to 0 at the last chunk
-    ttt_epochs: int = 1  # passes over each scored chunk
-    ttt_batch_seqs: int = 16  # EVAL_SEQ_LEN sequences per rank per optimizer step
-    ttt_freeze_blocks: int = 0  # parameters named blocks.{i}. for i < this do not adapt
-    ttt_grad_clip: float = 1.0  # 0 disables
-    # architecture
-    vocab_size: int = 1024
-    num_layers: int = 3
-    num_repeats: int = 4
-    model_dim: int = 880
-    num_heads: int = 8
-    num_kv_heads: int = 4
-    mlp_mult: float = 3.0
-    num_value_embeds: int = 2
-    xsa_last_n: int = 4
-    recur_layers: str = ""  # "": the whole stack repeats (#1453); "4,5": only these consecutive layers do (#1204)
-    loop_embed: bool = True  # a learned vector added before each effective layer (#148)
-    cross_repeat: bool = True  # a repeat of block j adds a scaled copy of its previous repeat's output (#148)
-    untie_scalars: bool = False  # each application of a block has its own gains, scales and x0 mix (#1204)
-    untie_repeat_mlp: bool = False  # repeats past the first get their own MLP, cloned at activation (#1204)
-    unet: str = "off"  # off | add (#456) | gated (#1204): encoder outputs feed the mirrored decoder layers
-    parallel_last_n: int = 0  # the last N effective layers run attention and MLP lanes (#1204's parallel residual)
-    bigram_vocab_size: int = 0  # hashed (previous, current) token buckets added to the embedding; 0: off
-    bigram_dim: int = 128
-    smear_gate: bool = False  # blend each embedding with its predecessor's through a learned per-dim gate
-    rope_dims: int = 0  # rotate only the first ROPE_DIMS dims of each head (#1204: 16); 0: all of them
-    ln_scale: bool = False  # scale sublayer inputs of effective layer i by 1/sqrt(i+1) (#1204)
-    ve_dim: int = 0  # a shared value embedding projected into attention's V on VE_LAYERS (#1204); 0: off
-    ve_layers: str = ""  # effective-layer indices at full depth, e.g. "9,10"
-    disable_layer0_attn: bool = False  # block 0 runs only its MLP (its attention weights stay, unexported)
-    mlp_negative_slope: float = 0.5  # LeakyReLU(slope)^2; 0 is #456's relu^2
-    qk_gain_init: float = 1.5
-    logit_softcap: float = 30.0
-    rope_base: float = 10000.0
-    tied_embed_init_std: float = 0.005
-    # optimizer
-    tied_embed_lr: float = 0.021
-    matrix_lr: float = 0.018
-    scalar_lr: float = 0.018
-    muon_momentum: float = 0.95
-    muon_backend_steps: int = 5
-    muon_momentum_warmup_start: float = 0.85
-    muon_momentum_warmup_steps: int = 500
-    muon_wd: float = 0.04
-    beta1: float = 0.9
-    beta2: float = 0.95
-    adam_eps: float = 1e-8
-    grad_clip_norm: float = 0.3  # 0 disables
-    # progressive depth and SWA
-    prog_depth: str = "0.30:2,0.50:3,1.0:4"  # frac:repeats, fractions of the run (wallclock, else steps)
-    swa_enabled: bool = True
-    swa_start_frac: float = 0.6  # reference name; it is an LR-scale threshold, not a fraction of the run
-    swa_every: int = 30
-    ema_decay: float = 0.0  # 0: off; >0: export an EMA of the weights instead of SWA (#1204: 0.997)
-    # quantization and artifact (levels L give 2L+1 codes: 63 -> "int7", 16 -> "int5")
-    quant_levels: int = 63
-    mlp_quant_levels: int = 16
-    quant_high_tensors: int = 0  # 0: levels by the table; N: see tensor_levels (#1204's N_INT6_LAYERS)
-    quant_method: str = "gptq"  # gptq | clip | ref (the reference's percentile grid, kept for comparison)
-    gptq_calib: str = "train"  # train (read inside the training budget) | selfgen (text the model samples, #1204)
-    gptq_calib_batches: int = 16  # train: per rank; one batch has the shape of a training micro-batch
-    gptq_calib_seqs: int = 64  # selfgen: sequences sampled in all, split over the ranks (#1204: 64)
-    gptq_calib_seq_len: int = 0  # selfgen: tokens per sampled sequence; 0: TRAIN_SEQ_LEN (#1204: 2048)
-    gptq_reserve_seconds: float = 8.0  # taken off MAX_WALLCLOCK_SECONDS for train-data calibration
-    compressor: str = "auto"  # zstd | brotli | auto (keeps the smaller)
-    budget_bytes: int = 16_000_000  # the challenge's decimal cap on code bytes + compressed model bytes
-    quant_fit: str = "fit"  # off | fit (lower levels until the artifact fits) | spend (also raise into the headroom)
-    quant_fit_margin: int = 20_000  # bytes spend leaves unused: headroom for the codec's variance
-    quant_fit_max_levels: int = 127  # the highest levels spend may raise a tensor to
-    eval_only: str = ""  # an artifact path: load it and run only the roundtrip eval
+    run_id: str = knob("", RUN)  # empty: rank 0 draws one
+    dry_run: bool = knob(False, RUN)
+    checkpoint_every_seconds: float = knob(0.0, RUN, ">= 0")
+    resume: str = knob("", RUN)
+    record: bool = knob(True, RUN)
+    eval_only: str = knob("", RUN)
+    vocab_size: int = knob(1024, MODEL, "> 0")
+    num_layers: int = knob(3, MODEL, "> 0")
+    num_repeats: int = knob(4, MODEL, "> 0")
+    model_dim: int = knob(880, MODEL, "> 0")
+    num_heads: int = knob(8, MODEL, "> 0")
+    num_kv_heads: int = knob(4, MODEL, "> 0")
+    mlp_mult: float = knob(3.0, MODEL, "> 0")
+    num_value_embeds: int = knob(2, MODEL, ">= 0")
+    xsa_last_n: int = knob(4, MODEL, ">= 0")
+    logit_softcap: float = knob(30.0, MODEL, "> 0")
+    rope_base: float = knob(10000.0, MODEL, "> 0")
+    prog_depth: str = knob("0.30:2,0.50:3,1.0:4", MODEL)  # frac:repeats, fractions of the run
+    recur_layers: str = knob("", MODEL)
+    loop_embed: bool = knob(True, MODEL)
+    cross_repeat: bool = knob(True, MODEL)
+    untie_scalars: bool = knob(False, MODEL)
+    untie_repeat_mlp: bool = knob(False, MODEL)
+    unet: str = knob("off", MODEL, ("off", "add", "gated"))
+    parallel_last_n: int = knob(0, MODEL, ">= 0")
+    bigram_vocab_size: int = knob(0, MODEL, ">= 0")
+    bigram_dim: int = knob(128, MODEL, "> 0")
+    smear_gate: bool = knob(False, MODEL)
+    rope_dims: int = knob(0, MODEL, ">= 0")
+    ln_scale: bool = knob(False, MODEL)
+    ve_dim: int = knob(0, MODEL, ">= 0")
+    ve_layers: str = knob("", MODEL)
+    disable_layer0_attn: bool = knob(False, MODEL)
+    mlp_negative_slope: float = knob(0.5, MODEL, ">= 0")
+    data_path: str = knob("./data/datasets/fineweb10B_sp1024", TRAIN)
+    tokenizer_path: str = knob("./data/tokenizers/fineweb_1024_bpe.model", TRAIN)
+    seed: int = knob(1337, TRAIN)
+    device: str = knob("auto", TRAIN)
+    autocast: str = knob("auto", TRAIN, ("auto", "0", "1"))
+    compile: str = knob("auto", TRAIN, ("auto", "0", "1"))
+    iterations: int = knob(20000, TRAIN, "> 0")
+    max_wallclock_seconds: float = knob(600.0, TRAIN, ">= 0")
+    train_batch_tokens: int = knob(524288, TRAIN, "> 0")
+    train_seq_len: int = knob(1024, TRAIN, "> 0")
+    grad_accum_steps: int = knob(0, TRAIN, ">= 0")
+    lr_warmup_steps: int = knob(50, TRAIN, ">= 0")
+    warmdown_iters: int = knob(3000, TRAIN, ">= 0")
+    val_batch_size: int = knob(524288, TRAIN, "> 0")
+    val_loss_every: int = knob(1000, TRAIN, ">= 0")
+    val_max_tokens: int = knob(0, TRAIN, ">= 0")
+    train_log_every: int = knob(200, TRAIN, ">= 0")
+    qk_gain_init: float = knob(1.5, TRAIN, "> 0")
+    tied_embed_init_std: float = knob(0.005, TRAIN, "> 0")
+    tied_embed_lr: float = knob(0.021, TRAIN, ">= 0")
+    matrix_lr: float = knob(0.018, TRAIN, ">= 0")
+    scalar_lr: float = knob(0.018, TRAIN, ">= 0")
+    muon_momentum: float = knob(0.95, TRAIN, "[0, 1)")
+    muon_backend_steps: int = knob(5, TRAIN, "> 0")
+    muon_momentum_warmup_start: float = knob(0.85, TRAIN, "[0, 1)")
+    muon_momentum_warmup_steps: int = knob(500, TRAIN, ">= 0")
+    muon_wd: float = knob(0.04, TRAIN, ">= 0")
+    beta1: float = knob(0.9, TRAIN, "[0, 1)")
+    beta2: float = knob(0.95, TRAIN, "[0, 1)")
+    adam_eps: float = knob(1e-8, TRAIN, "> 0")
+    grad_clip_norm: float = knob(0.3, TRAIN, ">= 0")
+    swa_enabled: bool = knob(True, TRAIN)
+    swa_start_frac: float = knob(0.6, TRAIN, "(0, 1]")  # an LR-scale threshold, not a fraction of the run
+    swa_every: int = knob(30, TRAIN, "> 0")
+    ema_decay: float = knob(0.0, TRAIN, "[0, 1)")
+    eval_seq_len: int = knob(1024, EVAL, "> 0")
+    eval_stride: int = knob(256, EVAL)
+    eval_batch_seqs: int = knob(32, EVAL, "> 0")
+    mixer_update_targets: int = knob(0, EVAL, ">= 0")
+    mixer: str = knob("normalized", EVAL, ("normalized", "reference_hedge", "off"))
+    mixer_eta: float = knob(1.0, EVAL, ">= 0")
+    hedge_eta: float = knob(0.1, EVAL, ">= 0")
+    ttt: bool = knob(False, EVAL)
+    ttt_chunk_tokens: int = knob(32768, EVAL)
+    ttt_lr: float = knob(5e-4, EVAL, ">= 0")
+    ttt_epochs: int = knob(1, EVAL, ">= 0")
+    ttt_batch_seqs: int = knob(16, EVAL, "> 0")
+    ttt_freeze_blocks: int = knob(0, EVAL)
+    ttt_grad_clip: float = knob(1.0, EVAL, ">= 0")
+    quant_levels: int = knob(63, EVAL, "[1, 127]")  # levels L give 2L+1 codes: 63 is "int7", 16 "int5"
+    mlp_quant_levels: int = knob(16, EVAL, "[1, 127]")
+    quant_high_tensors: int = knob(0, EVAL, ">= 0")
+    quant_method: str = knob("gptq", EVAL, ("gptq", "clip", "ref"))
+    gptq_calib: str = knob("train", EVAL, ("train", "selfgen"))
+    gptq_calib_batches: int = knob(16, EVAL, "> 0")
+    gptq_calib_seqs: int = knob(64, EVAL, "> 0")
+    gptq_calib_seq_len: int = knob(0, EVAL, ">= 0")
+    gptq_reserve_seconds: float = knob(8.0, EVAL, ">= 0")
+    compressor: str = knob("auto", EVAL, ("auto", "zstd", "brotli"))
+    budget_bytes: int = knob(16_000_000, EVAL, "> 0")
+    quant_fit: str = knob("fit", EVAL, ("off", "fit", "spend"))
+    quant_fit_margin: int = knob(20_000, EVAL, ">= 0")
+    quant_fit_max_levels: int = knob(127, EVAL, "[1, 127]")
 
     def __post_init__(self) -> None:
         for problem in _config_problems(self):
@@ -219,37 +221,37 @@ class Config:
 
     @property
     def reserves_calibration_time(self) -> bool:
-        """GPTQ on training data: its batches must be read inside MAX_WALLCLOCK_SECONDS, so training stops early."""
+        """GPTQ on training data reads its batches inside MAX_WALLCLOCK_SECONDS, so training stops early."""
         return self.quant_method == "gptq" and self.gptq_calib == "train" and self.max_wallclock_seconds > 0
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str]) -> "Config":
-        """Parse knobs by annotation on top of PRESET's defaults; reject typos of knob names."""
+    def from_env(cls, environ: Mapping[str, str]) -> Config:
+        """PRESET's values, then the knobs set in environ; a near-miss of a knob's name is refused."""
         if problem := torch_version_problem(torch.__version__):
             raise ConfigError(problem)
         knobs = {f.name.upper(): f for f in dataclasses.fields(cls)}
-        for key in environ:
-            if key in knobs or key in NON_KNOB_ENV:
-                continue
-            close = difflib.get_close_matches(key.upper(), [*knobs, "PRESET"], n=1, cutoff=0.85)
-            if close:
+        for key in [key for key in environ if key not in knobs and key not in NON_KNOB_ENV]:
+            if close := difflib.get_close_matches(key.upper(), [*knobs, "PRESET"], n=1, cutoff=0.85):
                 raise ConfigError(f"unknown env var {key}; did you mean {close[0]}?")
         preset = environ.get("PRESET", "pr1453")
         if preset not in PRESETS:
             raise ConfigError(f"unknown PRESET={preset!r}; known: {', '.join(sorted(PRESETS))}")
-        values = dict(PRESETS[preset])
-        for key, f in knobs.items():
-            if key in environ:
-                values[f.name] = _parse_value(key, environ[key], f.type)
-        return cls(**values)
+        parsed = {f.name: _parse_value(key, environ[key], f.type) for key, f in knobs.items() if key in environ}
+        return cls(**{**PRESETS[preset], **parsed})
 
 
+def knob_names(*kinds: str) -> tuple[str, ...]:
+    """The Config fields of these kinds, in declaration order."""
+    return tuple(f.name for f in dataclasses.fields(Config) if f.metadata["kind"] in kinds)
+
+
+MODEL_FIELDS = knob_names(MODEL)
 # Env vars that are not knobs but may sit near a knob's name (torchrun's, our preset selector).
 NON_KNOB_ENV = frozenset({"PRESET", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK"})
 
 PRESETS: dict[str, dict[str, object]] = {
     "pr1453": {},
-    # A CPU-sized model on the embedded State of the Union demo corpus (python3 data/prepare_demo.py).
+    # A CPU-sized model on the embedded demo corpus (python3 data/prepare_demo.py).
     "demo": dict(
         data_path="./data/datasets/demo_sp1024",
         tokenizer_path="./data/tokenizers/demo_1024_bpe.model",
@@ -257,22 +259,16 @@ PRESETS: dict[str, dict[str, object]] = {
         max_wallclock_seconds=240.0, warmdown_iters=150, lr_warmup_steps=20, muon_momentum_warmup_steps=100,
         swa_every=10, val_batch_size=16384, val_loss_every=100, val_max_tokens=65536, train_log_every=25,
         eval_seq_len=256, eval_stride=64, eval_batch_seqs=16,
-        gptq_calib_batches=4),  # 16 took 13 s on 2 busy cores, more than the 8 s reserve
-    # The seed systems (reference-1453.md section 15, reference-1204-456.md), each reproducing its logged parameter
-    # count. Our fixes stay on (fp32 RoPE and scalars, LR warmup, normalized mixer); knobs we do not have are listed.
-    # #895, 4-hour: the #1453 architecture at d=832, MLP 2x, 5 repeats; int8 with the percentile grid; hedge mixer.
+        gptq_calib_batches=4),  # calibration fits the 8 s reserve on 2 busy cores
+    # The seed systems, each reproducing its logged parameter count (README: Seed systems as presets).
     "pr895": dict(
         model_dim=832, mlp_mult=2.0, num_repeats=5, prog_depth="0.3:2,0.5:3,0.75:4,1.0:5",
         max_wallclock_seconds=14400.0, iterations=200000, warmdown_iters=15000, swa_every=100, swa_start_frac=0.4,
         matrix_lr=0.015, scalar_lr=0.015, tied_embed_lr=0.018, val_loss_every=5000, train_log_every=1000,
         quant_levels=127, mlp_quant_levels=127, quant_method="ref"),
-    # #784: 3x4 at d=832, MLP 2x, XSA on 4, LeakyReLU^2, no progressive depth, int8 GPTQ-lite, no mixer.
     "pr784": dict(
         model_dim=832, mlp_mult=2.0, prog_depth="1.0:4", matrix_lr=0.012, scalar_lr=0.012, tied_embed_lr=0.015,
         swa_start_frac=0.4, swa_every=50, quant_levels=127, mlp_quant_levels=127, quant_method="ref", mixer="off"),
-    # #1204 as logged (BIGRAM_DIM=160, not its README's 112): 11 layers with 4,5 repeated from 44% of the run (its
-    # step 3000), parallel lanes on the last 4, gated U-Net, EMA, int6/int5 by Hessian. Not ported: Adam weight
-    # decay 0.04, late QAT (inert in #1204), its shard-sampling loader.
     "pr1204": dict(
         num_layers=11, num_repeats=2, recur_layers="4,5", prog_depth="0.44:1,1.0:2", model_dim=512, mlp_mult=3.0,
         num_value_embeds=0, loop_embed=False, cross_repeat=False, untie_scalars=True, untie_repeat_mlp=True,
@@ -283,9 +279,6 @@ PRESETS: dict[str, dict[str, object]] = {
         muon_momentum_warmup_steps=1500, swa_enabled=False, ema_decay=0.997, quant_levels=31, mlp_quant_levels=15,
         quant_high_tensors=32, gptq_calib="selfgen", gptq_calib_seqs=64, mixer="off", val_loss_every=4000,
         train_log_every=500),
-    # #456: 10 unique layers, additive U-Net, bigram 10240x128, smear, relu^2, XSA on 3, 5200 steps by iteration,
-    # SWA, int6 attention / int5 MLP (plain clip search: it had no GPTQ), score-first TTT. Not ported: Adam weight
-    # decay 0.01, 3% magnitude pruning, late QAT (inert under its compile).
     "pr456": dict(
         num_layers=10, num_repeats=1, prog_depth="1.0:1", model_dim=512, mlp_mult=3.0, num_value_embeds=0,
         loop_embed=False, unet="add", bigram_vocab_size=10240, bigram_dim=128, smear_gate=True, xsa_last_n=3,
@@ -296,34 +289,31 @@ PRESETS: dict[str, dict[str, object]] = {
         mlp_quant_levels=15, quant_method="clip", mixer="off", ttt=True, val_loss_every=500, train_log_every=100),
 }
 
-
 TORCH_MIN = (2, 5)  # SDPA's enable_gqa; the next newest APIs used are F.rms_norm (2.4), init_process_group's device_id
 
 
 def torch_version_problem(version: str) -> str:
-    """'' when this torch is new enough, else the one line that ends the run (exit 2) before any work."""
+    """'' when this torch is new enough, else the one line that ends the run (exit 2)."""
     found = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
     need = ".".join(map(str, TORCH_MIN))
     return "" if found >= TORCH_MIN else f"torch {version} found, this script needs torch>={need} (SDPA enable_gqa)"
 
 
-def _parse_value(key: str, raw: str, annotation: str) -> object:
-    kind = annotation if isinstance(annotation, str) else annotation.__name__
-    text = raw.strip()
+BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
+def _parse_value(key: str, raw: str, kind: str) -> object:
+    """raw as the field's annotated type (a string, under `from __future__ import annotations`)."""
+    if kind == "bool":
+        if raw.strip().lower() not in BOOL_WORDS:
+            raise ConfigError(f"{key} must be 0 or 1, got {raw!r}")
+        return BOOL_WORDS[raw.strip().lower()]
+    if kind == "str":
+        return raw
     try:
-        if kind == "int":
-            return int(text)
-        if kind == "float":
-            return float(text)
+        return int(raw) if kind == "int" else float(raw)
     except ValueError:
         raise ConfigError(f"{key} must be a number ({kind}), got {raw!r}") from None
-    if kind == "bool":
-        if text.lower() in ("1", "true", "yes", "on"):
-            return True
-        if text.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(f"{key} must be 0 or 1, got {raw!r}")
-    return raw
 
 
 def parse_prog_depth(spec: str) -> tuple[tuple[float, int], ...]:
@@ -341,8 +331,9 @@ def parse_prog_depth(spec: str) -> tuple[tuple[float, int], ...]:
 def codecs_for(compressor: str) -> tuple[list[str], list[str]]:
     """The installed codecs COMPRESSOR may use, and the pip names of the ones it wants that are missing."""
     wanted = [name for name in OPTIONAL_CODECS if compressor in (name, "auto")]
-    return ([name for name in wanted if OPTIONAL_CODECS[name][1]],
-            [OPTIONAL_CODECS[name][0] for name in wanted if not OPTIONAL_CODECS[name][1]])
+    usable = [name for name in wanted if OPTIONAL_CODECS[name][1]]
+    missing = [OPTIONAL_CODECS[name][0] for name in wanted if not OPTIONAL_CODECS[name][1]]
+    return usable, missing
 
 
 def parse_ints(spec: str) -> list[int]:
@@ -353,44 +344,30 @@ def parse_ints(spec: str) -> list[int]:
         raise ConfigError(f"expected comma-separated integers (e.g. 4,5), got {spec!r}") from None
 
 
-# Range rules: (test, message) -> the fields it applies to; the message reads "{NAME} {message}, got {value}".
-RANGE_RULES: dict[tuple[Callable[[float], bool], str], tuple[str, ...]] = {
-    (lambda v: v > 0, "must be > 0"): (
-        "num_layers", "num_repeats", "model_dim", "num_heads", "num_kv_heads", "vocab_size", "iterations",
-        "train_batch_tokens", "train_seq_len", "val_batch_size", "swa_every", "muon_backend_steps", "eval_seq_len",
-        "eval_batch_seqs", "gptq_calib_batches", "gptq_calib_seqs", "bigram_dim", "ttt_batch_seqs", "budget_bytes"),
-    (lambda v: v >= 0, "must be >= 0"): (
-        "grad_accum_steps", "lr_warmup_steps", "warmdown_iters", "val_loss_every", "val_max_tokens", "xsa_last_n",
-        "num_value_embeds", "muon_momentum_warmup_steps", "train_log_every", "parallel_last_n", "bigram_vocab_size",
-        "ve_dim", "rope_dims", "quant_high_tensors", "ttt_epochs", "gptq_calib_seq_len", "mixer_update_targets",
-        "quant_fit_margin"),
-    (lambda v: 0 < v < math.inf, "must be a finite number > 0"): (
-        "mlp_mult", "logit_softcap", "rope_base", "tied_embed_init_std", "qk_gain_init", "adam_eps"),
-    (lambda v: 0 <= v < math.inf, "must be a finite number >= 0"): (
-        "tied_embed_lr", "matrix_lr", "scalar_lr", "muon_wd", "grad_clip_norm", "max_wallclock_seconds",
-        "checkpoint_every_seconds", "mixer_eta", "hedge_eta", "gptq_reserve_seconds", "mlp_negative_slope", "ttt_lr",
-        "ttt_grad_clip"),
-    (lambda v: 0 <= v < 1, "must be in [0, 1)"): (
-        "beta1", "beta2", "muon_momentum", "muon_momentum_warmup_start", "ema_decay"),
-    (lambda v: 0 < v <= 1, "must be in (0, 1]"): ("swa_start_frac",),
-    (lambda v: 1 <= v <= 127, "must be in 1..127 (int8 codes)"): ("quant_levels", "mlp_quant_levels",
-                                                                     "quant_fit_max_levels"),
-}
-CHOICES = {"mixer": ("normalized", "reference_hedge", "off"), "compile": ("auto", "0", "1"),
-           "unet": ("off", "add", "gated"), "quant_method": ("gptq", "clip", "ref"), "gptq_calib": ("train", "selfgen"),
-           "compressor": ("auto", "zstd", "brotli"), "quant_fit": ("off", "fit", "spend"),
-           "autocast": ("auto", "0", "1")}
+def _allowed_problem(f: dataclasses.Field, value: object) -> str:
+    """'' when value is allowed by the field's declaration, else "must be ..., got value"."""
+    allowed = f.metadata["allowed"]
+    if isinstance(allowed, tuple):
+        return "" if value in allowed else f"must be one of {', '.join(allowed)}, got {value!r}"
+    if not allowed:
+        return ""
+    interval = allowed
+    if allowed.startswith(">"):  # "> 0" is (0, inf), ">= 0" is [0, inf): inf and nan fail both
+        interval = ("[" if allowed.startswith(">=") else "(") + allowed.lstrip(">= ") + ", inf)"
+    lo, hi = (float(end) for end in interval[1:-1].split(","))
+    above = value >= lo if interval[0] == "[" else value > lo
+    below = value <= hi if interval[-1] == "]" else value < hi
+    if above and below:
+        return ""
+    finite = "a finite number " if f.type == "float" else ""
+    return f"must be {finite}{allowed}, got {value}" if allowed.startswith(">") else f"must be in {allowed}, got {value}"
 
 
 def _config_problems(c: Config) -> Iterator[str]:
-    """Yield every validation failure; the first one is raised."""
-    for (ok, message), names in RANGE_RULES.items():
-        for name in names:
-            if not ok(getattr(c, name)):
-                yield f"{name.upper()} {message}, got {getattr(c, name)}"
-    for name, allowed in CHOICES.items():
-        if getattr(c, name) not in allowed:
-            yield f"{name.upper()} must be one of {', '.join(allowed)}, got {getattr(c, name)!r}"
+    """Every validation failure: the declared values, then the rules across knobs; the first one is raised."""
+    for f in dataclasses.fields(c):
+        if problem := _allowed_problem(f, getattr(c, f.name)):
+            yield f"{f.name.upper()} {problem}"
     if c.model_dim % max(c.num_heads, 1):
         yield f"NUM_HEADS={c.num_heads} must divide MODEL_DIM={c.model_dim}"
     elif c.head_dim % 2:
@@ -460,8 +437,8 @@ def _architecture_problems(c: Config) -> Iterator[str]:
 
 
 # === 3. RUNTIME ===
-# Everything that touches a device, torchrun, the clock or the file system. The numerical core below takes its
-# device from its tensors, so this object is the only place with "cuda" in it.
+# Everything that touches a device, torchrun, the clock or the file system; the numerical core takes its device
+# from its tensors.
 
 
 class Runtime:
@@ -469,11 +446,10 @@ class Runtime:
 
     def __init__(self, cfg: Config, environ: Mapping[str, str]):
         self.distributed = "RANK" in environ and "WORLD_SIZE" in environ
-        self.rank = int(environ.get("RANK", 0))
+        self.rank = int(environ.get("RANK", 0))  # global (multi-node safe); LOCAL_RANK only picks the GPU
         self.world_size = int(environ.get("WORLD_SIZE", 1))
         self.local_rank = int(environ.get("LOCAL_RANK", 0))
         self.is_main = self.rank == 0
-        # RANK is the global rank (multi-node safe); LOCAL_RANK only picks this node's GPU.
         want = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         self.device = torch.device(f"cuda:{self.local_rank}" if want == "cuda" else want)
         self.is_cuda = self.device.type == "cuda"
@@ -486,19 +462,17 @@ class Runtime:
             dist.init_process_group(backend, device_id=self.device if self.is_cuda else None)
             dist.barrier()
         self.use_compile = cfg.compile == "1" or (cfg.compile == "auto" and self.is_cuda)
-        # Rank 0 decides so every rank computes in the same precision (a probe could time differently per rank).
+        # Rank 0 decides the precision and draws the run id, so every rank computes and names files alike.
         decision = self.choose_precision(cfg) if self.is_main else None
         self.precision, self.precision_reason = self.broadcast_object(decision)
         self.use_autocast = self.precision == "bf16"
         self.compute_dtype = torch.bfloat16 if self.use_autocast else torch.float32
-        # Rank 0 draws the run id so every rank names the same log, artifact and records folder.
         run_id = self.broadcast_object(cfg.run_id or time.strftime("%Y%m%d_%H%M%S_") + secrets.token_hex(3))
         self.cfg = dataclasses.replace(cfg, run_id=run_id)
         self.log_path = Path("logs") / f"{run_id}.txt"
         if self.is_main:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        # Same seed on every rank: models are initialised identically, so no weight broadcast is needed.
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed)  # the same on every rank: identical initial weights, no broadcast
         np.random.seed(cfg.seed)
 
     @staticmethod
@@ -508,25 +482,25 @@ class Runtime:
             return None
         if not torch.cuda.is_available():
             return f"DEVICE={cfg.device} but this torch {torch.__version__} sees no CUDA device; use DEVICE=cpu or auto"
-        count, ranks = torch.cuda.device_count(), int(environ.get("LOCAL_WORLD_SIZE", 1))
+        count = torch.cuda.device_count()
+        ranks = int(environ.get("LOCAL_WORLD_SIZE", 1))
         index = int(cfg.device.partition(":")[2] or 0)
-        if index >= count or (cfg.device.count(":") == 0 and ranks > count):
+        if index >= count or (":" not in cfg.device and ranks > count):
             return f"DEVICE={cfg.device} with {ranks} rank(s) on this node, but {count} CUDA device(s) are visible"
         if ":" in cfg.device and ranks > 1:
             return f"DEVICE={cfg.device} would put all {ranks} ranks of this node on one GPU; use DEVICE=cuda"
         return None
 
     def choose_precision(self, cfg: Config) -> tuple[str, str]:
-        """AUTOCAST=auto: bf16 on CUDA from sm80 (native bf16 tensor cores); on a CPU, bf16 only if a bf16 matmul of
-        an MLP's shape is clearly faster than fp32. CPUs without bf16 units (AVX2, AVX-512 before Cooper Lake)
-        emulate it ~10x slower, and flags can mislead (a library may be limited to a lower ISA), so time it."""
+        """AUTOCAST=auto: bf16 on CUDA from sm80; on a CPU only if a timed bf16 matmul beats fp32 (CPUs without
+        bf16 units emulate it ~10x slower, and ISA flags can mislead)."""
         if cfg.autocast != "auto":
             return ("bf16" if cfg.autocast == "1" else "fp32"), f"AUTOCAST={cfg.autocast}"
         if self.is_cuda:
             major, minor = torch.cuda.get_device_capability(self.device)
             return ("bf16" if major >= 8 else "fp32"), f"cuda_sm{major}{minor}"
-        # A fixed d=256 MLP shape (50 MFLOP; emulated bf16 ~40 ms): a tiny model's matmuls time only overhead.
-        return pick_cpu_precision(*(matmul_ms(128, 256, 768, dtype) for dtype in (torch.bfloat16, torch.float32)))
+        # A fixed d=256 MLP shape (50 MFLOP): a tiny model's matmuls would time only overhead.
+        return pick_cpu_precision(matmul_ms(128, 256, 768, torch.bfloat16), matmul_ms(128, 256, 768, torch.float32))
 
     # --- collectives (no-ops in one process) ---
     def broadcast_object(self, obj: object) -> object:
@@ -561,11 +535,10 @@ class Runtime:
         return torch.stack(parts)
 
     def average_gradients(self, params: list[nn.Parameter]) -> None:
-        """One flat all-reduce of every gradient (a missing one counts as zero)."""
+        """One flat all-reduce of every gradient (a missing one, at a lower depth, counts as zero). Not DDP:
+        nothing to re-wrap at depth switches, and one collective per step."""
         if not self.distributed:
             return
-        # A flat buffer instead of DDP: no re-wrap at depth switches and one collective per step; ~95 MB at the
-        # record size is ~0.5 ms on NVSwitch next to ~140 ms steps. Unused tensors (depth 1) send zeros.
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.reshape(-1) for g in grads])
         self.all_reduce(flat).div_(self.world_size)
@@ -581,10 +554,9 @@ class Runtime:
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.use_autocast)
 
     def compile(self, fn: Callable) -> Callable:
+        """fullgraph: a graph break fails loudly; one graph per (depth, grad mode), all primed before the clock."""
         if not self.use_compile:
             return fn
-        # fullgraph: a graph break fails loudly here instead of silently slowing an 8xH100 run.
-        # One graph per (depth, grad mode): every one is primed before the clock starts.
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         return torch.compile(fn, fullgraph=True, dynamic=False)
 
@@ -619,8 +591,6 @@ class Runtime:
     def shutdown(self, code: int = 0) -> None:
         """Every rank leaves the same way: barrier, destroy the group, flush, hard exit (gloo can abort at exit)."""
         if self.distributed:
-            # The reference's ranks 1-7 died here with ZeroDivisionError; gloo may also abort in its
-            # destructors, hence the hard exit after flushing.
             with contextlib.suppress(Exception):
                 dist.barrier()
                 dist.destroy_process_group()
@@ -630,11 +600,13 @@ class Runtime:
 
 
 def matmul_ms(rows: int, dim: int, hidden: int, dtype: torch.dtype) -> float:
-    """Best of 3 timed (rows, dim) @ (dim, hidden) CPU matmuls after one untimed (kernel selection, JIT), on one
-    thread: a second one waiting for a busy core would time the scheduler, not the arithmetic."""
-    x, w = torch.full((rows, dim), 0.5, dtype=dtype), torch.full((dim, hidden), 0.25, dtype=dtype)
-    threads, times = torch.get_num_threads(), []
+    """Best of 3 timed (rows, dim) @ (dim, hidden) CPU matmuls after an untimed one, on one thread (a second
+    thread waiting for a busy core would time the scheduler)."""
+    x = torch.full((rows, dim), 0.5, dtype=dtype)
+    w = torch.full((dim, hidden), 0.25, dtype=dtype)
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    times = []
     for _ in range(4):
         start = time.perf_counter()
         x @ w
@@ -650,7 +622,7 @@ def pick_cpu_precision(bf16_ms: float, fp32_ms: float) -> tuple[str, str]:
 
 # === 4. SCHEDULES ===
 # Pure functions of (step, elapsed time, config). "progress" is the fraction of the run done: of the wallclock
-# budget when MAX_WALLCLOCK_SECONDS > 0, else of ITERATIONS (the reference never left depth 2 in that mode).
+# budget when MAX_WALLCLOCK_SECONDS > 0, else of ITERATIONS.
 
 
 def run_progress(cfg: Config, step: int, elapsed_ms: float) -> float:
@@ -660,9 +632,8 @@ def run_progress(cfg: Config, step: int, elapsed_ms: float) -> float:
 
 
 def warmdown_scale(cfg: Config, step: int, elapsed_ms: float) -> float:
-    """1 until the warmdown, then linear to 0 at the end of the run. With a wallclock budget the warmdown starts
-    when the remaining time drops below WARMDOWN_ITERS mean steps (the reference rule; elapsed excludes compile
-    time, so it no longer depends on the compile cache)."""
+    """1 until the warmdown, then linear to 0 at the end. With a wallclock budget the warmdown starts when the
+    time left drops below WARMDOWN_ITERS mean steps (elapsed excludes compile time)."""
     if cfg.max_wallclock_seconds > 0:
         remaining_ms = max(1000.0 * cfg.max_wallclock_seconds - elapsed_ms, 0.0)
         warmdown_ms = cfg.warmdown_iters * elapsed_ms / max(step, 1)
@@ -671,8 +642,7 @@ def warmdown_scale(cfg: Config, step: int, elapsed_ms: float) -> float:
 
 
 def lr_scale(cfg: Config, step: int, elapsed_ms: float) -> float:
-    """Linear warmup over LR_WARMUP_STEPS times the warmdown. The explicit warmup replaces the reference's
-    accidental one, which came from compile time inflating the mean step time of the first steps."""
+    """Linear warmup over LR_WARMUP_STEPS times the warmdown."""
     warm = min(1.0, (step + 1) / cfg.lr_warmup_steps) if cfg.lr_warmup_steps else 1.0
     return warm * warmdown_scale(cfg, step, elapsed_ms)
 
@@ -691,8 +661,7 @@ def repeats_at(cfg: Config, progress: float) -> int:
 
 
 def swa_due(cfg: Config, step: int, repeats: int, warmdown: float) -> bool:
-    """Collect every SWA_EVERY steps at full depth once the warmdown scale is below SWA_START_FRAC (the reference
-    rule; the warmup factor is left out so that a small LR at the start never counts)."""
+    """Every SWA_EVERY steps at full depth once the warmdown scale (not the warmup's) is below SWA_START_FRAC."""
     return (cfg.swa_enabled and repeats == cfg.num_repeats and warmdown < cfg.swa_start_frac
             and step % cfg.swa_every == 0)
 
@@ -1733,11 +1702,6 @@ FLOAT_STORES = {"fp16": "<f2", "fp32": "<f4"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CODECS = {"zstd": (lambda b: zstandard.ZstdCompressor(level=22).compress(b), lambda b: zstandard.decompress(b)),
           "brotli": (lambda b: brotli.compress(b, quality=11), lambda b: brotli.decompress(b))}  # position = file id
-MODEL_FIELDS = ("vocab_size", "num_layers", "num_repeats", "model_dim", "num_heads", "num_kv_heads", "mlp_mult",
-                "num_value_embeds", "xsa_last_n", "logit_softcap", "rope_base", "prog_depth", "recur_layers",
-                "loop_embed", "cross_repeat", "untie_scalars", "untie_repeat_mlp", "unet", "parallel_last_n",
-                "bigram_vocab_size", "bigram_dim", "smear_gate", "rope_dims", "ln_scale", "ve_dim", "ve_layers",
-                "disable_layer0_attn", "mlp_negative_slope")
 ARTIFACT_MAGIC = b"PGQZ\r\n\x1a\n"  # PNG-style: the CR/LF/EOF bytes expose text-mode mangling
 ARTIFACT_VERSION = 2  # 2: the #1204/#456 architecture knobs joined MODEL_FIELDS
 ARTIFACT_HEAD = struct.Struct("<8sBBQ")  # magic, format version, codec id, compressed body bytes; sha256 at the end
