@@ -2357,14 +2357,11 @@ CHECKPOINT_KEYS = ("config", "model", "swa_sum", "ema", "optimizers", "stream", 
 
 
 def resume_key(cfg: Config) -> str:
-    """The configuration a checkpoint must match: all but the knobs that name or steer the run or act after training.
-    The budget is the training one (GPTQ's reserve taken off), so the key is the same before and after that split."""
-    skip = ("run_id", "resume", "checkpoint_every_seconds", "record", "eval_seq_len", "eval_stride", "eval_batch_seqs",
-            "mixer", "mixer_eta", "hedge_eta", "quant_method", "quant_high_tensors", "compressor", "eval_only",
-            "mixer_update_targets", "gptq_reserve_seconds")
-    values = dataclasses.asdict(cfg)
+    """The knobs a bit-identical continuation depends on (the model and train kinds). The budget is the training
+    one (GPTQ's reserve taken off), so the key is the same before and after that split."""
+    values = {name: getattr(cfg, name) for name in knob_names(MODEL, TRAIN)}
     values["max_wallclock_seconds"] -= cfg.gptq_reserve_seconds if cfg.reserves_calibration_time else 0.0
-    return json.dumps({k: v for k, v in values.items() if k not in skip and not k.startswith("ttt")}, sort_keys=True)
+    return json.dumps(values, sort_keys=True)
 
 
 def read_checkpoint(cfg: Config, path: Path, device: torch.device | str, mmap: bool = False) -> dict:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -313,3 +315,71 @@ def test_ema_and_high_tensor_knobs_default_off_and_are_validated():
     ]:
         with pytest.raises(ConfigError, match=re.escape(message)):
             Config.from_env(env)
+
+
+# --- one declaration per knob: kinds, derived lists and the README table ---
+
+
+def readme_knob_rows() -> list[tuple[list[str], str, list[str]]]:
+    """(knob names, kind, defaults) of each row of README.md's Configuration table."""
+    text = (Path(train_gpt.__file__).parent / "README.md").read_text(encoding="utf-8")
+    section = text.split("\n## Configuration\n")[1].split("\n#")[0]
+    rows = []
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip("|").split(" | ")]
+        if line.startswith("| `") and cells[0] != "`PRESET`":
+            defaults = [d.strip().strip("`") for d in re.split(r" / |, ", cells[2])]
+            rows.append((re.findall(r"`([A-Z0-9_]+)`", cells[0]), cells[1], defaults))
+    return rows
+
+
+def readme_default(value: object) -> str:
+    if isinstance(value, bool):
+        return str(int(value))
+    return "empty" if value == "" else str(value)
+
+
+def test_readme_table_lists_every_knob_with_its_declared_kind_and_default():
+    fields = {f.name.upper(): f for f in dataclasses.fields(Config)}
+    seen = []
+    for names, kind, defaults in readme_knob_rows():
+        assert len(names) == len(defaults), names
+        for name, default in zip(names, defaults):
+            assert name in fields, f"README names {name}, which is no knob"
+            declared = fields[name].default
+            assert fields[name].metadata["kind"] == kind, name
+            if isinstance(declared, (int, float)) and not isinstance(declared, bool):
+                assert float(default) == declared, name
+            else:
+                assert default == readme_default(declared), name
+            seen.append(name)
+    assert sorted(seen) == sorted(fields), set(fields) ^ set(seen)  # every knob has exactly one row
+
+
+def test_model_fields_and_resume_key_derive_from_the_kinds():
+    assert train_gpt.MODEL_FIELDS == (
+        "vocab_size", "num_layers", "num_repeats", "model_dim", "num_heads", "num_kv_heads", "mlp_mult",
+        "num_value_embeds", "xsa_last_n", "logit_softcap", "rope_base", "prog_depth", "recur_layers", "loop_embed",
+        "cross_repeat", "untie_scalars", "untie_repeat_mlp", "unet", "parallel_last_n", "bigram_vocab_size",
+        "bigram_dim", "smear_gate", "rope_dims", "ln_scale", "ve_dim", "ve_layers", "disable_layer0_attn",
+        "mlp_negative_slope")  # what old artifacts carry
+    key = json.loads(train_gpt.resume_key(Config()))
+    assert set(key) == set(train_gpt.knob_names(train_gpt.MODEL, train_gpt.TRAIN))
+    assert key["max_wallclock_seconds"] == 600.0 - Config().gptq_reserve_seconds  # the training budget
+    after = Config(run_id="x", record=False, dry_run=True, quant_levels=31, compressor="zstd", mixer="off",
+                   eval_stride=64, gptq_calib_batches=4)
+    assert train_gpt.resume_key(after) == train_gpt.resume_key(Config())
+    for change in ({"seed": 1}, {"model_dim": 896}, {"matrix_lr": 0.02}, {"quant_method": "clip"}):
+        assert train_gpt.resume_key(Config(**change)) != train_gpt.resume_key(Config()), change
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"MODEL_DIM": "0"}, "MODEL_DIM must be > 0, got 0"),
+    ({"MATRIX_LR": "inf"}, "MATRIX_LR must be a finite number >= 0, got inf"),
+    ({"SWA_START_FRAC": "0"}, "SWA_START_FRAC must be in (0, 1], got 0.0"),
+    ({"QUANT_LEVELS": "128"}, "QUANT_LEVELS must be in [1, 127], got 128"),
+    ({"AUTOCAST": "bf16"}, "AUTOCAST must be one of auto, 0, 1, got 'bf16'"),
+])
+def test_declared_ranges_and_choices_give_one_line_messages(env, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Config.from_env(env)
