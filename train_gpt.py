@@ -64,7 +64,7 @@ from torch import Tensor, nn
 
 
 def optional_module(name: str) -> object | None:
-    """The module, or None: the artifact codecs are optional and COMPRESSOR=auto uses whichever is installed."""
+    """The module, or None: the artifact codecs are optional (COMPRESSOR=auto uses what is installed)."""
     try:
         return importlib.import_module(name)
     except ImportError:
@@ -76,9 +76,9 @@ brotli = optional_module("brotli")
 OPTIONAL_CODECS = {"zstd": ("zstandard", zstandard), "brotli": ("brotli", brotli)}  # pip name, module or None
 
 # === 2. CONFIG ===
-# One frozen dataclass; a field's env var is its upper-cased name. Each knob is declared once, with knob(): its
-# default (the #1453 submitted run), its kind and its allowed values. The validation, MODEL_FIELDS, resume_key
-# and the README's knob table (checked by tests/test_config.py) all derive from that declaration.
+# One frozen dataclass; a field's env var is its upper-cased name. Each knob is declared once, with knob():
+# its default (the #1453 submitted run), its kind and its allowed values. The validation, MODEL_FIELDS,
+# resume_key and the README's knob table (checked by tests/test_config.py) derive from that declaration.
 
 MODEL = "model"  # the shape of the network: the artifact carries these knobs
 TRAIN = "train"  # changes what training computes: a checkpoint resumes only with the same values
@@ -91,7 +91,8 @@ class ConfigError(ValueError):
 
 
 def knob(default: object, kind: str, allowed: str | tuple[str, ...] = "") -> object:
-    """A Config field. allowed: "> 0", ">= 0" (floats also finite), an interval like "[0, 1)", or the choices."""
+    """A Config field; allowed is "> 0", ">= 0" (a float also finite), an interval such as "[0, 1)", or the
+    choices."""
     return field(default=default, metadata={"kind": kind, "allowed": allowed})
 
 
@@ -236,8 +237,11 @@ class Config:
         preset = environ.get("PRESET", "pr1453")
         if preset not in PRESETS:
             raise ConfigError(f"unknown PRESET={preset!r}; known: {', '.join(sorted(PRESETS))}")
-        parsed = {f.name: _parse_value(key, environ[key], f.type) for key, f in knobs.items() if key in environ}
-        return cls(**{**PRESETS[preset], **parsed})
+        values = dict(PRESETS[preset])
+        for key, f in knobs.items():
+            if key in environ:
+                values[f.name] = _parse_value(key, environ[key], f.type)
+        return cls(**values)
 
 
 def knob_names(*kinds: str) -> tuple[str, ...]:
@@ -251,55 +255,60 @@ NON_KNOB_ENV = frozenset({"PRESET", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_W
 
 PRESETS: dict[str, dict[str, object]] = {
     "pr1453": {},
-    # A CPU-sized model on the embedded demo corpus (python3 data/prepare_demo.py).
+    # A CPU-sized model on the embedded demo corpus (python3 data/prepare_demo.py); 4 calibration batches
+    # fit the 8 s reserve on 2 busy cores.
     "demo": dict(
-        data_path="./data/datasets/demo_sp1024",
-        tokenizer_path="./data/tokenizers/demo_1024_bpe.model",
-        model_dim=128, num_heads=4, num_kv_heads=2, train_seq_len=256, train_batch_tokens=4096, grad_accum_steps=1,
-        max_wallclock_seconds=240.0, warmdown_iters=150, lr_warmup_steps=20, muon_momentum_warmup_steps=100,
-        swa_every=10, val_batch_size=16384, val_loss_every=100, val_max_tokens=65536, train_log_every=25,
-        eval_seq_len=256, eval_stride=64, eval_batch_seqs=16,
-        gptq_calib_batches=4),  # calibration fits the 8 s reserve on 2 busy cores
+        data_path="./data/datasets/demo_sp1024", tokenizer_path="./data/tokenizers/demo_1024_bpe.model",
+        model_dim=128, num_heads=4, num_kv_heads=2, train_seq_len=256, train_batch_tokens=4096,
+        grad_accum_steps=1, max_wallclock_seconds=240.0, warmdown_iters=150, lr_warmup_steps=20,
+        muon_momentum_warmup_steps=100, swa_every=10, val_batch_size=16384, val_loss_every=100,
+        val_max_tokens=65536, train_log_every=25, eval_seq_len=256, eval_stride=64, eval_batch_seqs=16,
+        gptq_calib_batches=4),
     # The seed systems, each reproducing its logged parameter count (README: Seed systems as presets).
     "pr895": dict(
         model_dim=832, mlp_mult=2.0, num_repeats=5, prog_depth="0.3:2,0.5:3,0.75:4,1.0:5",
-        max_wallclock_seconds=14400.0, iterations=200000, warmdown_iters=15000, swa_every=100, swa_start_frac=0.4,
-        matrix_lr=0.015, scalar_lr=0.015, tied_embed_lr=0.018, val_loss_every=5000, train_log_every=1000,
-        quant_levels=127, mlp_quant_levels=127, quant_method="ref"),
+        max_wallclock_seconds=14400.0, iterations=200000, warmdown_iters=15000, swa_every=100,
+        swa_start_frac=0.4, matrix_lr=0.015, scalar_lr=0.015, tied_embed_lr=0.018, val_loss_every=5000,
+        train_log_every=1000, quant_levels=127, mlp_quant_levels=127, quant_method="ref"),
     "pr784": dict(
-        model_dim=832, mlp_mult=2.0, prog_depth="1.0:4", matrix_lr=0.012, scalar_lr=0.012, tied_embed_lr=0.015,
-        swa_start_frac=0.4, swa_every=50, quant_levels=127, mlp_quant_levels=127, quant_method="ref", mixer="off"),
+        model_dim=832, mlp_mult=2.0, prog_depth="1.0:4", matrix_lr=0.012, scalar_lr=0.012,
+        tied_embed_lr=0.015, swa_start_frac=0.4, swa_every=50, quant_levels=127, mlp_quant_levels=127,
+        quant_method="ref", mixer="off"),
     "pr1204": dict(
-        num_layers=11, num_repeats=2, recur_layers="4,5", prog_depth="0.44:1,1.0:2", model_dim=512, mlp_mult=3.0,
-        num_value_embeds=0, loop_embed=False, cross_repeat=False, untie_scalars=True, untie_repeat_mlp=True,
-        unet="gated", parallel_last_n=4, bigram_vocab_size=2816, bigram_dim=160, smear_gate=True, rope_dims=16,
-        ln_scale=True, ve_dim=128, ve_layers="9,10", disable_layer0_attn=True, xsa_last_n=11,
-        train_seq_len=2048, train_batch_tokens=786432, eval_seq_len=2048, eval_stride=64, warmdown_iters=3500,
-        tied_embed_lr=0.035, matrix_lr=0.03, scalar_lr=0.025, muon_momentum=0.99, muon_momentum_warmup_start=0.92,
-        muon_momentum_warmup_steps=1500, swa_enabled=False, ema_decay=0.997, quant_levels=31, mlp_quant_levels=15,
-        quant_high_tensors=32, gptq_calib="selfgen", gptq_calib_seqs=64, mixer="off", val_loss_every=4000,
-        train_log_every=500),
+        num_layers=11, num_repeats=2, recur_layers="4,5", prog_depth="0.44:1,1.0:2", model_dim=512,
+        mlp_mult=3.0, num_value_embeds=0, loop_embed=False, cross_repeat=False, untie_scalars=True,
+        untie_repeat_mlp=True, unet="gated", parallel_last_n=4, bigram_vocab_size=2816, bigram_dim=160,
+        smear_gate=True, rope_dims=16, ln_scale=True, ve_dim=128, ve_layers="9,10", disable_layer0_attn=True,
+        xsa_last_n=11, train_seq_len=2048, train_batch_tokens=786432, eval_seq_len=2048, eval_stride=64,
+        warmdown_iters=3500, tied_embed_lr=0.035, matrix_lr=0.03, scalar_lr=0.025, muon_momentum=0.99,
+        muon_momentum_warmup_start=0.92, muon_momentum_warmup_steps=1500, swa_enabled=False, ema_decay=0.997,
+        quant_levels=31, mlp_quant_levels=15, quant_high_tensors=32, gptq_calib="selfgen", gptq_calib_seqs=64,
+        mixer="off", val_loss_every=4000, train_log_every=500),
     "pr456": dict(
         num_layers=10, num_repeats=1, prog_depth="1.0:1", model_dim=512, mlp_mult=3.0, num_value_embeds=0,
         loop_embed=False, unet="add", bigram_vocab_size=10240, bigram_dim=128, smear_gate=True, xsa_last_n=3,
         mlp_negative_slope=0.0, seed=42, train_seq_len=2048, train_batch_tokens=786432, iterations=5200,
         max_wallclock_seconds=0.0, warmdown_iters=3000, swa_every=50, swa_start_frac=0.2, tied_embed_lr=0.035,
         matrix_lr=0.025, scalar_lr=0.025, muon_momentum=0.99, muon_momentum_warmup_start=0.92,
-        muon_momentum_warmup_steps=1500, eval_seq_len=2048, eval_stride=128, eval_batch_seqs=64, quant_levels=31,
-        mlp_quant_levels=15, quant_method="clip", mixer="off", ttt=True, val_loss_every=500, train_log_every=100),
+        muon_momentum_warmup_steps=1500, eval_seq_len=2048, eval_stride=128, eval_batch_seqs=64,
+        quant_levels=31, mlp_quant_levels=15, quant_method="clip", mixer="off", ttt=True, val_loss_every=500,
+        train_log_every=100),
 }
 
-TORCH_MIN = (2, 5)  # SDPA's enable_gqa; the next newest APIs used are F.rms_norm (2.4), init_process_group's device_id
+TORCH_MIN = (2, 5)  # SDPA's enable_gqa; next newest: F.rms_norm (2.4), init_process_group's device_id
 
 
 def torch_version_problem(version: str) -> str:
     """'' when this torch is new enough, else the one line that ends the run (exit 2)."""
     found = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
     need = ".".join(map(str, TORCH_MIN))
-    return "" if found >= TORCH_MIN else f"torch {version} found, this script needs torch>={need} (SDPA enable_gqa)"
+    if found >= TORCH_MIN:
+        return ""
+    return f"torch {version} found, this script needs torch>={need} (SDPA enable_gqa)"
 
 
-BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True,
+              "0": False, "false": False, "no": False, "off": False}
 
 
 def _parse_value(key: str, raw: str, kind: str) -> object:
@@ -345,53 +354,58 @@ def parse_ints(spec: str) -> list[int]:
 
 
 def _allowed_problem(f: dataclasses.Field, value: object) -> str:
-    """'' when value is allowed by the field's declaration, else "must be ..., got value"."""
+    """'' when the field's declaration allows value, else "must be ..., got value"."""
     allowed = f.metadata["allowed"]
     if isinstance(allowed, tuple):
         return "" if value in allowed else f"must be one of {', '.join(allowed)}, got {value!r}"
     if not allowed:
         return ""
-    interval = allowed
-    if allowed.startswith(">"):  # "> 0" is (0, inf), ">= 0" is [0, inf): inf and nan fail both
-        interval = ("[" if allowed.startswith(">=") else "(") + allowed.lstrip(">= ") + ", inf)"
-    lo, hi = (float(end) for end in interval[1:-1].split(","))
-    above = value >= lo if interval[0] == "[" else value > lo
-    below = value <= hi if interval[-1] == "]" else value < hi
-    if above and below:
-        return ""
-    finite = "a finite number " if f.type == "float" else ""
-    return f"must be {finite}{allowed}, got {value}" if allowed.startswith(">") else f"must be in {allowed}, got {value}"
+    if allowed.startswith(">"):  # inf and nan fail too
+        bound = float(allowed.split()[1])
+        ok = value < math.inf and (value >= bound if allowed.startswith(">=") else value > bound)
+        finite = "a finite number " if f.type == "float" else ""
+        return "" if ok else f"must be {finite}{allowed}, got {value}"
+    lo, hi = (float(end) for end in allowed[1:-1].split(","))
+    above = lo <= value if allowed[0] == "[" else lo < value
+    below = value <= hi if allowed[-1] == "]" else value < hi
+    ok = above and below
+    return "" if ok else f"must be in {allowed}, got {value}"
 
 
 def _config_problems(c: Config) -> Iterator[str]:
-    """Every validation failure: the declared values, then the rules across knobs; the first one is raised."""
+    """Every problem in order: each field's declared values, then the rules across knobs. The first one is
+    raised, so a rule may assume that the ones before it hold."""
     for f in dataclasses.fields(c):
         if problem := _allowed_problem(f, getattr(c, f.name)):
             yield f"{f.name.upper()} {problem}"
-    if c.model_dim % max(c.num_heads, 1):
+    if c.model_dim % c.num_heads:
         yield f"NUM_HEADS={c.num_heads} must divide MODEL_DIM={c.model_dim}"
-    elif c.head_dim % 2:
+    if c.head_dim % 2:
         yield f"head dim MODEL_DIM/NUM_HEADS={c.head_dim} must be even for RoPE"
-    if c.num_heads % max(c.num_kv_heads, 1):
+    if c.num_heads % c.num_kv_heads:
         yield f"NUM_KV_HEADS={c.num_kv_heads} must divide NUM_HEADS={c.num_heads}"
     if c.vocab_size > 65536:
         yield f"VOCAB_SIZE={c.vocab_size} does not fit the uint16 shard format"
     if 0 < c.val_max_tokens < c.train_seq_len:
-        yield f"VAL_MAX_TOKENS must be 0 (the whole split) or >= TRAIN_SEQ_LEN={c.train_seq_len}, got {c.val_max_tokens}"
+        yield (f"VAL_MAX_TOKENS must be 0 (the whole split) or >= TRAIN_SEQ_LEN={c.train_seq_len}, "
+               f"got {c.val_max_tokens}")
     if not re.fullmatch(r"[A-Za-z0-9._-]*", c.run_id) or c.run_id.startswith("."):
-        yield f"RUN_ID names files in logs/: use letters, digits, '.', '_', '-' (not first '.'), got {c.run_id!r}"
+        yield f"RUN_ID names files in logs/: letters, digits, '.', '_', '-' (not first '.'), got {c.run_id!r}"
     if c.resume == "auto" and not c.run_id:
         yield "RESUME=auto resumes logs/<RUN_ID>.ckpt: set the RUN_ID of the run to continue"
     if c.train_batch_tokens % c.train_seq_len:
-        yield f"TRAIN_BATCH_TOKENS={c.train_batch_tokens} must be a multiple of TRAIN_SEQ_LEN={c.train_seq_len}"
+        yield (f"TRAIN_BATCH_TOKENS={c.train_batch_tokens} must be a multiple of "
+               f"TRAIN_SEQ_LEN={c.train_seq_len}")
     if c.device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?", c.device):
         yield f"DEVICE must be auto, cpu, cuda or cuda:N, got {c.device!r}"
     if not 0 <= c.eval_stride <= c.eval_seq_len:
-        yield f"EVAL_STRIDE must be in 0..EVAL_SEQ_LEN={c.eval_seq_len} (0 skips the sliding eval), got {c.eval_stride}"
+        yield (f"EVAL_STRIDE must be in 0..EVAL_SEQ_LEN={c.eval_seq_len} (0 skips the sliding eval), "
+               f"got {c.eval_stride}")
     if c.ttt and not c.eval_stride:
         yield "TTT=1 needs EVAL_STRIDE > 0 (it scores with the sliding-window plan)"
     if c.ttt_chunk_tokens < c.eval_seq_len:
-        yield f"TTT_CHUNK_TOKENS must be >= EVAL_SEQ_LEN={c.eval_seq_len} (whole sequences), got {c.ttt_chunk_tokens}"
+        yield (f"TTT_CHUNK_TOKENS must be >= EVAL_SEQ_LEN={c.eval_seq_len} (whole sequences), "
+               f"got {c.ttt_chunk_tokens}")
     if not 0 <= c.ttt_freeze_blocks <= c.num_layers:
         yield f"TTT_FREEZE_BLOCKS must be in 0..NUM_LAYERS={c.num_layers}, got {c.ttt_freeze_blocks}"
     if not c.tokenizer_path.endswith(".model"):
@@ -399,46 +413,41 @@ def _config_problems(c: Config) -> Iterator[str]:
     if c.ema_decay > 0 and c.swa_enabled:
         yield f"EMA_DECAY={c.ema_decay} replaces SWA as the exported average; set SWA_ENABLED=0"
     if c.quant_high_tensors and c.quant_method != "gptq":
-        yield f"QUANT_HIGH_TENSORS={c.quant_high_tensors} ranks tensors by GPTQ Hessians; it needs QUANT_METHOD=gptq"
-    if c.reserves_calibration_time and c.gptq_reserve_seconds >= c.max_wallclock_seconds > 0:
+        yield (f"QUANT_HIGH_TENSORS={c.quant_high_tensors} ranks tensors by GPTQ Hessians; "
+               "it needs QUANT_METHOD=gptq")
+    if c.reserves_calibration_time and c.gptq_reserve_seconds >= c.max_wallclock_seconds:
         yield (f"GPTQ_RESERVE_SECONDS={c.gptq_reserve_seconds} must be below MAX_WALLCLOCK_SECONDS="
                f"{c.max_wallclock_seconds} (GPTQ_CALIB=train calibrates inside the training budget)")
     usable, missing = codecs_for(c.compressor)
     if missing and not usable and not (c.dry_run or c.eval_only):  # checked before training, not after it
-        yield f"COMPRESSOR={c.compressor} needs {' or '.join(missing)}, not installed: pip install {' '.join(missing)}"
-    yield from _architecture_problems(c)
-
-
-def _architecture_problems(c: Config) -> Iterator[str]:
-    """PROG_DEPTH and the layer-plan knobs, which need the depth they imply."""
-    schedule = parse_prog_depth(c.prog_depth)
-    fracs = [f for f, _ in schedule]
-    if any(not 0 < f <= 1 for f in fracs) or fracs != sorted(set(fracs)):
+        yield (f"COMPRESSOR={c.compressor} needs {' or '.join(missing)}, not installed: "
+               f"pip install {' '.join(missing)}")
+    fracs = [frac for frac, _ in c.depth_schedule]
+    if any(not 0 < frac <= 1 for frac in fracs) or fracs != sorted(set(fracs)):
         yield f"PROG_DEPTH fractions must be increasing and in (0, 1], got {c.prog_depth!r}"
-    for _, reps in schedule:
+    for _, reps in c.depth_schedule:
         if not 1 <= reps <= c.num_repeats:
             yield f"PROG_DEPTH repeats {reps} must be in 1..NUM_REPEATS={c.num_repeats}"
-    if schedule[-1][1] != c.num_repeats:
-        yield f"PROG_DEPTH must end at NUM_REPEATS={c.num_repeats} (the depth that is exported), got {c.prog_depth!r}"
+    if c.depth_schedule[-1][1] != c.num_repeats:
+        yield f"PROG_DEPTH must end at NUM_REPEATS={c.num_repeats} (the exported depth), got {c.prog_depth!r}"
     recur = parse_ints(c.recur_layers)
-    if recur and (recur != list(range(recur[0], recur[-1] + 1)) or not 0 <= recur[0] <= recur[-1] < c.num_layers):
+    if recur and (recur != list(range(recur[0], recur[-1] + 1)) or recur[0] < 0 or recur[-1] >= c.num_layers):
         yield f"RECUR_LAYERS must be consecutive layers in 0..{c.num_layers - 1}, got {c.recur_layers!r}"
     if c.bigram_vocab_size == 1:
         yield "BIGRAM_VOCAB_SIZE must be 0 (off) or >= 2 (one bucket is reserved for the first position)"
     if c.rope_dims % 2 or c.rope_dims > c.head_dim:
         yield f"ROPE_DIMS must be even and <= the head dim {c.head_dim} (0: all), got {c.rope_dims}"
-    if not recur or recur[-1] < c.num_layers:  # the depth is only defined for a valid RECUR_LAYERS
-        if c.parallel_last_n > c.depth:
-            yield f"PARALLEL_LAST_N={c.parallel_last_n} exceeds the {c.depth} effective layers"
-        ve = parse_ints(c.ve_layers)
-        if bool(c.ve_dim) != bool(ve) or any(not 0 <= i < c.depth for i in ve):
-            yield (f"VE_DIM > 0 needs VE_LAYERS (effective layers in 0..{c.depth - 1}) and VE_LAYERS needs VE_DIM > 0; "
-                   f"got VE_DIM={c.ve_dim} VE_LAYERS={c.ve_layers!r}")
+    if c.parallel_last_n > c.depth:
+        yield f"PARALLEL_LAST_N={c.parallel_last_n} exceeds the {c.depth} effective layers"
+    ve = parse_ints(c.ve_layers)
+    if bool(c.ve_dim) != bool(ve) or any(not 0 <= i < c.depth for i in ve):
+        yield (f"VE_DIM > 0 needs VE_LAYERS (effective layers in 0..{c.depth - 1}) and VE_LAYERS needs "
+               f"VE_DIM > 0; got VE_DIM={c.ve_dim} VE_LAYERS={c.ve_layers!r}")
 
 
 # === 3. RUNTIME ===
-# Everything that touches a device, torchrun, the clock or the file system; the numerical core takes its device
-# from its tensors.
+# Everything that touches a device, torchrun, the clock or the file system; the numerical core takes its
+# device from its tensors.
 
 
 class Runtime:
@@ -477,30 +486,33 @@ class Runtime:
 
     @staticmethod
     def device_problem(cfg: Config, environ: Mapping[str, str]) -> str | None:
-        """Why DEVICE cannot serve every rank of this node, found before any rank starts (so all of them agree)."""
+        """Why DEVICE cannot serve every rank of this node, found before any rank starts (so all agree)."""
         if not cfg.device.startswith("cuda") and not (cfg.device == "auto" and torch.cuda.is_available()):
             return None
         if not torch.cuda.is_available():
-            return f"DEVICE={cfg.device} but this torch {torch.__version__} sees no CUDA device; use DEVICE=cpu or auto"
+            return (f"DEVICE={cfg.device} but this torch {torch.__version__} sees no CUDA device; "
+                    "use DEVICE=cpu or auto")
         count = torch.cuda.device_count()
         ranks = int(environ.get("LOCAL_WORLD_SIZE", 1))
         index = int(cfg.device.partition(":")[2] or 0)
         if index >= count or (":" not in cfg.device and ranks > count):
-            return f"DEVICE={cfg.device} with {ranks} rank(s) on this node, but {count} CUDA device(s) are visible"
+            return (f"DEVICE={cfg.device} with {ranks} rank(s) on this node, but {count} CUDA device(s) "
+                    "are visible")
         if ":" in cfg.device and ranks > 1:
             return f"DEVICE={cfg.device} would put all {ranks} ranks of this node on one GPU; use DEVICE=cuda"
         return None
 
     def choose_precision(self, cfg: Config) -> tuple[str, str]:
-        """AUTOCAST=auto: bf16 on CUDA from sm80; on a CPU only if a timed bf16 matmul beats fp32 (CPUs without
-        bf16 units emulate it ~10x slower, and ISA flags can mislead)."""
+        """AUTOCAST=auto: bf16 on CUDA from sm80; on a CPU only if a timed bf16 matmul beats fp32 (CPUs
+        without bf16 units emulate it ~10x slower, and ISA flags can mislead)."""
         if cfg.autocast != "auto":
             return ("bf16" if cfg.autocast == "1" else "fp32"), f"AUTOCAST={cfg.autocast}"
         if self.is_cuda:
             major, minor = torch.cuda.get_device_capability(self.device)
             return ("bf16" if major >= 8 else "fp32"), f"cuda_sm{major}{minor}"
         # A fixed d=256 MLP shape (50 MFLOP): a tiny model's matmuls would time only overhead.
-        return pick_cpu_precision(matmul_ms(128, 256, 768, torch.bfloat16), matmul_ms(128, 256, 768, torch.float32))
+        bf16_ms = matmul_ms(128, 256, 768, torch.bfloat16)
+        return pick_cpu_precision(bf16_ms, matmul_ms(128, 256, 768, torch.float32))
 
     # --- collectives (no-ops in one process) ---
     def broadcast_object(self, obj: object) -> object:
@@ -554,7 +566,7 @@ class Runtime:
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.use_autocast)
 
     def compile(self, fn: Callable) -> Callable:
-        """fullgraph: a graph break fails loudly; one graph per (depth, grad mode), all primed before the clock."""
+        """fullgraph: a graph break fails loudly. One graph per (depth, grad mode), primed off the clock."""
         if not self.use_compile:
             return fn
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
@@ -589,7 +601,7 @@ class Runtime:
                 fh.write(json.dumps(record, sort_keys=True) + "\n")
 
     def shutdown(self, code: int = 0) -> None:
-        """Every rank leaves the same way: barrier, destroy the group, flush, hard exit (gloo can abort at exit)."""
+        """Every rank leaves alike: barrier, destroy the group, flush, hard exit (gloo can abort at exit)."""
         if self.distributed:
             with contextlib.suppress(Exception):
                 dist.barrier()
@@ -661,7 +673,7 @@ def repeats_at(cfg: Config, progress: float) -> int:
 
 
 def swa_due(cfg: Config, step: int, repeats: int, warmdown: float) -> bool:
-    """Every SWA_EVERY steps at full depth once the warmdown scale (not the warmup's) is below SWA_START_FRAC."""
+    """Every SWA_EVERY steps at full depth once the warmdown scale (no warmup) is below SWA_START_FRAC."""
     return (cfg.swa_enabled and repeats == cfg.num_repeats and warmdown < cfg.swa_start_frac
             and step % cfg.swa_every == 0)
 
