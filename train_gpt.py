@@ -96,6 +96,203 @@ def knob(default: object, kind: str, allowed: str | tuple[str, ...] = "") -> obj
     return field(default=default, metadata={"kind": kind, "allowed": allowed})
 
 
+TORCH_MIN = (2, 5)  # SDPA's enable_gqa; next newest: F.rms_norm (2.4), init_process_group's device_id
+
+
+def torch_version_problem(version: str) -> str:
+    """'' when this torch is new enough, else the one line that ends the run (exit 2)."""
+    found = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+    need = ".".join(map(str, TORCH_MIN))
+    if found >= TORCH_MIN:
+        return ""
+    return f"torch {version} found, this script needs torch>={need} (SDPA enable_gqa)"
+
+
+BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True,
+              "0": False, "false": False, "no": False, "off": False}
+
+
+def _parse_value(key: str, raw: str, kind: str) -> object:
+    """raw as the field's annotated type (a string, under `from __future__ import annotations`)."""
+    if kind == "bool":
+        if raw.strip().lower() not in BOOL_WORDS:
+            raise ConfigError(f"{key} must be 0 or 1, got {raw!r}")
+        return BOOL_WORDS[raw.strip().lower()]
+    if kind == "str":
+        return raw
+    try:
+        return int(raw) if kind == "int" else float(raw)
+    except ValueError:
+        raise ConfigError(f"{key} must be a number ({kind}), got {raw!r}") from None
+
+
+def parse_prog_depth(spec: str) -> tuple[tuple[float, int], ...]:
+    """'0.30:2,0.50:3,1.0:4' -> ((0.3, 2), (0.5, 3), (1.0, 4)); raises ConfigError when malformed."""
+    pairs = []
+    for item in spec.split(","):
+        frac, _, reps = item.strip().partition(":")
+        try:  # without a colon reps is "", which int() rejects too
+            pairs.append((float(frac), int(reps)))
+        except ValueError:
+            raise ConfigError(f"PROG_DEPTH item {item.strip()!r} is not frac:repeats (e.g. 0.30:2)") from None
+    return tuple(pairs)
+
+
+def parse_ints(spec: str) -> list[int]:
+    """'4,5' -> [4, 5]; '' -> []; raises ConfigError when an item is not an integer."""
+    try:
+        return [int(item) for item in spec.split(",") if item.strip()]
+    except ValueError:
+        raise ConfigError(f"expected comma-separated integers (e.g. 4,5), got {spec!r}") from None
+
+
+def codecs_for(compressor: str) -> tuple[list[str], list[str]]:
+    """The installed codecs COMPRESSOR may use, and the pip names of the ones it wants that are missing."""
+    wanted = [name for name in OPTIONAL_CODECS if compressor in (name, "auto")]
+    usable = [name for name in wanted if OPTIONAL_CODECS[name][1]]
+    missing = [OPTIONAL_CODECS[name][0] for name in wanted if not OPTIONAL_CODECS[name][1]]
+    return usable, missing
+
+
+def _allowed_problem(f: dataclasses.Field, value: object) -> str:
+    """'' when the field's declaration allows value, else "must be ..., got value"."""
+    allowed = f.metadata["allowed"]
+    if isinstance(allowed, tuple):
+        return "" if value in allowed else f"must be one of {', '.join(allowed)}, got {value!r}"
+    if not allowed:
+        return ""
+    if allowed.startswith(">"):  # inf and nan fail too
+        bound = float(allowed.split()[1])
+        ok = value < math.inf and (value >= bound if allowed.startswith(">=") else value > bound)
+        finite = "a finite number " if f.type == "float" else ""
+        return "" if ok else f"must be {finite}{allowed}, got {value}"
+    lo, hi = (float(end) for end in allowed[1:-1].split(","))
+    above = lo <= value if allowed[0] == "[" else lo < value
+    below = value <= hi if allowed[-1] == "]" else value < hi
+    ok = above and below
+    return "" if ok else f"must be in {allowed}, got {value}"
+
+
+def _config_problems(c: Config) -> Iterator[str]:
+    """Every problem in order: each field's declared values, then the rules across knobs. The first one is
+    raised, so a rule may assume that the ones before it hold."""
+    for f in dataclasses.fields(c):
+        if problem := _allowed_problem(f, getattr(c, f.name)):
+            yield f"{f.name.upper()} {problem}"
+    if c.model_dim % c.num_heads:
+        yield f"NUM_HEADS={c.num_heads} must divide MODEL_DIM={c.model_dim}"
+    if c.head_dim % 2:
+        yield f"head dim MODEL_DIM/NUM_HEADS={c.head_dim} must be even for RoPE"
+    if c.num_heads % c.num_kv_heads:
+        yield f"NUM_KV_HEADS={c.num_kv_heads} must divide NUM_HEADS={c.num_heads}"
+    if c.vocab_size > 65536:
+        yield f"VOCAB_SIZE={c.vocab_size} does not fit the uint16 shard format"
+    if 0 < c.val_max_tokens < c.train_seq_len:
+        yield (f"VAL_MAX_TOKENS must be 0 (the whole split) or >= TRAIN_SEQ_LEN={c.train_seq_len}, "
+               f"got {c.val_max_tokens}")
+    if not re.fullmatch(r"[A-Za-z0-9._-]*", c.run_id) or c.run_id.startswith("."):
+        yield f"RUN_ID names files in logs/: letters, digits, '.', '_', '-' (not first '.'), got {c.run_id!r}"
+    if c.resume == "auto" and not c.run_id:
+        yield "RESUME=auto resumes logs/<RUN_ID>.ckpt: set the RUN_ID of the run to continue"
+    if c.train_batch_tokens % c.train_seq_len:
+        yield (f"TRAIN_BATCH_TOKENS={c.train_batch_tokens} must be a multiple of "
+               f"TRAIN_SEQ_LEN={c.train_seq_len}")
+    if c.device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?", c.device):
+        yield f"DEVICE must be auto, cpu, cuda or cuda:N, got {c.device!r}"
+    if not 0 <= c.eval_stride <= c.eval_seq_len:
+        yield (f"EVAL_STRIDE must be in 0..EVAL_SEQ_LEN={c.eval_seq_len} (0 skips the sliding eval), "
+               f"got {c.eval_stride}")
+    if c.ttt and not c.eval_stride:
+        yield "TTT=1 needs EVAL_STRIDE > 0 (it scores with the sliding-window plan)"
+    if c.ttt_chunk_tokens < c.eval_seq_len:
+        yield (f"TTT_CHUNK_TOKENS must be >= EVAL_SEQ_LEN={c.eval_seq_len} (whole sequences), "
+               f"got {c.ttt_chunk_tokens}")
+    if not 0 <= c.ttt_freeze_blocks <= c.num_layers:
+        yield f"TTT_FREEZE_BLOCKS must be in 0..NUM_LAYERS={c.num_layers}, got {c.ttt_freeze_blocks}"
+    if not c.tokenizer_path.endswith(".model"):
+        yield f"TOKENIZER_PATH must be a SentencePiece .model file, got {c.tokenizer_path!r}"
+    if c.ema_decay > 0 and c.swa_enabled:
+        yield f"EMA_DECAY={c.ema_decay} replaces SWA as the exported average; set SWA_ENABLED=0"
+    if c.quant_high_tensors and c.quant_method != "gptq":
+        yield (f"QUANT_HIGH_TENSORS={c.quant_high_tensors} ranks tensors by GPTQ Hessians; "
+               "it needs QUANT_METHOD=gptq")
+    if c.reserves_calibration_time and c.gptq_reserve_seconds >= c.max_wallclock_seconds:
+        yield (f"GPTQ_RESERVE_SECONDS={c.gptq_reserve_seconds} must be below MAX_WALLCLOCK_SECONDS="
+               f"{c.max_wallclock_seconds} (GPTQ_CALIB=train calibrates inside the training budget)")
+    usable, missing = codecs_for(c.compressor)
+    if missing and not usable and not (c.dry_run or c.eval_only):  # checked before training, not after it
+        yield (f"COMPRESSOR={c.compressor} needs {' or '.join(missing)}, not installed: "
+               f"pip install {' '.join(missing)}")
+    fracs = [frac for frac, _ in c.depth_schedule]
+    if any(not 0 < frac <= 1 for frac in fracs) or fracs != sorted(set(fracs)):
+        yield f"PROG_DEPTH fractions must be increasing and in (0, 1], got {c.prog_depth!r}"
+    for _, reps in c.depth_schedule:
+        if not 1 <= reps <= c.num_repeats:
+            yield f"PROG_DEPTH repeats {reps} must be in 1..NUM_REPEATS={c.num_repeats}"
+    if c.depth_schedule[-1][1] != c.num_repeats:
+        yield f"PROG_DEPTH must end at NUM_REPEATS={c.num_repeats} (the exported depth), got {c.prog_depth!r}"
+    recur = parse_ints(c.recur_layers)
+    if recur and (recur != list(range(recur[0], recur[-1] + 1)) or recur[0] < 0 or recur[-1] >= c.num_layers):
+        yield f"RECUR_LAYERS must be consecutive layers in 0..{c.num_layers - 1}, got {c.recur_layers!r}"
+    if c.bigram_vocab_size == 1:
+        yield "BIGRAM_VOCAB_SIZE must be 0 (off) or >= 2 (one bucket is reserved for the first position)"
+    if c.rope_dims % 2 or c.rope_dims > c.head_dim:
+        yield f"ROPE_DIMS must be even and <= the head dim {c.head_dim} (0: all), got {c.rope_dims}"
+    if c.parallel_last_n > c.depth:
+        yield f"PARALLEL_LAST_N={c.parallel_last_n} exceeds the {c.depth} effective layers"
+    ve = parse_ints(c.ve_layers)
+    if bool(c.ve_dim) != bool(ve) or any(not 0 <= i < c.depth for i in ve):
+        yield (f"VE_DIM > 0 needs VE_LAYERS (effective layers in 0..{c.depth - 1}) and VE_LAYERS needs "
+               f"VE_DIM > 0; got VE_DIM={c.ve_dim} VE_LAYERS={c.ve_layers!r}")
+
+
+# Env vars that are not knobs but may sit near a knob's name (torchrun's, our preset selector).
+NON_KNOB_ENV = frozenset({"PRESET", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK"})
+
+PRESETS: dict[str, dict[str, object]] = {
+    "pr1453": {},
+    # A CPU-sized model on the embedded demo corpus (python3 data/prepare_demo.py); 4 calibration batches
+    # fit the 8 s reserve on 2 busy cores.
+    "demo": dict(
+        data_path="./data/datasets/demo_sp1024", tokenizer_path="./data/tokenizers/demo_1024_bpe.model",
+        model_dim=128, num_heads=4, num_kv_heads=2, train_seq_len=256, train_batch_tokens=4096,
+        grad_accum_steps=1, max_wallclock_seconds=240.0, warmdown_iters=150, lr_warmup_steps=20,
+        muon_momentum_warmup_steps=100, swa_every=10, val_batch_size=16384, val_loss_every=100,
+        val_max_tokens=65536, train_log_every=25, eval_seq_len=256, eval_stride=64, eval_batch_seqs=16,
+        gptq_calib_batches=4),
+    # The seed systems, each reproducing its logged parameter count (README: Seed systems as presets).
+    "pr895": dict(
+        model_dim=832, mlp_mult=2.0, num_repeats=5, prog_depth="0.3:2,0.5:3,0.75:4,1.0:5",
+        max_wallclock_seconds=14400.0, iterations=200000, warmdown_iters=15000, swa_every=100,
+        swa_start_frac=0.4, matrix_lr=0.015, scalar_lr=0.015, tied_embed_lr=0.018, val_loss_every=5000,
+        train_log_every=1000, quant_levels=127, mlp_quant_levels=127, quant_method="ref"),
+    "pr784": dict(
+        model_dim=832, mlp_mult=2.0, prog_depth="1.0:4", matrix_lr=0.012, scalar_lr=0.012,
+        tied_embed_lr=0.015, swa_start_frac=0.4, swa_every=50, quant_levels=127, mlp_quant_levels=127,
+        quant_method="ref", mixer="off"),
+    "pr1204": dict(
+        num_layers=11, num_repeats=2, recur_layers="4,5", prog_depth="0.44:1,1.0:2", model_dim=512,
+        mlp_mult=3.0, num_value_embeds=0, loop_embed=False, cross_repeat=False, untie_scalars=True,
+        untie_repeat_mlp=True, unet="gated", parallel_last_n=4, bigram_vocab_size=2816, bigram_dim=160,
+        smear_gate=True, rope_dims=16, ln_scale=True, ve_dim=128, ve_layers="9,10", disable_layer0_attn=True,
+        xsa_last_n=11, train_seq_len=2048, train_batch_tokens=786432, eval_seq_len=2048, eval_stride=64,
+        warmdown_iters=3500, tied_embed_lr=0.035, matrix_lr=0.03, scalar_lr=0.025, muon_momentum=0.99,
+        muon_momentum_warmup_start=0.92, muon_momentum_warmup_steps=1500, swa_enabled=False, ema_decay=0.997,
+        quant_levels=31, mlp_quant_levels=15, quant_high_tensors=32, gptq_calib="selfgen", gptq_calib_seqs=64,
+        mixer="off", val_loss_every=4000, train_log_every=500),
+    "pr456": dict(
+        num_layers=10, num_repeats=1, prog_depth="1.0:1", model_dim=512, mlp_mult=3.0, num_value_embeds=0,
+        loop_embed=False, unet="add", bigram_vocab_size=10240, bigram_dim=128, smear_gate=True, xsa_last_n=3,
+        mlp_negative_slope=0.0, seed=42, train_seq_len=2048, train_batch_tokens=786432, iterations=5200,
+        max_wallclock_seconds=0.0, warmdown_iters=3000, swa_every=50, swa_start_frac=0.2, tied_embed_lr=0.035,
+        matrix_lr=0.025, scalar_lr=0.025, muon_momentum=0.99, muon_momentum_warmup_start=0.92,
+        muon_momentum_warmup_steps=1500, eval_seq_len=2048, eval_stride=128, eval_batch_seqs=64,
+        quant_levels=31, mlp_quant_levels=15, quant_method="clip", mixer="off", ttt=True, val_loss_every=500,
+        train_log_every=100),
+}
+
+
+# What each knob means: README.md, Configuration (one row per knob, checked against these fields).
 @dataclass(frozen=True)
 class Config:
     run_id: str = knob("", RUN)  # empty: rank 0 draws one
@@ -250,200 +447,6 @@ def knob_names(*kinds: str) -> tuple[str, ...]:
 
 
 MODEL_FIELDS = knob_names(MODEL)
-# Env vars that are not knobs but may sit near a knob's name (torchrun's, our preset selector).
-NON_KNOB_ENV = frozenset({"PRESET", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK"})
-
-PRESETS: dict[str, dict[str, object]] = {
-    "pr1453": {},
-    # A CPU-sized model on the embedded demo corpus (python3 data/prepare_demo.py); 4 calibration batches
-    # fit the 8 s reserve on 2 busy cores.
-    "demo": dict(
-        data_path="./data/datasets/demo_sp1024", tokenizer_path="./data/tokenizers/demo_1024_bpe.model",
-        model_dim=128, num_heads=4, num_kv_heads=2, train_seq_len=256, train_batch_tokens=4096,
-        grad_accum_steps=1, max_wallclock_seconds=240.0, warmdown_iters=150, lr_warmup_steps=20,
-        muon_momentum_warmup_steps=100, swa_every=10, val_batch_size=16384, val_loss_every=100,
-        val_max_tokens=65536, train_log_every=25, eval_seq_len=256, eval_stride=64, eval_batch_seqs=16,
-        gptq_calib_batches=4),
-    # The seed systems, each reproducing its logged parameter count (README: Seed systems as presets).
-    "pr895": dict(
-        model_dim=832, mlp_mult=2.0, num_repeats=5, prog_depth="0.3:2,0.5:3,0.75:4,1.0:5",
-        max_wallclock_seconds=14400.0, iterations=200000, warmdown_iters=15000, swa_every=100,
-        swa_start_frac=0.4, matrix_lr=0.015, scalar_lr=0.015, tied_embed_lr=0.018, val_loss_every=5000,
-        train_log_every=1000, quant_levels=127, mlp_quant_levels=127, quant_method="ref"),
-    "pr784": dict(
-        model_dim=832, mlp_mult=2.0, prog_depth="1.0:4", matrix_lr=0.012, scalar_lr=0.012,
-        tied_embed_lr=0.015, swa_start_frac=0.4, swa_every=50, quant_levels=127, mlp_quant_levels=127,
-        quant_method="ref", mixer="off"),
-    "pr1204": dict(
-        num_layers=11, num_repeats=2, recur_layers="4,5", prog_depth="0.44:1,1.0:2", model_dim=512,
-        mlp_mult=3.0, num_value_embeds=0, loop_embed=False, cross_repeat=False, untie_scalars=True,
-        untie_repeat_mlp=True, unet="gated", parallel_last_n=4, bigram_vocab_size=2816, bigram_dim=160,
-        smear_gate=True, rope_dims=16, ln_scale=True, ve_dim=128, ve_layers="9,10", disable_layer0_attn=True,
-        xsa_last_n=11, train_seq_len=2048, train_batch_tokens=786432, eval_seq_len=2048, eval_stride=64,
-        warmdown_iters=3500, tied_embed_lr=0.035, matrix_lr=0.03, scalar_lr=0.025, muon_momentum=0.99,
-        muon_momentum_warmup_start=0.92, muon_momentum_warmup_steps=1500, swa_enabled=False, ema_decay=0.997,
-        quant_levels=31, mlp_quant_levels=15, quant_high_tensors=32, gptq_calib="selfgen", gptq_calib_seqs=64,
-        mixer="off", val_loss_every=4000, train_log_every=500),
-    "pr456": dict(
-        num_layers=10, num_repeats=1, prog_depth="1.0:1", model_dim=512, mlp_mult=3.0, num_value_embeds=0,
-        loop_embed=False, unet="add", bigram_vocab_size=10240, bigram_dim=128, smear_gate=True, xsa_last_n=3,
-        mlp_negative_slope=0.0, seed=42, train_seq_len=2048, train_batch_tokens=786432, iterations=5200,
-        max_wallclock_seconds=0.0, warmdown_iters=3000, swa_every=50, swa_start_frac=0.2, tied_embed_lr=0.035,
-        matrix_lr=0.025, scalar_lr=0.025, muon_momentum=0.99, muon_momentum_warmup_start=0.92,
-        muon_momentum_warmup_steps=1500, eval_seq_len=2048, eval_stride=128, eval_batch_seqs=64,
-        quant_levels=31, mlp_quant_levels=15, quant_method="clip", mixer="off", ttt=True, val_loss_every=500,
-        train_log_every=100),
-}
-
-TORCH_MIN = (2, 5)  # SDPA's enable_gqa; next newest: F.rms_norm (2.4), init_process_group's device_id
-
-
-def torch_version_problem(version: str) -> str:
-    """'' when this torch is new enough, else the one line that ends the run (exit 2)."""
-    found = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
-    need = ".".join(map(str, TORCH_MIN))
-    if found >= TORCH_MIN:
-        return ""
-    return f"torch {version} found, this script needs torch>={need} (SDPA enable_gqa)"
-
-
-BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True,
-              "0": False, "false": False, "no": False, "off": False}
-
-
-def _parse_value(key: str, raw: str, kind: str) -> object:
-    """raw as the field's annotated type (a string, under `from __future__ import annotations`)."""
-    if kind == "bool":
-        if raw.strip().lower() not in BOOL_WORDS:
-            raise ConfigError(f"{key} must be 0 or 1, got {raw!r}")
-        return BOOL_WORDS[raw.strip().lower()]
-    if kind == "str":
-        return raw
-    try:
-        return int(raw) if kind == "int" else float(raw)
-    except ValueError:
-        raise ConfigError(f"{key} must be a number ({kind}), got {raw!r}") from None
-
-
-def parse_prog_depth(spec: str) -> tuple[tuple[float, int], ...]:
-    """'0.30:2,0.50:3,1.0:4' -> ((0.3, 2), (0.5, 3), (1.0, 4)); raises ConfigError when malformed."""
-    pairs = []
-    for item in spec.split(","):
-        frac, _, reps = item.strip().partition(":")
-        try:  # without a colon reps is "", which int() rejects too
-            pairs.append((float(frac), int(reps)))
-        except ValueError:
-            raise ConfigError(f"PROG_DEPTH item {item.strip()!r} is not frac:repeats (e.g. 0.30:2)") from None
-    return tuple(pairs)
-
-
-def codecs_for(compressor: str) -> tuple[list[str], list[str]]:
-    """The installed codecs COMPRESSOR may use, and the pip names of the ones it wants that are missing."""
-    wanted = [name for name in OPTIONAL_CODECS if compressor in (name, "auto")]
-    usable = [name for name in wanted if OPTIONAL_CODECS[name][1]]
-    missing = [OPTIONAL_CODECS[name][0] for name in wanted if not OPTIONAL_CODECS[name][1]]
-    return usable, missing
-
-
-def parse_ints(spec: str) -> list[int]:
-    """'4,5' -> [4, 5]; '' -> []; raises ConfigError when an item is not an integer."""
-    try:
-        return [int(item) for item in spec.split(",") if item.strip()]
-    except ValueError:
-        raise ConfigError(f"expected comma-separated integers (e.g. 4,5), got {spec!r}") from None
-
-
-def _allowed_problem(f: dataclasses.Field, value: object) -> str:
-    """'' when the field's declaration allows value, else "must be ..., got value"."""
-    allowed = f.metadata["allowed"]
-    if isinstance(allowed, tuple):
-        return "" if value in allowed else f"must be one of {', '.join(allowed)}, got {value!r}"
-    if not allowed:
-        return ""
-    if allowed.startswith(">"):  # inf and nan fail too
-        bound = float(allowed.split()[1])
-        ok = value < math.inf and (value >= bound if allowed.startswith(">=") else value > bound)
-        finite = "a finite number " if f.type == "float" else ""
-        return "" if ok else f"must be {finite}{allowed}, got {value}"
-    lo, hi = (float(end) for end in allowed[1:-1].split(","))
-    above = lo <= value if allowed[0] == "[" else lo < value
-    below = value <= hi if allowed[-1] == "]" else value < hi
-    ok = above and below
-    return "" if ok else f"must be in {allowed}, got {value}"
-
-
-def _config_problems(c: Config) -> Iterator[str]:
-    """Every problem in order: each field's declared values, then the rules across knobs. The first one is
-    raised, so a rule may assume that the ones before it hold."""
-    for f in dataclasses.fields(c):
-        if problem := _allowed_problem(f, getattr(c, f.name)):
-            yield f"{f.name.upper()} {problem}"
-    if c.model_dim % c.num_heads:
-        yield f"NUM_HEADS={c.num_heads} must divide MODEL_DIM={c.model_dim}"
-    if c.head_dim % 2:
-        yield f"head dim MODEL_DIM/NUM_HEADS={c.head_dim} must be even for RoPE"
-    if c.num_heads % c.num_kv_heads:
-        yield f"NUM_KV_HEADS={c.num_kv_heads} must divide NUM_HEADS={c.num_heads}"
-    if c.vocab_size > 65536:
-        yield f"VOCAB_SIZE={c.vocab_size} does not fit the uint16 shard format"
-    if 0 < c.val_max_tokens < c.train_seq_len:
-        yield (f"VAL_MAX_TOKENS must be 0 (the whole split) or >= TRAIN_SEQ_LEN={c.train_seq_len}, "
-               f"got {c.val_max_tokens}")
-    if not re.fullmatch(r"[A-Za-z0-9._-]*", c.run_id) or c.run_id.startswith("."):
-        yield f"RUN_ID names files in logs/: letters, digits, '.', '_', '-' (not first '.'), got {c.run_id!r}"
-    if c.resume == "auto" and not c.run_id:
-        yield "RESUME=auto resumes logs/<RUN_ID>.ckpt: set the RUN_ID of the run to continue"
-    if c.train_batch_tokens % c.train_seq_len:
-        yield (f"TRAIN_BATCH_TOKENS={c.train_batch_tokens} must be a multiple of "
-               f"TRAIN_SEQ_LEN={c.train_seq_len}")
-    if c.device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?", c.device):
-        yield f"DEVICE must be auto, cpu, cuda or cuda:N, got {c.device!r}"
-    if not 0 <= c.eval_stride <= c.eval_seq_len:
-        yield (f"EVAL_STRIDE must be in 0..EVAL_SEQ_LEN={c.eval_seq_len} (0 skips the sliding eval), "
-               f"got {c.eval_stride}")
-    if c.ttt and not c.eval_stride:
-        yield "TTT=1 needs EVAL_STRIDE > 0 (it scores with the sliding-window plan)"
-    if c.ttt_chunk_tokens < c.eval_seq_len:
-        yield (f"TTT_CHUNK_TOKENS must be >= EVAL_SEQ_LEN={c.eval_seq_len} (whole sequences), "
-               f"got {c.ttt_chunk_tokens}")
-    if not 0 <= c.ttt_freeze_blocks <= c.num_layers:
-        yield f"TTT_FREEZE_BLOCKS must be in 0..NUM_LAYERS={c.num_layers}, got {c.ttt_freeze_blocks}"
-    if not c.tokenizer_path.endswith(".model"):
-        yield f"TOKENIZER_PATH must be a SentencePiece .model file, got {c.tokenizer_path!r}"
-    if c.ema_decay > 0 and c.swa_enabled:
-        yield f"EMA_DECAY={c.ema_decay} replaces SWA as the exported average; set SWA_ENABLED=0"
-    if c.quant_high_tensors and c.quant_method != "gptq":
-        yield (f"QUANT_HIGH_TENSORS={c.quant_high_tensors} ranks tensors by GPTQ Hessians; "
-               "it needs QUANT_METHOD=gptq")
-    if c.reserves_calibration_time and c.gptq_reserve_seconds >= c.max_wallclock_seconds:
-        yield (f"GPTQ_RESERVE_SECONDS={c.gptq_reserve_seconds} must be below MAX_WALLCLOCK_SECONDS="
-               f"{c.max_wallclock_seconds} (GPTQ_CALIB=train calibrates inside the training budget)")
-    usable, missing = codecs_for(c.compressor)
-    if missing and not usable and not (c.dry_run or c.eval_only):  # checked before training, not after it
-        yield (f"COMPRESSOR={c.compressor} needs {' or '.join(missing)}, not installed: "
-               f"pip install {' '.join(missing)}")
-    fracs = [frac for frac, _ in c.depth_schedule]
-    if any(not 0 < frac <= 1 for frac in fracs) or fracs != sorted(set(fracs)):
-        yield f"PROG_DEPTH fractions must be increasing and in (0, 1], got {c.prog_depth!r}"
-    for _, reps in c.depth_schedule:
-        if not 1 <= reps <= c.num_repeats:
-            yield f"PROG_DEPTH repeats {reps} must be in 1..NUM_REPEATS={c.num_repeats}"
-    if c.depth_schedule[-1][1] != c.num_repeats:
-        yield f"PROG_DEPTH must end at NUM_REPEATS={c.num_repeats} (the exported depth), got {c.prog_depth!r}"
-    recur = parse_ints(c.recur_layers)
-    if recur and (recur != list(range(recur[0], recur[-1] + 1)) or recur[0] < 0 or recur[-1] >= c.num_layers):
-        yield f"RECUR_LAYERS must be consecutive layers in 0..{c.num_layers - 1}, got {c.recur_layers!r}"
-    if c.bigram_vocab_size == 1:
-        yield "BIGRAM_VOCAB_SIZE must be 0 (off) or >= 2 (one bucket is reserved for the first position)"
-    if c.rope_dims % 2 or c.rope_dims > c.head_dim:
-        yield f"ROPE_DIMS must be even and <= the head dim {c.head_dim} (0: all), got {c.rope_dims}"
-    if c.parallel_last_n > c.depth:
-        yield f"PARALLEL_LAST_N={c.parallel_last_n} exceeds the {c.depth} effective layers"
-    ve = parse_ints(c.ve_layers)
-    if bool(c.ve_dim) != bool(ve) or any(not 0 <= i < c.depth for i in ve):
-        yield (f"VE_DIM > 0 needs VE_LAYERS (effective layers in 0..{c.depth - 1}) and VE_LAYERS needs "
-               f"VE_DIM > 0; got VE_DIM={c.ve_dim} VE_LAYERS={c.ve_layers!r}")
-
 
 # === 3. RUNTIME ===
 # Everything that touches a device, torchrun, the clock or the file system; the numerical core takes its
