@@ -114,12 +114,12 @@ BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True,
 
 def _parse_value(key: str, raw: str, kind: str) -> object:
     """raw as the field's annotated type (a string, under `from __future__ import annotations`)."""
+    if kind == "str":
+        return raw
     if kind == "bool":
         if raw.strip().lower() not in BOOL_WORDS:
             raise ConfigError(f"{key} must be 0 or 1, got {raw!r}")
         return BOOL_WORDS[raw.strip().lower()]
-    if kind == "str":
-        return raw
     try:
         return int(raw) if kind == "int" else float(raw)
     except ValueError:
@@ -169,8 +169,7 @@ def _allowed_problem(f: dataclasses.Field, value: object) -> str:
     lo, hi = (float(end) for end in allowed[1:-1].split(","))
     above = lo <= value if allowed[0] == "[" else lo < value
     below = value <= hi if allowed[-1] == "]" else value < hi
-    ok = above and below
-    return "" if ok else f"must be in {allowed}, got {value}"
+    return "" if above and below else f"must be in {allowed}, got {value}"
 
 
 def _config_problems(c: Config) -> Iterator[str]:
