@@ -1203,9 +1203,10 @@ class GPT(nn.Module):
 
 
 # === 8. PARAMETERS ===
-# One table decides, for every parameter, its optimizer group, training dtype and how the artifact stores it
-# (q_attn: QUANT_LEVELS per-row codes, q_mlp: MLP_QUANT_LEVELS, fp16/fp32: passed through). Every parameter
-# must match exactly one rule; a new module without a rule fails at build time instead of silently not training.
+# One table gives each parameter its optimizer group, training dtype and artifact store (q_attn, q_mlp: codes
+# of QUANT_LEVELS, MLP_QUANT_LEVELS per row; fp16, fp32: as is); a parameter must match exactly one rule.
+
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Muon's quintic: the steepest slope at 0 that still converges
 
 
 @dataclass(frozen=True)
@@ -1236,7 +1237,6 @@ class ParamRow:
 
 
 def param_table(model: nn.Module) -> list[ParamRow]:
-    """Match every named parameter to exactly one PARAM_RULES entry; raise on none or several."""
     rows = []
     for name, p in model.named_parameters():
         hits = [rule for rule in PARAM_RULES if re.fullmatch(rule.pattern, name)]
@@ -1261,72 +1261,59 @@ def apply_param_dtypes(model: nn.Module) -> None:
         model.get_parameter(row.name).data = model.get_parameter(row.name).data.to(row.rule.dtype)
 
 
-NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # the quintic's steepest slope at 0 that still converges (#1453's)
-
-
-def newton_schulz(g: Tensor, steps: int, dtype: torch.dtype) -> Tensor:
-    """Approximately orthogonalise every (m, n), m <= n, matrix of a (batch, m, n) stack in `dtype`: scale to unit
-    Frobenius norm, then X <- aX + (bA + cA^2)X with A = XX^T (baddbmm: the same fused roundings as torch's addmm)."""
+def newton_schulz(g: Tensor, steps: int, dtype: torch.dtype) -> Tensor:  # each m <= n matrix of (batch, m, n)
     a, b, c = NS_COEFFICIENTS
     x = g.to(dtype)
     x = x / x.norm(dim=(1, 2), keepdim=True).clamp_min(1e-7)
     for _ in range(steps):
         gram = x @ x.mT
-        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)  # addmm's roundings
     return x
 
 
 class Muon(torch.optim.Optimizer):
-    """torch.optim.Muon's update (nesterov, adjust_lr_fn="original"): buf <- mu buf + (1-mu) g (the reference's
-    buf = mu buf + g times 1-mu, which NS normalises away); p <- (1 - lr wd) p - lr sqrt(max(1, rows/cols)) NS(g + mu
-    (buf - g)). Equal shapes (tall ones transposed) go through one batched NS in the run's precision; each rank does
-    its share and one all-gather brings every update to every rank (gradients are averaged, so momenta agree). A
-    matrix without a gradient (a depth not reached yet) is skipped but keeps its zero slot: compiled shapes stay."""
+    """torch.optim.Muon's update, batching Newton-Schulz per shape and rank share; no gradient: no change."""
 
-    def __init__(self, params: list[nn.Parameter], lr: float, momentum: float, weight_decay: float, ns_steps: int,
-                 rt: Runtime | None = None):
+    def __init__(self, params: list[nn.Parameter], lr: float, momentum: float, weight_decay: float,
+                 ns_steps: int, rt: Runtime | None = None):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
         self.ns_steps = ns_steps
+        self.rt = rt
         self.ns_dtype = rt.compute_dtype if rt else torch.bfloat16
-        self.rank, self.world = (rt.rank, rt.world_size) if rt else (0, 1)
-        self.gather = rt.all_gather if rt else (lambda t: t[None])
+        self.rank = rt.rank if rt else 0
+        self.world = rt.world_size if rt else 1
         self.orthogonalize = rt.compile(newton_schulz) if rt else newton_schulz
 
-    def buckets(self) -> list[tuple[list[nn.Parameter], int]]:
-        """Parameters grouped by (short side, long side), in parameter order, with the matrices each rank takes."""
-        by_shape: dict[tuple[int, int], list[nn.Parameter]] = {}
-        for group in self.param_groups:
-            for p in group["params"]:
-                by_shape.setdefault((min(p.shape), max(p.shape)), []).append(p)
+    def buckets(self) -> list[tuple[list[nn.Parameter], int]]:  # by (short, long side): matrices, rank share
+        by_shape: dict[tuple[int, ...], list[nn.Parameter]] = {}
+        for p in self.param_groups[0]["params"]:
+            by_shape.setdefault(tuple(sorted(p.shape)), []).append(p)
         return [(params, -(-len(params) // self.world)) for params in by_shape.values()]
 
     @torch.no_grad()  # as in step(): dynamo guards on the grad mode
-    def prime(self) -> None:
-        """Compile every shard shape before the clock (cheap when not compiled)."""
+    def prime(self) -> None:  # compile every shard shape before the clock
         for params, share in self.buckets():
-            self.orthogonalize(params[0].new_zeros(share, *sorted(params[0].shape)), self.ns_steps, self.ns_dtype)
+            shard = params[0].new_zeros(share, *sorted(params[0].shape))
+            self.orthogonalize(shard, self.ns_steps, self.ns_dtype)
 
     @torch.no_grad()
     def step(self) -> None:
         (group,) = self.param_groups
-        lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
-        buckets, mine = self.buckets(), []
+        buckets = self.buckets()
+        mine = []
         for params, share in buckets:
-            stack = torch.stack([self.nesterov(p, mu) for p in params])
-            stack = F.pad(stack, (0, 0, 0, 0, 0, share * self.world - len(params)))[self.rank * share:][:share]
-            mine.append(self.orthogonalize(stack, self.ns_steps, self.ns_dtype).flatten())
-        gathered = self.gather(torch.cat(mine))  # (world, all of one rank's shares)
-        offset = 0
-        for (params, share), part in zip(buckets, mine):
-            updates = gathered[:, offset:offset + part.numel()].reshape(-1, *sorted(params[0].shape))
-            offset += part.numel()
-            for p, u in zip(params, updates):
+            stack = torch.stack([self.nesterov(p, group["momentum"]) for p in params])
+            part = F.pad(stack, (0, 0, 0, 0, 0, share * self.world - len(params)))[self.rank * share:][:share]
+            mine.append(self.orthogonalize(part, self.ns_steps, self.ns_dtype).flatten())
+        gathered = self.rt.all_gather(torch.cat(mine)) if self.rt else torch.cat(mine)[None]  # (world, ...)
+        for (params, _), updates in zip(buckets, gathered.split([len(flat) for flat in mine], 1)):
+            for p, u in zip(params, updates.reshape(-1, *sorted(params[0].shape))):
                 if p.grad is not None:
-                    p.mul_(1 - lr * wd)
-                    p.add_(u.T if p.size(0) > p.size(1) else u, alpha=-lr * math.sqrt(max(1, p.size(0) / p.size(1))))
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                    scale = math.sqrt(max(1, p.size(0) / p.size(1)))
+                    p.add_(u.T if p.size(0) > p.size(1) else u, alpha=-group["lr"] * scale)
 
-    def nesterov(self, p: nn.Parameter, mu: float) -> Tensor:
-        """g + mu (buf - g) after the EMA update of buf, oriented wide (m <= n); zeros without a gradient."""
+    def nesterov(self, p: nn.Parameter, mu: float) -> Tensor:  # g + mu (buf - g), wide; 0 without a gradient
         if p.grad is None:
             return p.new_zeros(sorted(p.shape))
         buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
@@ -1337,201 +1324,224 @@ class Muon(torch.optim.Optimizer):
 
 def build_optimizers(model: nn.Module, cfg: Config, fused: bool,
                      rt: Runtime | None = None) -> dict[str, torch.optim.Optimizer]:
-    """Muon for block matrices (sharded and in the run's precision given `rt`; one process in bf16 without), Adam
-    for embeddings and scalars; each group remembers its base LR."""
-    by_group: dict[str, list[nn.Parameter]] = {"muon": [], "embed": [], "scalar": []}
+    """Muon for block matrices, Adam for embeddings and scalars; every group keeps its base LR."""
+    groups: dict[str, list[nn.Parameter]] = {"muon": [], "embed": [], "scalar": []}
     for row in param_table(model):
-        by_group[row.rule.group].append(model.get_parameter(row.name))
+        groups[row.rule.group].append(model.get_parameter(row.name))
     adam = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, weight_decay=0.0, fused=fused)
     optimizers = {
-        "muon": Muon(by_group["muon"], lr=cfg.matrix_lr, momentum=cfg.muon_momentum_warmup_start,
+        "muon": Muon(groups["muon"], lr=cfg.matrix_lr, momentum=cfg.muon_momentum_warmup_start,
                      weight_decay=cfg.muon_wd, ns_steps=cfg.muon_backend_steps, rt=rt),
-        "embed": torch.optim.Adam(by_group["embed"], lr=cfg.tied_embed_lr, **adam),
-        "scalar": torch.optim.Adam(by_group["scalar"], lr=cfg.scalar_lr, **adam),
+        "embed": torch.optim.Adam(groups["embed"], lr=cfg.tied_embed_lr, **adam),
+        "scalar": torch.optim.Adam(groups["scalar"], lr=cfg.scalar_lr, **adam),
     }
-    for opt in optimizers.values():
-        for group in opt.param_groups:
-            group["base_lr"] = group["lr"]
+    for group in [group for opt in optimizers.values() for group in opt.param_groups]:
+        group["base_lr"] = group["lr"]
     return optimizers
 
 
 # === 9. MIXER ===
-# An online mixture over the stream of scored validation targets, to the challenge's rules: every expert is a full
-# distribution over the vocabulary from the strict prefix (C1, C2); tables and weights learn from a target only after
-# it is scored (C3, C4). MIXER=normalized: neural softmax, the reference's add-alpha unigram/bigram/hashed-trigram
-# experts and an interpolated trigram->bigram->unigram expert, weighted per context bucket (neural entropy x trigram
-# evidence) by exponentiated gradient on the mixture's log loss. MIXER=reference_hedge is #1453's mixer, for
-# comparison only: its fifth expert gives every token e^-H, so it sums to more than 1 and is not a code length.
+# An online mixture over the scored validation targets, to the challenge's rules: each expert is a full
+# distribution from the strict prefix (C1, C2); counts and weights learn from a target once scored (C3, C4).
 
-TRIGRAM_BUCKETS = 65536  # hashed (x_{t-1}, x_t) contexts, as in the reference
-TRIGRAM_HASH = (36313, 27191)  # the reference's multipliers for x_{t-1} and x_t
-ADD_ALPHA = (0.1, 0.1, 0.01)  # the reference's add-alpha smoothing of the unigram, bigram and trigram experts
-BACKOFF_STRENGTH = 4.0  # prior mass of the lower order in the interpolated expert (demo: 2 and 4 best, 8 -0.01 bpb)
-PRIOR_LOG_WEIGHT = 2.0  # the neural expert's initial log-weight, the others' is 0 (the reference's prior)
-HEDGE_COLD_START = 10_000  # the reference mixes only once its tables hold this many tokens
-ENTROPY_BINS, EVIDENCE_BINS = 6, 7  # gate buckets: floor(H in nats), floor(log2(1 + trigram context count))
-GATE_PRIOR_TOKENS = 16  # a bucket's batch-mean step shrinks by m / (m + 16): robust from 512 to 8192 targets/update
+TRIGRAM_BUCKETS = 65536  # hashed (x_{t-1}, x_t) contexts
+TRIGRAM_HASH = (36313, 27191)  # multipliers of x_{t-1} and x_t
+ADD_ALPHA = (0.1, 0.1, 0.01)  # smoothing of the unigram, bigram and trigram experts
+BACKOFF_STRENGTH = 4.0  # prior mass of the order below when interpolating (demo: 2 and 4 best, 8 -0.01 bpb)
+PRIOR_LOG_WEIGHT = 2.0  # the neural expert's initial log-weight; the others start at 0
+HEDGE_COLD_START = 10_000  # reference_hedge mixes once its tables hold this many tokens
+ENTROPY_BINS = 6  # gate buckets: floor(neural entropy in nats) x ...
+EVIDENCE_BINS = 7  # ... floor(log2(1 + trigram context count))
+GATE_PRIOR_TOKENS = 16  # a bucket's mean step shrinks by m / (m + 16): robust from 512 to 8192 targets/update
 
 
-def prior_occurrences(keys: Tensor) -> Tensor:
-    """How many earlier positions hold the same key, per position (a stable sort of integers: deterministic)."""
-    order = torch.sort(keys, stable=True).indices
-    ordered, ranks = keys[order], torch.arange(len(keys), device=keys.device)
+def prior_occurrences(keys: Tensor) -> Tensor:  # per position, how many earlier ones hold the same key
+    order = torch.sort(keys, stable=True).indices  # stable: deterministic
+    ordered = keys[order]
+    ranks = torch.arange(len(keys), device=keys.device)
     new_key = F.pad(ordered[1:] != ordered[:-1], (1, 0), value=True)
     out = torch.empty_like(keys)
     out[order] = ranks - torch.cummax(torch.where(new_key, ranks, 0), 0).values
     return out
 
 
-def dirichlet(pair: Tensor, total: Tensor, strength: float, base: Tensor | float) -> Tensor:
-    """Posterior mean under a Dirichlet(strength * base) prior: sums to 1 over the vocabulary when base does."""
+def dirichlet(pair: Tensor, total: Tensor, strength: float, base: Tensor | float) -> Tensor:  # posterior mean
     return (pair + strength * base) / (total + strength)
 
 
+@dataclass
+class Evidence:
+    """The counts (per order), neural log-probs and entropy that the experts' log-probs are computed from."""
+    pair: list[Tensor]
+    total: list[Tensor]
+    neural_log_probs: Tensor
+    neural_entropy: Tensor
+    vocab: int
+
+    def add_alpha(self, order: int, min_total: int = 0) -> Tensor:
+        total = self.total[order].clamp(min=min_total) if min_total else self.total[order]
+        return dirichlet(self.pair[order], total, ADD_ALPHA[order] * self.vocab, 1 / self.vocab)
+
+    def ngram(self, order: int, min_total: int = 0) -> Tensor:
+        return self.add_alpha(order, min_total).log()
+
+    unigram = functools.partialmethod(ngram, 0)
+    bigram = functools.partialmethod(ngram, 1)
+    trigram = functools.partialmethod(ngram, 2)
+    trigram_seen_once = functools.partialmethod(ngram, 2, min_total=1)  # unseen context: mass 0.01V/(1+0.01V)
+
+    def neural(self) -> Tensor:
+        return self.neural_log_probs
+
+    def interpolated(self) -> Tensor:  # each order's prior is the order below
+        bigram = dirichlet(self.pair[1], self.total[1], BACKOFF_STRENGTH, self.add_alpha(0))
+        return dirichlet(self.pair[2], self.total[2], BACKOFF_STRENGTH, bigram).log()
+
+    def entropy(self) -> Tensor:  # e^-H for every token: mass V e^-H
+        return -self.neural_entropy.expand_as(self.pair[0])
+
+
+EXPERTS = {  # MIXER -> {log name: formula}, the neural expert first (it starts at PRIOR_LOG_WEIGHT)
+    "normalized": dict(neural=Evidence.neural, unigram=Evidence.unigram, bigram=Evidence.bigram,
+                       trigram=Evidence.trigram, interpolated=Evidence.interpolated),
+    "reference_hedge": dict(neural=Evidence.neural, unigram=Evidence.unigram, bigram=Evidence.bigram,
+                            trigram=Evidence.trigram_seen_once, entropy=Evidence.entropy),
+}
+
+
+@dataclass
+class MixedBatch:  # what score() computed for the targets it mixed, for check() and update()
+    contexts: list[Tensor]  # per order
+    keys: list[Tensor]  # (context, target) per order
+    targets: Tensor
+    entropy: Tensor
+    log_probs: Tensor  # (n, experts)
+    log_weights: Tensor  # (n, experts), normalized
+    mixed: Tensor  # log p_mix(target)
+    bucket: Tensor
+    cold: bool  # reference_hedge before HEDGE_COLD_START: the neural expert alone, no weight update
+
+
 class Mixer:
-    """Mixture state for one MIXER eval. The stream of targets is cut into chunks at fixed target counts (the first
-    ends where one process's first batch of EVAL_BATCH_SEQS windows ends, then every MIXER_UPDATE_TARGETS), not at
-    eval batches: a target's score is then the same on any number of ranks. Per chunk, score() mixes its targets
-    with the state before it (a chunk split over two eval batches is scored again whole, with the same result),
-    check() rebuilds one position's whole mixture by brute force, update() learns from the finished chunk.
-    Every rank runs it on the same gathered inputs with integer and float64 ops, so the state is identical."""
+    """One MIXER eval's state, the same on all ranks: it learns at fixed target counts, not per eval batch."""
 
     def __init__(self, cfg: Config, val_tokens: Tensor, device: torch.device):
-        self.vocab, self.reference = cfg.vocab_size, cfg.mixer == "reference_hedge"
-        self.per_token = not self.reference  # tables count every earlier target; the reference's, earlier batches
+        self.vocab = cfg.vocab_size
+        self.reference = cfg.mixer == "reference_hedge"
+        self.experts = EXPERTS[cfg.mixer]
+        self.per_token = not self.reference  # count every earlier target, not only earlier batches'
         self.eta = cfg.hedge_eta if self.reference else cfg.mixer_eta
-        # int32 (exact: ids < 65536) halves the copy of the val split; score() widens its slices to int64
-        self.tokens = F.pad(val_tokens, (1, 0)).to(device, torch.int32)  # a 0 stands in for the token before the first
+        self.tokens = F.pad(val_tokens, (1, 0)).to(device, torch.int32)  # a 0 before the first
         self.update_every = cfg.mixer_update_targets or cfg.eval_batch_seqs * cfg.eval_stride
         first_window = min(cfg.eval_seq_len, len(val_tokens) - 1)
-        self.chunk_first, self.next_update = 0, max(first_window - cfg.eval_stride, 0) + self.update_every
-        self.pending = torch.zeros(0, 2, device=device)  # (neural NLL, entropy) of the unfinished chunk's targets
-        rows = (1, self.vocab, TRIGRAM_BUCKETS)
-        self.pairs = [torch.zeros(r * self.vocab, dtype=torch.int32, device=device) for r in rows]  # (ctx, next)
-        self.totals = [torch.zeros(r, dtype=torch.int32, device=device) for r in rows]  # per context
+        self.next_update = max(first_window - cfg.eval_stride, 0) + self.update_every
+        self.pending = torch.zeros(0, 2, device=device)  # (neural NLL, entropy) of the open chunk
+        contexts = (1, self.vocab, TRIGRAM_BUCKETS)  # per order
+        self.pairs = [torch.zeros(n * self.vocab, dtype=torch.int32, device=device) for n in contexts]
+        self.totals = [torch.zeros(n, dtype=torch.int32, device=device) for n in contexts]
         buckets = 1 if self.reference else ENTROPY_BINS * EVIDENCE_BINS
-        self.log_weights = torch.zeros(buckets, 5, dtype=torch.float64, device=device)
+        self.log_weights = torch.zeros(buckets, len(self.experts), dtype=torch.float64, device=device)
         self.log_weights[:, 0] = PRIOR_LOG_WEIGHT
-        self.weight_sum = torch.zeros(5, dtype=torch.float64, device=device)
+        self.weight_sum = torch.zeros(len(self.experts), dtype=torch.float64, device=device)
         self.rng = torch.Generator().manual_seed(cfg.seed)
-        self.errors = [0.0, 0.0, 0.0]  # max |mass - 1|, max mass, max |p_target brute force - p_target scored|
+        self.errors = [0.0, 0.0, 0.0]  # max |mass - 1|, max mass, max |brute-force p(target) - scored|
 
-    def experts(self, pair: list[Tensor], total: list[Tensor], neural: Tensor, entropy: Tensor) -> Tensor:
-        """Log-probabilities (..., 5) of the targets, or of every token when the counts are whole (V,) rows."""
-        v = self.vocab
-        clamped = [*total[:2], total[2].clamp(min=1)] if self.reference else total  # the reference's: mass 0.91
-        uni, bi, tri = (dirichlet(p, t, a * v, 1 / v) for p, t, a in zip(pair, clamped, ADD_ALPHA))
-        if self.reference:  # e^-H for every token: mass V e^-H
-            fifth = -entropy.expand_as(uni)
-        else:  # the lower order fills in where the trigram context is thin
-            fifth = dirichlet(pair[2], total[2], BACKOFF_STRENGTH, dirichlet(pair[1], total[1], BACKOFF_STRENGTH, uni))
-            fifth = fifth.log()
-        return torch.stack([neural.expand_as(uni), uni.log(), bi.log(), tri.log(), fifth], -1)
+    def log_probs(self, evidence: Evidence) -> Tensor:  # (..., experts)
+        return torch.stack([formula(evidence) for formula in self.experts.values()], -1)
 
     def mix(self, first: int, features: Tensor, probe: tuple[int, Tensor] | None) -> Tensor:
-        """Mixed NLL of targets first.. from their (n, 2) neural NLL and entropy, learning at every chunk end;
-        probe = (index in features, that target's neural log-probs (V,)) is spot-checked by check()."""
-        out, done = [], 0
+        """Mixed NLL of targets first.. from (n, 2) neural NLL and entropy; probe (j, log-probs): check()."""
+        out = []
+        done = 0
         while done < len(features):
             take = min(self.next_update - first - done, len(features) - done)
-            chunk, known = torch.cat([self.pending, features[done:done + take]]), len(self.pending)
-            out.append(self.score(self.chunk_first, chunk[:, 0], chunk[:, 1], known)[known:])
+            known = len(self.pending)
+            chunk = torch.cat([self.pending, features[done:done + take]])
+            out.append(self.score(first + done - known, chunk[:, 0], chunk[:, 1], known)[known:])
             if probe is not None and done <= probe[0] < done + take:
                 self.check(known + probe[0] - done, probe[1])
             done += take
             self.pending = chunk
-            if self.chunk_first + len(chunk) == self.next_update:
+            if first + done == self.next_update:
                 self.update()
-                self.chunk_first, self.next_update = self.next_update, self.next_update + self.update_every
+                self.next_update += self.update_every
                 self.pending = chunk[:0]
         return torch.cat(out)
 
     def score(self, first: int, nll: Tensor, entropy: Tensor, known: int = 0) -> Tensor:
-        """Mixed NLL (n,) of targets first..first+n-1 (token first+1 onwards) from their neural NLL and entropy; the
-        first `known` were scored before (by an earlier eval batch) and are not counted in the mean weights again."""
-        v, n = self.vocab, len(nll)
-        x2, x1, y = (self.tokens[first + k:first + k + n].long() for k in range(3))
-        ctx = (torch.zeros_like(y), x1, (x2 * TRIGRAM_HASH[0] ^ x1 * TRIGRAM_HASH[1]) % TRIGRAM_BUCKETS)
-        keys = [c * v + y for c in ctx]
+        """Mixed NLL of targets first..first+n-1; the first `known` were scored before and count once."""
+        x2, x1, y = (self.tokens[first + k:first + k + len(nll)].long() for k in range(3))
+        contexts = [torch.zeros_like(y), x1, (x2 * TRIGRAM_HASH[0] ^ x1 * TRIGRAM_HASH[1]) % TRIGRAM_BUCKETS]
+        keys = [c * self.vocab + y for c in contexts]
         pair = [t[k].double() for t, k in zip(self.pairs, keys)]
-        total = [t[c].double() for t, c in zip(self.totals, ctx)]
-        if self.per_token:  # NOTE: earlier targets of this batch count, the target itself does not
+        total = [t[c].double() for t, c in zip(self.totals, contexts)]
+        if self.per_token:  # and this batch's earlier targets, not the target itself
             pair = [p + prior_occurrences(k) for p, k in zip(pair, keys)]
-            total = [t + prior_occurrences(c) for t, c in zip(total, ctx)]
+            total = [t + prior_occurrences(c) for t, c in zip(total, contexts)]
         entropy = entropy.double()
-        log_probs = self.experts(pair, total, -nll.double(), entropy)  # (n, 5)
+        log_probs = self.log_probs(Evidence(pair, total, -nll.double(), entropy, self.vocab))
         bucket = torch.zeros_like(y)
-        if len(self.log_weights) > 1:  # gates read only the neural entropy and the context's count, not the target
-            evidence = torch.log2(total[2] + 1).floor().clamp(max=EVIDENCE_BINS - 1).long()
-            bucket = entropy.floor().clamp(0, ENTROPY_BINS - 1).long() * EVIDENCE_BINS + evidence
-        log_w = self.log_weights[bucket].log_softmax(-1)
+        if len(self.log_weights) > 1:  # the gate reads the entropy and the context's count, not the target
+            seen = torch.log2(total[2] + 1).floor().clamp(max=EVIDENCE_BINS - 1).long()
+            bucket = entropy.floor().clamp(0, ENTROPY_BINS - 1).long() * EVIDENCE_BINS + seen
+        log_weights = self.log_weights[bucket].log_softmax(-1)
         cold = self.reference and int(self.totals[0][0]) < HEDGE_COLD_START
-        if cold:  # the reference scores with the neural expert alone until its tables are warm
-            log_w = torch.tensor([0.0] + [-math.inf] * 4, dtype=torch.float64, device=y.device).expand_as(log_w)
-        mixed = torch.logsumexp(log_w + log_probs, -1)
-        self.weight_sum += log_w[known:].exp().sum(0)
-        self.batch = (ctx, keys, y, entropy, log_probs, log_w, mixed, bucket, cold)
+        if cold:
+            log_weights = F.one_hot(torch.zeros_like(y), len(self.experts)).double().log()
+        mixed = torch.logsumexp(log_weights + log_probs, -1)
+        self.weight_sum += log_weights[known:].exp().sum(0)
+        self.batch = MixedBatch(contexts, keys, y, entropy, log_probs, log_weights, mixed, bucket, cold)
         return -mixed
 
-    def check(self, j: int, neural_log_probs: Tensor) -> None:
-        """Rebuild position j's mixture over all V tokens from the tables plus this batch's earlier targets and
-        record its mass error and its distance from the scored probability."""
-        ctx, _, y, entropy, _, log_w, mixed, _, _ = self.batch
-        pair, total = [], []
-        for table, totals, c in zip(self.pairs, self.totals, ctx):
-            row, count = table.view(-1, self.vocab)[c[j]].double(), totals[c[j]].double()
-            if self.per_token:
-                same = c[:j] == c[j]
-                row, count = row + torch.bincount(y[:j][same], minlength=self.vocab), count + same.sum()
-            pair.append(row)
-            total.append(count)
-        log_probs = self.experts(pair, total, neural_log_probs.double(), entropy[j])  # (V, 5)
-        probs = torch.logsumexp(log_w[j] + log_probs, -1).exp()
-        mass, target_err = float(probs.sum()), abs(float(probs[y[j]] - mixed[j].exp()))
-        self.errors = [max(self.errors[0], abs(mass - 1)), max(self.errors[1], mass), max(self.errors[2], target_err)]
+    def check(self, j: int, neural_log_probs: Tensor) -> None:  # brute force: j's mixture over all V tokens
+        pair = [t.view(-1, self.vocab)[c[j]].double() for t, c in zip(self.pairs, self.batch.contexts)]
+        total = [t[c[j]].double() for t, c in zip(self.totals, self.batch.contexts)]
+        if self.per_token:  # and this batch's earlier targets
+            same = [c[:j] == c[j] for c in self.batch.contexts]
+            earlier = [torch.bincount(self.batch.targets[:j][s], minlength=self.vocab) for s in same]
+            pair = [p + e for p, e in zip(pair, earlier)]
+            total = [t + s.sum() for t, s in zip(total, same)]
+        evidence = Evidence(pair, total, neural_log_probs.double(), self.batch.entropy[j], self.vocab)
+        probs = torch.logsumexp(self.batch.log_weights[j] + self.log_probs(evidence), -1).exp()
+        mass = float(probs.sum())
+        errors = (abs(mass - 1), mass, abs(float(probs[self.batch.targets[j]] - self.batch.mixed[j].exp())))
+        self.errors = [max(old, new) for old, new in zip(self.errors, errors)]
 
-    def update(self) -> None:
-        """Learn from the batch score() just mixed. NOTE: called only after every target of it was scored."""
-        ctx, keys, _, _, log_probs, _, mixed, bucket, cold = self.batch
-        for table, index in [*zip(self.pairs, keys), *zip(self.totals, ctx)]:
+    def update(self) -> None:  # learn from the targets score() just mixed, once all of them are scored
+        for table, index in [*zip(self.pairs, self.batch.keys), *zip(self.totals, self.batch.contexts)]:
             table.index_put_((index,), torch.ones_like(index, dtype=torch.int32), accumulate=True)
-        if self.reference and not cold:  # Hedge on the batch-mean expert losses
-            self.log_weights[0] += self.eta * log_probs.mean(0)
-        elif not self.reference:  # exponentiated gradient on the mixture's log loss, per bucket
-            grad = (log_probs - mixed[:, None]).exp()  # p_k / p_mix
-            onehot = F.one_hot(bucket, len(self.log_weights)).double()  # a matmul, not a float scatter: deterministic
+        if not self.reference:  # exponentiated gradient on the mixture's log loss, per bucket
+            grad = (self.batch.log_probs - self.batch.mixed[:, None]).exp()  # p_k / p_mix
+            onehot = F.one_hot(self.batch.bucket, len(self.log_weights)).double()  # a matmul: deterministic
             self.log_weights += self.eta * (onehot.T @ grad) / (onehot.sum(0) + GATE_PRIOR_TOKENS)[:, None]
+        elif not self.batch.cold:  # Hedge on the mean expert losses
+            self.log_weights[0] += self.eta * self.batch.log_probs.mean(0)
 
 
 def mix_batch(rt: Runtime, mixer: Mixer, batch: Tensor, rows: int, log_probs: Tensor, nll: Tensor) -> Tensor:
-    """Gather one global batch's neural NLL and entropy, mix them on every rank (spot-checking one of this rank's
-    positions); returns this rank's mixed NLL. `batch` is the window plan rows of all ranks, in order."""
+    """This rank's mixed NLL of a global batch (`batch`: all ranks' plan rows); every rank mixes all of it."""
     counts = [int(c.sum()) for c in (batch[:, 1] - batch[:, 2]).split(rows)]
     counts += [0] * (rt.world_size - len(counts))
     features = torch.stack([nll, torch.special.entr(log_probs.exp()).sum(-1)], 1)  # (m, 2)
     gathered = rt.all_gather(F.pad(features, (0, 0, 0, max(counts) - len(features))))
     features = torch.cat([part[:count] for part, count in zip(gathered, counts)])
-    offset, probe = sum(counts[:rt.rank]), None
-    if len(nll):
+    offset = sum(counts[:rt.rank])
+    probe = None
+    if len(nll):  # spot-check one of this rank's positions
         j = int(torch.randint(len(nll), (1,), generator=mixer.rng))
         probe = (offset + j, log_probs[j])
-    mixed = mixer.mix(int(batch[0, 0] + batch[0, 2]), features, probe)
-    return mixed[offset:offset + len(nll)]
+    return mixer.mix(int(batch[0, 0] + batch[0, 2]), features, probe)[offset:offset + len(nll)]
 
 
 # === 10. EVALUATION ===
-# Every eval scores windows from one plan: non-overlapping TRAIN_SEQ_LEN blocks (stride = window) for the float evals,
-# EVAL_SEQ_LEN windows every EVAL_STRIDE targets for the final one. Global batches of `rows` consecutive windows per
-# rank score one contiguous run of targets (the mixer's stream); forwards are padded to `rows` rows (one shape).
+# Every eval scores a window plan: `rows` consecutive windows per rank and batch (forwards padded to `rows`).
 
 ModelFn = Callable[..., Tensor]  # (ids, repeats) -> fp32 logits (B, T, V)
+Score = tuple[float, float]  # (val_loss, val_bpb)
 
 
 def window_plan(total: int, window: int, stride: int) -> Tensor:
-    """(n, 3) int64 rows (start, length, score_from): windows over `total` targets that score each exactly once.
-    Every window has length min(window, total) and ends `stride` targets after the previous one (the last ends at
-    `total`); it scores only what no earlier window scored, so past the first window each target has at least
-    window - stride tokens of context and the tail is not re-scored (the reference scored its last 256 four times)."""
+    """(n, 3) rows (start, length, score_from): windows ending every `stride` targets, scoring new ones."""
     length = min(window, total)
     ends = torch.tensor([*range(length, total, stride), total])
     starts = ends - length
@@ -1550,26 +1560,25 @@ def scored_targets(rt: Runtime, model_fn: ModelFn, val_tokens: Tensor, windows: 
     return logits[keep], chunk[:, :-1][keep], chunk[:, 1:][keep]
 
 
-def eval_windows(cfg: Config, rt: Runtime, model_fn: ModelFn, val_tokens: Tensor, tables: ByteTables, repeats: int,
-                 plan: Tensor, rows: int, mixer: Mixer | None = None) -> tuple[dict[str, tuple[float, float]], float]:
-    """Score `plan` with rows windows per rank per batch: ({"neural": (loss, bpb)[, "mixed": ...]}, mixer ms)."""
+def eval_windows(cfg: Config, rt: Runtime, model_fn: ModelFn, val_tokens: Tensor, tables: ByteTables,
+                 repeats: int, plan: Tensor, rows: int,
+                 mixer: Mixer | None = None) -> tuple[dict[str, Score], float]:  # neural[, mixed]; mixer ms
     meters = {"neural": BpbMeter(rt.device), **({"mixed": BpbMeter(rt.device)} if mixer else {})}
     mixer_ms = score_windows(cfg, rt, model_fn, val_tokens, tables, repeats, plan, rows, meters, mixer)
     return {name: meter.reduce(rt).result() for name, meter in meters.items()}, mixer_ms
 
 
 @torch.inference_mode()  # scored targets cannot reach the weights (TTT trains only after this returns)
-def score_windows(cfg: Config, rt: Runtime, model_fn: ModelFn, val_tokens: Tensor, tables: ByteTables, repeats: int,
-                  plan: Tensor, rows: int, meters: dict[str, BpbMeter], mixer: Mixer | None = None) -> float:
-    """Add `plan`'s scores to this rank's (unreduced) meters; returns the mixer's milliseconds."""
+def score_windows(cfg: Config, rt: Runtime, model_fn: ModelFn, val_tokens: Tensor, tables: ByteTables,
+                  repeats: int, plan: Tensor, rows: int, meters: dict[str, BpbMeter],
+                  mixer: Mixer | None = None) -> float:  # adds to this rank's meters; returns mixer ms
     mixer_ms = 0.0
     for batch in plan.split(rows * rt.world_size):
         own = batch[rt.rank * rows:(rt.rank + 1) * rows]
+        logits = torch.zeros(0, cfg.vocab_size, device=rt.device)  # a rank without windows still gathers
+        prev = y = torch.zeros(0, dtype=torch.int64, device=rt.device)
         if len(own):
             logits, prev, y = scored_targets(rt, model_fn, val_tokens, own, rows, repeats)
-        else:  # a rank without a window in the last batch still joins the mixer's gather
-            logits = torch.zeros(0, cfg.vocab_size, device=rt.device)
-            prev = y = torch.zeros(0, dtype=torch.int64, device=rt.device)
         log_probs = logits.log_softmax(-1)
         nll = -log_probs.gather(1, y[:, None]).squeeze(1)
         nbytes = target_bytes(prev, y, tables).sum()
@@ -1583,41 +1592,38 @@ def score_windows(cfg: Config, rt: Runtime, model_fn: ModelFn, val_tokens: Tenso
     return mixer_ms
 
 
+def eval_rows(cfg: Config) -> int:  # one process's share of VAL_BATCH_SIZE: one score on any world size
+    return max(1, cfg.val_batch_size // (grad_accum_for(cfg, 1) * cfg.train_seq_len))
+
+
 def eval_blocks(cfg: Config, rt: Runtime, model_fn: ModelFn, val_tokens: Tensor, tables: ByteTables,
-                repeats: int) -> tuple[float, float]:
-    """The periodic and final float evals: non-overlapping TRAIN_SEQ_LEN blocks, i.e. the plan with stride = window."""
+                repeats: int) -> Score:  # the float evals: non-overlapping TRAIN_SEQ_LEN blocks
     plan = window_plan(len(val_tokens) - 1, cfg.train_seq_len, cfg.train_seq_len)
     results, _ = eval_windows(cfg, rt, model_fn, val_tokens, tables, repeats, plan, eval_rows(cfg))
     return results["neural"]
 
 
-def eval_rows(cfg: Config) -> int:
-    """Rows per rank per eval batch: one process's VAL_BATCH_SIZE / grad-accumulation share on any world size (the
-    same on 1, 2, 4, 8 ranks with the default accumulation), so every block is scored by a forward of one shape and
-    one artifact gets one score on any number of ranks."""
-    return max(1, cfg.val_batch_size // (grad_accum_for(cfg, 1) * cfg.train_seq_len))
-
-
-def log_eval(rt: Runtime, name: str, result: tuple[float, float], eval_ms: float, text: str = "", **fields) -> None:
+def log_eval(cfg: Config, rt: Runtime, name: str, result: Score, eval_ms: float, sliding: bool = False,
+             **fields) -> None:
     loss, bpb = result
-    rt.log(f"{name} val_loss:{loss:.4f} val_bpb:{bpb:.4f}{text} eval_time:{eval_ms:.0f}ms")
+    window = f" window:{cfg.eval_seq_len} stride:{cfg.eval_stride}" if sliding else ""
+    rt.log(f"{name} val_loss:{loss:.4f} val_bpb:{bpb:.4f}{window} eval_time:{eval_ms:.0f}ms")
     rt.log(f"{name}_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
-    rt.log_json(dict(event="eval", name=name, val_loss=loss, val_bpb=bpb, eval_time_ms=eval_ms, **fields))
+    rt.log_json(dict(event="eval", name=name, val_loss=loss, val_bpb=bpb, eval_time_ms=eval_ms,
+                     repeats=cfg.num_repeats, **fields))
 
 
-def final_block_eval(cfg: Config, rt: Runtime, name: str, model_fn: ModelFn, val_tokens: Tensor, tables: ByteTables,
-                     **fields) -> float:
-    """A final non-overlapping eval at full depth, timed and logged; returns val_bpb."""
+def final_block_eval(cfg: Config, rt: Runtime, name: str, model_fn: ModelFn, val_tokens: Tensor,
+                     tables: ByteTables, **fields) -> float:  # eval_blocks at full depth, logged; val_bpb
     start = time.perf_counter()
     result = eval_blocks(cfg, rt, model_fn, val_tokens, tables, cfg.num_repeats)
-    log_eval(rt, name, result, 1000 * (time.perf_counter() - start), repeats=cfg.num_repeats, **fields)
+    log_eval(cfg, rt, name, result, 1000 * (time.perf_counter() - start), **fields)
     return result[1]
 
 
 def run_final_evals(cfg: Config, rt: Runtime, model_fn: ModelFn, val_tokens: Tensor,
-                    tables: ByteTables) -> dict[str, tuple[float, float]]:
-    """The sliding-window eval at full depth and, on the same forwards, the MIXER eval; logs them and returns
-    {log name: (val_loss, val_bpb)}, the same on every rank. The sliding eval's time excludes the mixer's work."""
+                    tables: ByteTables) -> dict[str, Score]:
+    """The sliding-window and, on its forwards, the MIXER eval at full depth: logged, and returned by name."""
     if not cfg.eval_stride:
         return {}
     mixer = None if cfg.mixer == "off" else Mixer(cfg, val_tokens, rt.device)
@@ -1627,61 +1633,55 @@ def run_final_evals(cfg: Config, rt: Runtime, model_fn: ModelFn, val_tokens: Ten
     results, mixer_ms = eval_windows(cfg, rt, model_fn, val_tokens, tables, cfg.num_repeats, plan,
                                      cfg.eval_batch_seqs, mixer)
     total_ms = 1000 * (time.perf_counter() - start)
-    out = {"final_sliding_window": results["neural"]}
-    log_eval(rt, "final_sliding_window", out["final_sliding_window"], total_ms - mixer_ms,
-             f" window:{cfg.eval_seq_len} stride:{cfg.eval_stride}", repeats=cfg.num_repeats)
+    log_eval(cfg, rt, "final_sliding_window", results["neural"], total_ms - mixer_ms, sliding=True)
     if mixer is None:
-        return out
+        return {"final_sliding_window": results["neural"]}
     mass_err, mass_max, target_err = rt.all_max(*mixer.errors)
     name = "final_hedge_reference" if mixer.reference else "final_mixer"
     if mixer.reference:
         rt.log(f"warning: reference hedge mixture is not a normalized distribution (mass_max:{mass_max:.4g})")
-    experts = ("neural", "unigram", "bigram", "trigram", "entropy" if mixer.reference else "interpolated")
-    weights = dict(zip(experts, (mixer.weight_sum / mixer.weight_sum.sum()).tolist()))
-    out[name] = results["mixed"]
-    log_eval(rt, name, out[name], total_ms, repeats=cfg.num_repeats, mixer_mass_max_abs_err=mass_err,
+    weights = dict(zip(mixer.experts, (mixer.weight_sum / mixer.weight_sum.sum()).tolist()))
+    log_eval(cfg, rt, name, results["mixed"], total_ms, mixer_mass_max_abs_err=mass_err,
              mixer_mass_max=mass_max, mixer_target_max_abs_err=target_err, mixer_weights=weights)
     rt.log(f"mixer_mass_max_abs_err:{mass_err:.3e} target_max_abs_err:{target_err:.3e} mean_weights " +
            " ".join(f"{k}:{w:.4f}" for k, w in weights.items()))
-    return out
+    return {"final_sliding_window": results["neural"], name: results["mixed"]}
 
 
-def ttt_eval(cfg: Config, rt: Runtime, model: nn.Module, val_tokens: Tensor, tables: ByteTables) -> tuple[float, float]:
-    """Score-first TTT (#456) on the eager `model`, which it adapts in place (so it is the last eval): per chunk of
-    TTT_CHUNK_TOKENS targets, score the sliding windows whose first scored target is in it, then train on its
-    targets. Every target is scored by weights trained only on earlier chunks; the last chunk is never trained on."""
-    total, chunk = len(val_tokens) - 1, cfg.ttt_chunk_tokens
+def ttt_eval(cfg: Config, rt: Runtime, model: nn.Module, val_tokens: Tensor, tables: ByteTables) -> Score:
+    """Score-first TTT (the last eval: it adapts `model`): score each chunk's windows, then train on it."""
+    total = len(val_tokens) - 1
+    chunk = cfg.ttt_chunk_tokens
     plan = window_plan(total, cfg.eval_seq_len, cfg.eval_stride)
     n_chunks = -(-total // chunk)
     chunk_of = ((plan[:, 0] + plan[:, 2]) // chunk).clamp(max=n_chunks - 1)
     frozen = tuple(f"blocks.{i}." for i in range(cfg.ttt_freeze_blocks))
     params = [p for name, p in model.named_parameters() if p.requires_grad and not name.startswith(frozen)]
-    for p in params:  # bf16 weights would round away most steps of LR <= 5e-4 (#456's embeddings did)
+    for p in params:  # bf16 weights would round away most steps of LR <= 5e-4
         p.data = p.data.float()
-    opt = torch.optim.AdamW(params, lr=cfg.ttt_lr, weight_decay=0.0)  # one optimizer: moments persist across chunks
+    opt = torch.optim.AdamW(params, lr=cfg.ttt_lr, weight_decay=0.0)  # its moments persist across chunks
     rt.log(f"ttt:start chunks:{n_chunks} chunk_tokens:{chunk} lr:{cfg.ttt_lr:g} epochs:{cfg.ttt_epochs} "
            f"params:{sum(p.numel() for p in params)}")
     meter = BpbMeter(rt.device)
     start = time.perf_counter()
     for ci in range(n_chunks):
-        score_windows(cfg, rt, model, val_tokens, tables, cfg.num_repeats, plan[chunk_of == ci], cfg.eval_batch_seqs,
-                      {"neural": meter})
-        if ci < n_chunks - 1:
-            lr = cfg.ttt_lr * 0.5 * (1 + math.cos(math.pi * ci / max(n_chunks - 1, 1)))
-            ttt_train(cfg, rt, model, params, opt, val_tokens, ci * chunk, min((ci + 1) * chunk, total), lr)
+        score_windows(cfg, rt, model, val_tokens, tables, cfg.num_repeats, plan[chunk_of == ci],
+                      cfg.eval_batch_seqs, {"neural": meter})
+        if ci < n_chunks - 1:  # the last chunk is never trained on; a cosine LR over the others
+            lr = cfg.ttt_lr * 0.5 * (1 + math.cos(math.pi * ci / (n_chunks - 1)))
+            ttt_train(cfg, rt, model, params, opt, val_tokens, ci * chunk, (ci + 1) * chunk, lr)
     result = meter.reduce(rt).result()  # its host read waits for the device
-    log_eval(rt, "final_ttt", result, 1000 * (time.perf_counter() - start),
-             f" window:{cfg.eval_seq_len} stride:{cfg.eval_stride}", repeats=cfg.num_repeats)
+    log_eval(cfg, rt, "final_ttt", result, 1000 * (time.perf_counter() - start), sliding=True)
     return result
 
 
-def ttt_train(cfg: Config, rt: Runtime, model: nn.Module, params: list[nn.Parameter], opt: torch.optim.Optimizer,
-              val_tokens: Tensor, lo: int, hi: int, lr: float) -> None:
-    """TTT_EPOCHS passes over the scored targets [lo, hi) as aligned EVAL_SEQ_LEN sequences, split contiguously
-    over ranks, TTT_BATCH_SEQS per rank per step; each step's loss is the mean NLL over all ranks' sequences."""
-    length, per = cfg.eval_seq_len, cfg.ttt_batch_seqs
+def ttt_train(cfg: Config, rt: Runtime, model: nn.Module, params: list[nn.Parameter],
+              opt: torch.optim.Optimizer, val_tokens: Tensor, lo: int, hi: int, lr: float) -> None:
+    """TTT_EPOCHS passes over targets [lo, hi), TTT_BATCH_SEQS EVAL_SEQ_LEN sequences per rank per step."""
+    length = cfg.eval_seq_len
+    per = cfg.ttt_batch_seqs
     shares = (lo + length * torch.arange((hi - lo) // length)).tensor_split(rt.world_size)
-    steps = -(-len(shares[0]) // per)  # shares[0] is the largest, so every rank takes the same steps (collectives)
+    steps = -(-len(shares[0]) // per)  # shares[0] is the largest: all ranks take the same steps
     for group in opt.param_groups:
         group["lr"] = lr
     for step in range(cfg.ttt_epochs * steps):
@@ -1693,7 +1693,7 @@ def ttt_train(cfg: Config, rt: Runtime, model: nn.Module, params: list[nn.Parame
             seqs = val_tokens[mine[:, None] + torch.arange(length + 1)].to(rt.device)
             with rt.autocast():
                 nll = model(seqs[:, :-1], cfg.num_repeats, seqs[:, 1:])
-            (nll.sum() * (rt.world_size / count)).backward()  # averaged over ranks: the global mean NLL
+            (nll.sum() * (rt.world_size / count)).backward()  # the global mean NLL once averaged over ranks
         rt.average_gradients(params)
         if cfg.ttt_grad_clip:
             torch.nn.utils.clip_grad_norm_(params, cfg.ttt_grad_clip)

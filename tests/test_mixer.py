@@ -264,6 +264,24 @@ def test_final_evals_are_deterministic_and_logged(runtime, tmp_path):
                                      flat_tables(VOCAB)) == {}
 
 
+def test_a_new_expert_is_one_table_entry(runtime, tmp_path, monkeypatch):
+    """A sixth expert (uniform over the vocabulary) is one EXPERTS entry: the weights, the logged mean weights
+    and the brute-force mass check all follow it."""
+    def uniform(evidence):
+        return torch.full_like(evidence.neural_log_probs, -math.log(evidence.vocab))
+
+    monkeypatch.setitem(train_gpt.EXPERTS, "normalized", {**train_gpt.EXPERTS["normalized"], "uniform": uniform})
+    cfg = tiny_config(vocab_size=VOCAB, autocast="0", eval_seq_len=32, eval_stride=8, eval_batch_seqs=4)
+    rt = runtime(cfg)
+    train_gpt.run_final_evals(cfg, rt, random_model(tiny_config(vocab_size=VOCAB)), stream(600, seed=5),
+                              flat_tables(VOCAB))
+    log = (tmp_path / "logs" / f"{rt.cfg.run_id}.txt").read_text()
+    line = re.search(r"^mixer_mass_max_abs_err:(\S+) .* mean_weights (.*)$", log, re.M)
+    assert float(line.group(1)) <= 1e-5
+    names = [weight.split(":")[0] for weight in line.group(2).split()]
+    assert names == ["neural", "unigram", "bigram", "trigram", "interpolated", "uniform"]
+
+
 # --- two gloo ranks ---
 
 TWO_RANK_SCRIPT = """
