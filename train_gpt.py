@@ -1724,7 +1724,7 @@ def ttt_train(cfg: Config, rt: Runtime, model: nn.Module, params: list[nn.Parame
 
 CLIP_RATIOS = tuple(1 - 0.5 * (k / 24) ** 2 for k in range(25))  # 1 .. 0.5 of the row max, densest near 1
 REF_QUANTILES = (0.9999, 0.99995, 0.99999, 0.999995, 0.999999)  # the reference's per-row grid (spec 8.2)
-GPTQ_DAMP = 0.01  # x mean diag(H) added to the diagonal, so rarely excited inputs keep H invertible
+GPTQ_DAMP = 0.01  # x mean diag(H) added to the diagonal: rarely excited inputs keep H invertible
 GPTQ_BLOCK = 128  # columns whose rounding errors reach the rest of the matrix in one matmul
 SELFGEN_TEMPERATURE = 0.8  # sampling temperature of self-generated calibration text
 STORES = ("q_attn", "q_mlp", "fp16", "fp32")  # payload order: like bytes next to like bytes
@@ -1784,7 +1784,7 @@ def row_scales(w: Tensor, levels: int, method: str) -> Tensor:
 
 
 def gptq_codes(w: Tensor, hessian: Tensor, scales: Tensor, levels: int) -> Tensor | None:
-    """GPTQ codes of w (R, C) given H = sum x x^T (C, C); None if H is not positive definite."""
+    """GPTQ codes of w (R, C): each rounding error goes onto the columns not yet rounded, via H (C, C)."""
     h = hessian.clone()
     dead = h.diagonal() == 0  # inputs never seen: their weights cannot matter
     h[dead, dead] = 1.0
@@ -1792,7 +1792,7 @@ def gptq_codes(w: Tensor, hessian: Tensor, scales: Tensor, levels: int) -> Tenso
     order = torch.argsort(h.diagonal(), descending=True)  # the most excited inputs first
     w = w.masked_fill(dead, 0.0)[:, order]
     chol, info = torch.linalg.cholesky_ex(h[order][:, order])
-    if info:
+    if info:  # H is not positive definite: the caller rounds instead
         return None
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
     codes = torch.zeros_like(w)
