@@ -1785,9 +1785,8 @@ def row_scales(w: Tensor, levels: int, method: str) -> Tensor:
 
 def gptq_codes(w: Tensor, hessian: Tensor, scales: Tensor, levels: int) -> Tensor | None:
     """GPTQ codes of w (R, C): each rounding error goes onto the columns not yet rounded, via H (C, C)."""
-    h = hessian.clone()
-    dead = h.diagonal() == 0  # inputs never seen: their weights cannot matter
-    h[dead, dead] = 1.0
+    dead = hessian.diagonal() == 0  # inputs never seen (zero rows and columns): their weights cannot matter
+    h = hessian + torch.diag(dead.to(hessian.dtype))
     h.diagonal().add_(GPTQ_DAMP * h.diagonal().mean())
     order = torch.argsort(h.diagonal(), descending=True)  # the most excited inputs first
     w = w.masked_fill(dead, 0.0)[:, order]
@@ -1949,7 +1948,8 @@ def unpack_artifact(blob: bytes) -> tuple[dict, list[StoredTensor]]:
         raise ValueError("corrupted artifact: sha256 mismatch")
     name = list(CODECS)[codec] if codec < len(CODECS) else ""
     if name and not OPTIONAL_CODECS[name][1]:
-        raise ValueError(f"compressed with {name}, not installed: pip install {OPTIONAL_CODECS[name][0]}")
+        raise ValueError(f"compressed with {name}, not installed here: pip install "
+                         f"{OPTIONAL_CODECS[name][0]}")
     try:  # past the checksum, only a deliberately crafted file can fail here
         body = bytearray(CODECS[name][1](blob[ARTIFACT_HEAD.size:-32]))
         (head_len,) = struct.unpack_from("<I", body)
