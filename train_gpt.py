@@ -1264,7 +1264,7 @@ def param_table(model: nn.Module) -> list[ParamRow]:
 
 
 def store_levels(cfg: Config, store: str, high: bool | None = None) -> int:
-    """Levels L (codes -L..L) in `store`, 0 for a float store; `high` (QUANT_HIGH_TENSORS) overrides q_*."""
+    """Codes -L..L: L = 0 for floats, QUANT_LEVELS if `high` (default: q_attn), else MLP_QUANT_LEVELS."""
     if store not in ("q_attn", "q_mlp"):
         return 0
     return cfg.quant_levels if (store == "q_attn" if high is None else high) else cfg.mlp_quant_levels
