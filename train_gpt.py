@@ -1246,9 +1246,11 @@ def param_table(model: nn.Module) -> list[ParamRow]:
     return rows
 
 
-def store_levels(cfg: Config, store: str) -> int:
-    """Integer levels L (codes -L..L) of a quantized store; 0 for the float pass-through stores."""
-    return {"q_attn": cfg.quant_levels, "q_mlp": cfg.mlp_quant_levels}.get(store, 0)
+def store_levels(cfg: Config, store: str, high: bool | None = None) -> int:
+    """Codes -L..L: L = 0 for floats, QUANT_LEVELS if `high` (default: q_attn), else MLP_QUANT_LEVELS."""
+    if store not in ("q_attn", "q_mlp"):
+        return 0
+    return cfg.quant_levels if (store == "q_attn" if high is None else high) else cfg.mlp_quant_levels
 
 
 def store_label(cfg: Config, store: str) -> str:
@@ -1701,24 +1703,21 @@ def ttt_train(cfg: Config, rt: Runtime, model: nn.Module, params: list[nn.Parame
 
 
 # === 11. QUANTIZATION ===
-# The artifact holds per-row integer codes -L..L with one fp16 scale per row for the tensors the parameter table
-# marks q_attn/q_mlp, and exact fp16/fp32 copies of the rest. Row scales come from a clip search scored with the
-# fp16 value the file holds; GPTQ then rounds column by column and pushes each rounding error onto the columns
-# not yet rounded, weighted by the second moments X^T X of the layer's calibration inputs.
+# Per-row codes -L..L with fp16 row scales for the q_attn/q_mlp stores, fp16/fp32 copies of the rest.
 
 CLIP_RATIOS = tuple(1 - 0.5 * (k / 24) ** 2 for k in range(25))  # 1 .. 0.5 of the row max, densest near 1
-REF_QUANTILES = (0.9999, 0.99995, 0.99999, 0.999995, 0.999999)  # #1453's per-row grid (reference spec 8.2)
-GPTQ_DAMP = 0.01  # x mean diag(H) added to the diagonal, so rarely excited inputs keep H invertible
+REF_QUANTILES = (0.9999, 0.99995, 0.99999, 0.999995, 0.999999)  # the reference's per-row grid (spec 8.2)
+GPTQ_DAMP = 0.01  # x mean diag(H) added to the diagonal: rarely excited inputs keep H invertible
 GPTQ_BLOCK = 128  # columns whose rounding errors reach the rest of the matrix in one matmul
-SELFGEN_TEMPERATURE = 0.8  # #1204's sampling temperature for self-generated calibration text
+SELFGEN_TEMPERATURE = 0.8  # sampling temperature of self-generated calibration text
 STORES = ("q_attn", "q_mlp", "fp16", "fp32")  # payload order: like bytes next to like bytes
 FLOAT_STORES = {"fp16": "<f2", "fp32": "<f4"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CODECS = {"zstd": (lambda b: zstandard.ZstdCompressor(level=22).compress(b), lambda b: zstandard.decompress(b)),
           "brotli": (lambda b: brotli.compress(b, quality=11), lambda b: brotli.decompress(b))}  # position = file id
 ARTIFACT_MAGIC = b"PGQZ\r\n\x1a\n"  # PNG-style: the CR/LF/EOF bytes expose text-mode mangling
-ARTIFACT_VERSION = 2  # 2: the #1204/#456 architecture knobs joined MODEL_FIELDS
-ARTIFACT_HEAD = struct.Struct("<8sBBQ")  # magic, format version, codec id, compressed body bytes; sha256 at the end
+ARTIFACT_VERSION = 2
+ARTIFACT_HEAD = struct.Struct("<8sBBQ")  # magic, version, codec id, body bytes; the file ends with a sha256
 BUDGET_BYTES = Config.budget_bytes  # the challenge's decimal cap on code bytes + compressed model bytes
 
 
@@ -1737,8 +1736,13 @@ class StoredTensor:
         """Exact: an int8 code times an fp16 scale has at most 18 significant bits."""
         values = torch.from_numpy(self.values.astype(np.float32))
         if self.levels:
-            values = values.view(len(self.scales), -1) * torch.from_numpy(self.scales.astype(np.float32))[:, None]
+            values = values.view(len(self.scales), -1) * torch.from_numpy(self.scales).float()[:, None]
         return values.reshape(self.shape).to(DTYPES[self.dtype])
+
+
+# QUANT_METHOD's one home: row scales from CLIP_RATIOS or REF_QUANTILES, codes by GPTQ (Hessians) or rounding
+QUANT_METHODS = {"gptq": {"scales": "clip", "codes": "gptq"}, "clip": {"scales": "clip", "codes": "round"},
+                 "ref": {"scales": "quantiles", "codes": "round"}}
 
 
 def quantize_rows(w: Tensor, scales: Tensor, levels: int) -> Tensor:
@@ -1747,51 +1751,47 @@ def quantize_rows(w: Tensor, scales: Tensor, levels: int) -> Tensor:
 
 
 def row_scales(w: Tensor, levels: int, method: str) -> Tensor:
-    """Row scales (R,) with the least squared error of w (R, C) among candidates, ties to the first. "ref": the
-    reference's near-max quantiles, scored in fp32 though stored in fp16. Else CLIP_RATIOS of the row max in fp16."""
-    if method == "ref":
-        quantiles = torch.tensor(REF_QUANTILES, device=w.device)
-        candidates = (torch.quantile(w.abs(), quantiles, dim=1) / levels).clamp_min(1e-12)  # (P, R)
-    else:  # 2^-24, the smallest fp16, keeps all-zero rows finite
-        candidates = torch.stack([(r * w.abs().amax(1) / levels).clamp_min(2**-24).half().float() for r in CLIP_RATIOS])
+    """The candidate row scales (R,) of w (R, C) with the least squared error, ties to the first."""
+    if QUANT_METHODS[method]["scales"] == "quantiles":  # scored in fp32 though stored in fp16
+        candidates = (torch.quantile(w.abs(), w.new_tensor(REF_QUANTILES), dim=1) / levels).clamp_min(1e-12)
+    else:  # as the file's fp16; 2^-24 keeps all-zero rows finite
+        peak = w.abs().amax(1)
+        candidates = torch.stack([(r * peak / levels).clamp_min(2**-24).half().float() for r in CLIP_RATIOS])
     errors = torch.stack([(w - quantize_rows(w, s, levels) * s[:, None]).square().sum(1) for s in candidates])
     return candidates.gather(0, errors.argmin(0, keepdim=True))[0]
 
 
 def gptq_codes(w: Tensor, hessian: Tensor, scales: Tensor, levels: int) -> Tensor | None:
-    """GPTQ (Frantar et al. 2022) codes of w (R, C) for H = sum x x^T (C, C) and fixed row scales; None if H is not
-    positive definite. Columns go by descending diag(H); each rounding error is spread over the later columns
-    through the upper Cholesky factor of H^-1."""
-    w, h = w.clone(), hessian.clone()
-    dead = h.diagonal() == 0  # inputs never seen: their weights cannot matter
-    h[dead, dead], w[:, dead] = 1.0, 0.0
+    """GPTQ codes of w (R, C): each rounding error goes onto the columns not yet rounded, via H (C, C)."""
+    dead = hessian.diagonal() == 0  # inputs never seen (zero rows and columns): their weights cannot matter
+    h = hessian + torch.diag(dead.to(hessian.dtype))
     h.diagonal().add_(GPTQ_DAMP * h.diagonal().mean())
-    order = torch.argsort(h.diagonal(), descending=True)
-    w, h = w[:, order], h[order][:, order]
-    chol, info = torch.linalg.cholesky_ex(h)
-    if info:
+    order = torch.argsort(h.diagonal(), descending=True)  # the most excited inputs first
+    w = w.masked_fill(dead, 0.0)[:, order]
+    chol, info = torch.linalg.cholesky_ex(h[order][:, order])
+    if info:  # H is not positive definite: the caller rounds instead
         return None
-    hinv, codes = torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True), torch.zeros_like(w)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
+    codes = torch.zeros_like(w)
     for b0 in range(0, w.size(1), GPTQ_BLOCK):
         b1 = min(b0 + GPTQ_BLOCK, w.size(1))
-        block, errors, hb = w[:, b0:b1].clone(), torch.zeros_like(w[:, b0:b1]), hinv[b0:b1, b0:b1]
+        block = w[:, b0:b1].clone()
+        errors = torch.zeros_like(block)
         for i in range(b1 - b0):
             codes[:, b0 + i] = q = quantize_rows(block[:, i:i + 1], scales, levels)[:, 0]
-            errors[:, i] = (block[:, i] - q * scales) / hb[i, i]
-            block[:, i:] -= errors[:, i:i + 1] * hb[i, i:]
+            errors[:, i] = (block[:, i] - q * scales) / hinv[b0 + i, b0 + i]
+            block[:, i:] -= errors[:, i:i + 1] * hinv[b0 + i, b0 + i:b1]
         w[:, b1:] -= errors @ hinv[b0:b1, b1:]
     return codes[:, torch.argsort(order)]
 
 
 @torch.no_grad()
 def calibration_batches(cfg: Config, rt: Runtime, model: GPT, batches: TrainBatches) -> list[Tensor]:
-    """GPTQ's inputs: this rank's next GPTQ_CALIB_BATCHES training micro-batches, or its share of GPTQ_CALIB_SEQS
-    sequences the model samples from a uniform first token (#1204; per-rank seed), one token per forward of all
-    rows through a KV cache (#1204 re-ran the whole prefix per token: ~4 min on 8xH100), in micro-batch chunks."""
+    """This rank's next GPTQ_CALIB_BATCHES micro-batches, or its share of GPTQ_CALIB_SEQS model samples."""
     if cfg.gptq_calib == "train":
         return [batches.next()[0] for _ in range(cfg.gptq_calib_batches)]
     start = time.perf_counter()
-    rows = -(-cfg.gptq_calib_seqs // rt.world_size)  # at least one each: every rank joins the Hessian all-reduce
+    rows = -(-cfg.gptq_calib_seqs // rt.world_size)  # at least one: every rank joins the Hessian all-reduce
     length = cfg.gptq_calib_seq_len or cfg.train_seq_len
     gen = torch.Generator(rt.device).manual_seed(cfg.seed + rt.rank)
     ids = new = torch.randint(cfg.vocab_size, (rows, 1), generator=gen, device=rt.device)
@@ -1808,39 +1808,50 @@ def calibration_batches(cfg: Config, rt: Runtime, model: GPT, batches: TrainBatc
 
 @torch.no_grad()
 def collect_hessians(rt: Runtime, model: GPT, inputs: list[Tensor]) -> dict[str, Tensor]:
-    """Sum of x x^T over the input rows of every nn.Linear, over the batches and all ranks: a shared block runs once
-    per repeat, so its sums cover every repeat. Sums, not means: GPTQ does not depend on the scale of H."""
+    """Sum of x x^T (fp32: no autocast) over the inputs of every nn.Linear, every repeat and all ranks."""
     sums: dict[str, Tensor] = {}
-
     def accumulate(name: str, module: nn.Module, args: tuple[Tensor, ...]) -> None:
         x = args[0].flatten(0, -2).float()
         sums[name] = sums[name].addmm_(x.T, x) if name in sums else x.T @ x
-
     hooks = [module.register_forward_pre_hook(functools.partial(accumulate, f"{name}.weight"))
              for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    for ids in inputs:  # without autocast: the sums need fp32 matmuls
+    for ids in inputs:
         model(ids, model.cfg.num_repeats)
     for hook in hooks:
         hook.remove()
     return {name: rt.all_reduce(sums[name]) for name in sorted(sums)}
 
 
-@torch.no_grad()
+def calibrate(cfg: Config, rt: Runtime, model: GPT, batches: TrainBatches, train_ms: float,
+              reserve: float) -> dict[str, Tensor]:
+    """The Hessians QUANT_METHOD needs; with GPTQ_CALIB=train the training `reserve` pays for them."""
+    if QUANT_METHODS[cfg.quant_method]["codes"] != "gptq":
+        return {}
+    start = time.perf_counter()
+    inputs = calibration_batches(cfg, rt, model, batches)
+    hessians = collect_hessians(rt, model, inputs)
+    used_ms = train_ms + rt.all_max(1000 * (time.perf_counter() - start))[0]
+    rt.log(f"quant method:gptq calib:{cfg.gptq_calib} batches:{len(inputs)} "
+           f"time_ms:{used_ms - train_ms:.0f} train_plus_calib_ms:{used_ms:.0f}")
+    if reserve and used_ms > 1000 * cfg.max_wallclock_seconds:
+        rt.log(f"gptq_calib_over_budget train_plus_calib_ms:{used_ms:.0f} budget_ms:"
+               f"{1000 * cfg.max_wallclock_seconds:.0f} (raise GPTQ_RESERVE_SECONDS)")
+    return hessians
+
+
 def tensor_levels(cfg: Config, model: nn.Module, hessians: Mapping[str, Tensor],
                   forced: frozenset[str] = frozenset()) -> dict[str, int]:
-    """Each parameter's store levels; with QUANT_HIGH_TENSORS=N the matrices with a Hessian get MLP_QUANT_LEVELS but
-    N get QUANT_LEVELS: `forced` ones first, then the most sensitive (ties by name). Sensitivity: the expected
-    output error sum |dW x|^2 of rounding at the low levels, trace(H) sum_r (row max / L)^2 / 12, which unlike
-    #1204's trace(H) is comparable across input spaces and tells apart Q/K/V (one shared H)."""
-    params = dict(model.named_parameters())
-    levels = {row.name: store_levels(cfg, row.rule.store) for row in param_table(model)}
+    """Each parameter's store_levels; QUANT_HIGH_TENSORS=N gives N matrices with a Hessian the high levels:
+    `forced` first, then by the output error of rounding at the low ones, tr(H) sum_r (row max / L)^2 / 12."""
+    stores = {row.name: row.rule.store for row in param_table(model)}
+    levels = {name: store_levels(cfg, store) for name, store in stores.items()}
     if not cfg.quant_high_tensors:
         return levels
     low = cfg.mlp_quant_levels
-    error = {n: float(h.diagonal().sum() * (params[n].detach().float().abs().amax(1) / low).square().sum() / 12)
-             for n, h in hessians.items() if levels.get(n)}
+    peak = {n: model.get_parameter(n).detach().float().abs().amax(1) for n in hessians if levels.get(n)}
+    error = {n: float(hessians[n].diagonal().sum() * (m / low).square().sum() / 12) for n, m in peak.items()}
     for rank, name in enumerate(sorted(error, key=lambda n: (n not in forced, -error[n], n))):
-        levels[name] = cfg.quant_levels if rank < cfg.quant_high_tensors else low
+        levels[name] = store_levels(cfg, stores[name], high=rank < cfg.quant_high_tensors)
     return levels
 
 
@@ -1853,91 +1864,89 @@ def export_rows(model: nn.Module) -> list[ParamRow]:
 @torch.no_grad()
 def quantize_tensor(cfg: Config, name: str, p: Tensor, store: str, levels: int,
                     hessian: Tensor | None) -> tuple[StoredTensor, bool]:
-    """One parameter as its store holds it at `levels`, and whether GPTQ fell back to rounding. GPTQ runs where
-    there is a Hessian (nn.Linear weights under QUANT_METHOD=gptq); embeddings are rounded."""
+    """A parameter as its store holds it at `levels` and whether GPTQ fell back to rounding."""
     meta = (name, tuple(p.shape), str(p.dtype).removeprefix("torch."), store, levels)
     if not levels:
         return StoredTensor(*meta, p.float().cpu().numpy().astype(FLOAT_STORES[store]).ravel()), False
     w = p.float().reshape(p.shape[0], -1)
     scales = row_scales(w, levels, cfg.quant_method)
-    codes = gptq_codes(w, hessian, scales, levels) if hessian is not None else None
-    fell_back = hessian is not None and codes is None
-    codes = quantize_rows(w, scales, levels) if codes is None else codes
-    return StoredTensor(*meta, codes.to(torch.int8).cpu().numpy().ravel(), scales.half().cpu().numpy()), fell_back
+    use_gptq = QUANT_METHODS[cfg.quant_method]["codes"] == "gptq" and hessian is not None
+    gptq = gptq_codes(w, hessian, scales, levels) if use_gptq else None
+    codes = quantize_rows(w, scales, levels) if gptq is None else gptq
+    values = codes.to(torch.int8).cpu().numpy().ravel()
+    return StoredTensor(*meta, values, scales.half().cpu().numpy()), use_gptq and gptq is None
 
 
 def quantize_model(cfg: Config, model: nn.Module, hessians: Mapping[str, Tensor],
                    forced: frozenset[str] = frozenset()) -> tuple[list[StoredTensor], int]:
-    """Every parameter as tensor_levels says, in STORES order, and how many GPTQ tensors fell back to rounding."""
-    params, levels_of = dict(model.named_parameters()), tensor_levels(cfg, model, hessians, forced)
-    out = [quantize_tensor(cfg, r.name, params[r.name].detach(), r.rule.store, levels_of[r.name], hessians.get(r.name))
-           for r in export_rows(model)]
-    return [t for t, _ in out], sum(fell_back for _, fell_back in out)
+    """The one-process export: every exported parameter at tensor_levels, and the count of GPTQ fallbacks."""
+    levels = tensor_levels(cfg, model, hessians, forced)
+    results = [quantize_tensor(cfg, r.name, model.get_parameter(r.name).detach(), r.rule.store,
+                               levels[r.name], hessians.get(r.name)) for r in export_rows(model)]
+    return [t for t, _ in results], sum(fell_back for _, fell_back in results)
 
 
 def artifact_body(cfg: Config, stored: list[StoredTensor]) -> bytes:
-    """The uncompressed body: u32 length, JSON header (model config; tensor index: name, shape, dtype, store,
-    levels), every tensor's values in index order, then every row scale vector, so codes, scales and floats each
-    form one run. Arrays are byte-planed (all first bytes, then all second bytes...): float exponent bytes then sit
-    together, which both codecs reward; int8 codes are unchanged."""
+    """u32 length | JSON header | values | row scales, byte-planed: float exponent bytes sit together."""
     header = {"config": {k: getattr(cfg, k) for k in MODEL_FIELDS},
               "tensors": [[t.name, list(t.shape), t.dtype, t.store, t.levels] for t in stored]}
     head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     arrays = [t.values for t in stored] + [t.scales for t in stored if t.levels]
-    return b"".join([struct.pack("<I", len(head)), head,
-                     *(a.view(np.uint8).reshape(-1, a.itemsize).T.tobytes() for a in arrays)])
+    planes = [a.view(np.uint8).reshape(-1, a.itemsize).T.tobytes() for a in arrays]
+    return b"".join([struct.pack("<I", len(head)), head, *planes])
 
 
 def seal_artifact(packed: dict[str, bytes]) -> tuple[bytes, dict[str, int]]:
-    """The file for the smallest of the compressed bodies (ties: CODECS order) and each codec's size. File:
-    ARTIFACT_HEAD | compressed body | sha256 of all before it."""
+    """ARTIFACT_HEAD | the smallest compressed body (ties: CODECS order) | sha256; and each codec's size."""
     best = min(packed, key=lambda c: (len(packed[c]), list(CODECS).index(c)))
-    blob = ARTIFACT_HEAD.pack(ARTIFACT_MAGIC, ARTIFACT_VERSION, list(CODECS).index(best), len(packed[best]))
-    return blob + packed[best] + hashlib.sha256(blob + packed[best]).digest(), {c: len(d) for c, d in packed.items()}
+    sealed = ARTIFACT_HEAD.pack(ARTIFACT_MAGIC, ARTIFACT_VERSION, list(CODECS).index(best), len(packed[best]))
+    sealed += packed[best]
+    return sealed + hashlib.sha256(sealed).digest(), {c: len(data) for c, data in packed.items()}
 
 
 def pack_artifact(cfg: Config, stored: list[StoredTensor]) -> tuple[bytes, dict[str, int]]:
-    """The artifact file and the compressed body size under each codec COMPRESSOR tries, in one process."""
+    """The artifact file and each COMPRESSOR codec's body size, in one process."""
     body = artifact_body(cfg, stored)
     return seal_artifact({c: CODECS[c][0](body) for c in codecs_for(cfg.compressor)[0]})
 
 
-def read_planes(body: bytearray, dtype: str, count: int, offset: int) -> np.ndarray:
-    """`count` elements of `dtype` at `offset`, undoing pack_artifact's byte planes."""
-    size = np.dtype(dtype).itemsize
-    return np.frombuffer(body, np.uint8, count * size, offset).reshape(size, count).T.copy().view(dtype).ravel()
-
-
 def unpack_artifact(blob: bytes) -> tuple[dict, list[StoredTensor]]:
-    """Header and tensors of an artifact file. Nothing in it is executed; any damage is a one-line ValueError."""
+    """Header and tensors of an artifact file; nothing in it runs, and any damage is a one-line ValueError."""
     if blob[:len(ARTIFACT_MAGIC)] != ARTIFACT_MAGIC:
-        pickled = blob[:2] == b"PK" or blob[:1] == b"\x80"  # a torch.save zip or a bare pickle
-        raise ValueError("not a train_gpt artifact (bad magic" + ("; a torch.save/pickle file)" if pickled else ")"))
+        pickled = "; a torch.save/pickle file" if blob[:2] == b"PK" or blob[:1] == b"\x80" else ""
+        raise ValueError(f"not a train_gpt artifact (bad magic{pickled})")
     if len(blob) < ARTIFACT_HEAD.size + 32:
         raise ValueError(f"truncated artifact: {len(blob)} bytes")
     _, version, codec, size = ARTIFACT_HEAD.unpack_from(blob)
     if version != ARTIFACT_VERSION:
         raise ValueError(f"artifact format version {version}; this script reads version {ARTIFACT_VERSION}")
     if len(blob) != ARTIFACT_HEAD.size + size + 32:
-        raise ValueError(f"truncated artifact: {len(blob)} bytes, its header implies {ARTIFACT_HEAD.size + size + 32}")
+        raise ValueError(f"truncated artifact: {len(blob)} bytes, want {ARTIFACT_HEAD.size + size + 32}")
     if hashlib.sha256(blob[:-32]).digest() != blob[-32:]:
         raise ValueError("corrupted artifact: sha256 mismatch")
     name = list(CODECS)[codec] if codec < len(CODECS) else ""
     if name and not OPTIONAL_CODECS[name][1]:
-        raise ValueError(f"compressed with {name}, not installed here: pip install {OPTIONAL_CODECS[name][0]}")
+        raise ValueError(f"compressed with {name}, not installed here: pip install "
+                         f"{OPTIONAL_CODECS[name][0]}")
     try:  # past the checksum, only a deliberately crafted file can fail here
-        body = bytearray(list(CODECS.values())[codec][1](blob[ARTIFACT_HEAD.size:-32]))
+        body = bytearray(CODECS[name][1](blob[ARTIFACT_HEAD.size:-32]))
         (head_len,) = struct.unpack_from("<I", body)
-        header, offset, stored = json.loads(body[4:4 + head_len]), 4 + head_len, []
-        for name, shape, dtype, store, levels in header["tensors"]:
-            values = read_planes(body, "<i1" if levels else FLOAT_STORES[store], math.prod(shape), offset)
-            stored.append(StoredTensor(name, tuple(shape), dtype, store, levels, values))
-            offset += values.nbytes
-        for i, t in enumerate(stored):
-            if t.levels:
-                stored[i] = dataclasses.replace(t, scales=read_planes(body, "<f2", t.shape[0], offset))
-                offset += 2 * t.shape[0]
-        if offset != len(body) or set(header["config"]) != set(MODEL_FIELDS) or {t.dtype for t in stored} - set(DTYPES):
+        header = json.loads(body[4:4 + head_len])
+        index = header["tensors"]
+        layout = [("<i1" if L else FLOAT_STORES[store], math.prod(shape)) for _, shape, _, store, L in index]
+        layout += [("<f2", shape[0]) for _, shape, _, _, L in index if L]  # the row scales
+        arrays = []
+        offset = 4 + head_len
+        for dtype, count in layout:  # undo the byte planes
+            itemsize = np.dtype(dtype).itemsize
+            planes = np.frombuffer(body, np.uint8, count * itemsize, offset).reshape(itemsize, count)
+            arrays.append(planes.T.copy().view(dtype).ravel())
+            offset += count * itemsize
+        scales = iter(arrays[len(index):])
+        stored = [StoredTensor(name, tuple(shape), dtype, store, L, values, next(scales) if L else None)
+                  for (name, shape, dtype, store, L), values in zip(index, arrays)]
+        dtypes = {t.dtype for t in stored}
+        if offset != len(body) or set(header["config"]) != set(MODEL_FIELDS) or dtypes - set(DTYPES):
             raise ValueError("the index does not match the payload")
     except Exception as err:
         raise ValueError(f"malformed artifact: {type(err).__name__}: {err}") from None
@@ -1945,18 +1954,18 @@ def unpack_artifact(blob: bytes) -> tuple[dict, list[StoredTensor]]:
 
 
 def artifact_config(cfg: Config, header: dict, environ: Mapping[str, str]) -> Config:
-    """cfg with the artifact's model fields; one set explicitly in the environment to another value is an error."""
-    for name, value in header["config"].items():
-        if name.upper() in environ and value != getattr(cfg, name):
-            raise ValueError(f"artifact has {name.upper()}={value}, the environment sets {getattr(cfg, name)}")
+    """cfg with the artifact's model fields; one the environment sets to another value is an error."""
+    for key, value in header["config"].items():
+        if key.upper() in environ and value != getattr(cfg, key):
+            raise ValueError(f"artifact has {key.upper()}={value}, the environment sets {getattr(cfg, key)}")
     return dataclasses.replace(cfg, **header["config"])
 
 
 def budget_line(tag: str, code_bytes: int, model_bytes: int, budget: int = BUDGET_BYTES) -> tuple[str, int]:
-    """The size line of the artifact (or of DRY_RUN's estimate) and its excess over BUDGET_BYTES (> 0: over)."""
+    """The size line of the artifact (or of DRY_RUN's estimate) and its excess over the budget (> 0: over)."""
     total = code_bytes + model_bytes
-    return (f"{tag} code_bytes:{code_bytes} model_bytes:{model_bytes} total_bytes:{total} budget_bytes:{budget}"
-            f" headroom_bytes:{budget - total}", total - budget)
+    return (f"{tag} code_bytes:{code_bytes} model_bytes:{model_bytes} total_bytes:{total} "
+            f"budget_bytes:{budget} headroom_bytes:{budget - total}", total - budget)
 
 
 # --- the export shared by the ranks, sized to the budget (QUANT_FIT) ---
@@ -2555,31 +2564,22 @@ def train_and_export(cfg: Config, rt: Runtime, tables: ByteTables, val_tokens: T
     rt.log(rt.peak_memory_line())
     rt.log(apply_weight_average(cfg, state, model))
     check_same_weights(rt, weights_sha256(model))
-    hessians = {}
-    if cfg.quant_method == "gptq":  # NOTE: GPTQ_CALIB=train reads training data: inside the reserve, checked here
-        start = time.perf_counter()
-        inputs = calibration_batches(cfg, rt, model, batches)
-        hessians = collect_hessians(rt, model, inputs)
-        used_ms = state.train_ms + rt.all_max(1000 * (time.perf_counter() - start))[0]
-        rt.log(f"quant method:gptq calib:{cfg.gptq_calib} batches:{len(inputs)} "
-               f"time_ms:{used_ms - state.train_ms:.0f} train_plus_calib_ms:{used_ms:.0f}")
-        if reserve and used_ms > 1000 * cfg.max_wallclock_seconds:
-            rt.log(f"gptq_calib_over_budget train_plus_calib_ms:{used_ms:.0f} budget_ms:"
-                   f"{1000 * cfg.max_wallclock_seconds:.0f} (raise GPTQ_RESERVE_SECONDS)")
+    hessians = calibrate(cfg, rt, model, batches, state.train_ms, reserve)
     bpb = final_block_eval(cfg, rt, "final_float", trainer.model_fn, val_tokens, tables, step=state.step,
                            train_time_ms=state.train_ms)
-    path, start = rt.log_path.with_suffix(".ptz"), time.perf_counter()
+    path = rt.log_path.with_suffix(".ptz")
+    start = time.perf_counter()
     blob, sizes, fallbacks = export_artifact(cfg, rt, model, hessians, model.recurrent_matrices(),
                                              len(Path(__file__).read_bytes()))
     if cfg.quant_high_tensors:
-        high = sum(L == cfg.quant_levels for n, L in tensor_levels(cfg, model, hessians,
-                                                                   model.recurrent_matrices()).items() if n in hessians)
+        levels = tensor_levels(cfg, model, hessians, model.recurrent_matrices())
+        high = sum(levels[name] == cfg.quant_levels for name in hessians)
         rt.log(f"quant_levels high:{high} low:{len(hessians) - high} by:hessian_rounding_error")
     if rt.is_main:
         path.write_bytes(blob)
+    codec_bytes = " ".join(f"{codec}_bytes:{n}" for codec, n in sizes.items())
     rt.log(f"artifact path:{path} method:{cfg.quant_method} gptq_fallbacks:{fallbacks} codec:"
-           f"{list(CODECS)[blob[9]]} {' '.join(f'{c}_bytes:{n}' for c, n in sizes.items())} "
-           f"time_ms:{1000 * (time.perf_counter() - start):.0f}")
+           f"{list(CODECS)[blob[9]]} {codec_bytes} time_ms:{1000 * (time.perf_counter() - start):.0f}")
     rt.log(f"export_time train_end_to_artifact_ms:{1000 * (time.perf_counter() - train_end):.0f}")
     return path, bpb
 

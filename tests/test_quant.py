@@ -1,4 +1,4 @@
-"""Section 10 (QUANTIZATION): code ranges, exact dequantization, GPTQ vs clip vs ref, Hessians over repeats,
+"""Section 11 (QUANTIZATION): code ranges, exact dequantization, GPTQ vs clip vs ref, Hessians over repeats,
 self-generated calibration, the artifact format and everything it must refuse, size accounting."""
 
 from __future__ import annotations
@@ -36,6 +36,9 @@ class CpuRuntime:
 
     def all_reduce(self, tensor, op="sum"):
         return tensor
+
+    def all_max(self, *values):
+        return list(values)
 
 
 def trained_like(cfg: Config, seed: int = 0) -> GPT:
@@ -145,6 +148,41 @@ def test_hessians_accumulate_over_every_repeat_of_a_shared_block(tiny_cfg):
     linears = {r.name for r in param_table(model) if r.name.startswith("blocks.")
                and r.rule.store in ("q_attn", "q_mlp")}
     assert set(hessians) == linears  # every nn.Linear, no embedding
+
+
+class TrainLike:
+    """Training micro-batches of 2 rows, the same ones each time it is made."""
+
+    def __init__(self, cfg):
+        self.cfg, self.gen, self.calls = cfg, torch.Generator().manual_seed(3), 0
+
+    def next(self):
+        self.calls += 1
+        return (torch.randint(self.cfg.vocab_size, (2, self.cfg.train_seq_len), generator=self.gen),)
+
+
+@pytest.mark.parametrize("method", ["clip", "ref"])
+def test_only_gptq_calibrates(tiny_cfg, method):
+    cfg = tiny_cfg(quant_method=method)
+    rt, batches = CpuRuntime(), TrainLike(cfg)
+    assert train_gpt.calibrate(cfg, rt, trained_like(cfg), batches, 1000.0, 8.0) == {}
+    assert batches.calls == 0 and rt.lines == []
+    assert train_gpt.QUANT_METHODS[method]["codes"] == "round"
+
+
+def test_calibrate_collects_the_hessians_and_checks_the_reserve(tiny_cfg):
+    cfg = tiny_cfg(gptq_calib_batches=2, max_wallclock_seconds=1.0, gptq_reserve_seconds=0.5)
+    model = trained_like(cfg)
+    rt = CpuRuntime()
+    hessians = train_gpt.calibrate(cfg, rt, model, TrainLike(cfg), 5000.0, 0.5)  # 5 s of training > 1 s budget
+    same = TrainLike(cfg)
+    want = collect_hessians(CpuRuntime(), model, [same.next()[0] for _ in range(2)])
+    assert list(hessians) == list(want) and all(torch.equal(hessians[n], want[n]) for n in want)
+    assert re.fullmatch(r"quant method:gptq calib:train batches:2 time_ms:\d+ train_plus_calib_ms:\d+", rt.lines[0])
+    assert rt.lines[1].startswith("gptq_calib_over_budget train_plus_calib_ms:") and len(rt.lines) == 2
+    rt = CpuRuntime()
+    train_gpt.calibrate(cfg, rt, model, TrainLike(cfg), 5000.0, 0.0)  # no reserve was taken: nothing to check
+    assert len(rt.lines) == 1
 
 
 # --- the artifact format ---
