@@ -698,9 +698,9 @@ def swa_due(cfg: Config, step: int, repeats: int, warmdown: float) -> bool:
 
 
 # === 5. DATA ===
-# Challenge shards: 256 little-endian int32 header (magic, version, token count), then uint16 tokens. Training
-# reads the sorted train shards as one endless sequential stream; each micro-step every rank takes the same
-# world*(local+1) tokens and keeps its own slice, so no two ranks ever see the same tokens.
+# Challenge shards: a 256-int32 header (magic, version, token count), then uint16 tokens. Training reads the sorted
+# train shards as one endless sequential stream; each micro-step every rank takes the same world*(local+1) tokens
+# and keeps its own slice, so no two ranks ever see the same tokens.
 
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
@@ -708,24 +708,23 @@ SHARD_HEADER_INTS = 256
 
 
 def shard_tokens(path: Path) -> int:
-    """The token count one shard's header promises, after checking the header and the file size against it (reads
-    only the header); a mismatch raises ValueError naming the file."""
+    """The token count of one shard's header, checked against the magic, version and file size (ValueError)."""
     with path.open("rb") as fh:
         head = fh.read(4 * SHARD_HEADER_INTS)
     header = np.frombuffer(head[:len(head) // 4 * 4], dtype="<i4")
     if header.size < SHARD_HEADER_INTS or header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
         raise ValueError(f"{path} is not a challenge shard (no magic {SHARD_MAGIC} version {SHARD_VERSION} header); "
                          "rebuild or remove it")
-    size, expected = path.stat().st_size, 4 * SHARD_HEADER_INTS + 2 * int(header[2])
-    if size != expected:
-        raise ValueError(f"{path} is {size} bytes, its header promises {header[2]} tokens ({expected} bytes): a "
-                         "truncated or damaged copy; download or build it again")
-    return int(header[2])
+    count = int(header[2])
+    expected = 4 * SHARD_HEADER_INTS + 2 * count
+    if path.stat().st_size != expected:
+        raise ValueError(f"{path} is {path.stat().st_size} bytes, its header promises {count} tokens ({expected} "
+                         "bytes): a truncated or damaged copy; download or build it again")
+    return count
 
 
 def read_shard(path: Path) -> np.ndarray:
-    """Tokens of one shard as a read-only uint16 memory map (pages are read when sliced, so a shard change costs the
-    training step nothing)."""
+    """A shard's tokens as a read-only uint16 memory map: pages are read when sliced."""
     count = shard_tokens(path)
     if not count:  # mmap cannot map zero bytes
         return np.zeros(0, dtype="<u2")
@@ -735,29 +734,37 @@ def read_shard(path: Path) -> np.ndarray:
 def shard_paths(data_path: str, split: str) -> list[Path]:
     paths = sorted(Path(data_path).glob(f"fineweb_{split}_*.bin"))
     if not paths:
-        raise FileNotFoundError(f"no fineweb_{split}_*.bin shards in {data_path}")
+        raise FileNotFoundError(f"DATA_PATH={data_path} has no fineweb_{split}_*.bin shards; point DATA_PATH at a "
+                                "dataset folder (data/README.md builds one)")
     return paths
 
 
+def check_shards(data_path: str, split: str) -> int:
+    """The split's token count after checking every shard's header (1 KiB each), so a damaged file stops the run
+    before any work; ConfigError names the first bad file."""
+    try:
+        return sum(shard_tokens(path) for path in shard_paths(data_path, split))
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(str(err)) from None
+
+
 class TokenStream:
-    """The train shards read strictly in order, wrapping to the first shard after the last."""
+    """The train shards read strictly in order, wrapping to the first after the last."""
 
     def __init__(self, paths: list[Path]):
         self.paths = paths
-        self.file_index = 0
-        self.offset = 0
-        self.tokens = read_shard(paths[0])
+        self.seek(0, 0)
 
     def seek(self, file_index: int, offset: int) -> None:
-        self.file_index, self.offset = file_index, offset
+        self.file_index = file_index
+        self.offset = offset
         self.tokens = read_shard(self.paths[file_index])
 
     def take(self, n: int) -> np.ndarray:
         parts = []
-        while n > 0:  # a request may span several shards (and wrap around the last one)
+        while n > 0:  # a request may span several shards
             if self.offset == len(self.tokens):
-                self.file_index = (self.file_index + 1) % len(self.paths)
-                self.tokens, self.offset = read_shard(self.paths[self.file_index]), 0
+                self.seek((self.file_index + 1) % len(self.paths), 0)
             part = self.tokens[self.offset:self.offset + n]
             parts.append(part)
             self.offset += len(part)
@@ -767,24 +774,28 @@ class TokenStream:
 
 class TrainBatches:
     """Per micro-step (inputs, targets) of shape (local_tokens / seq_len, seq_len) for one rank. One worker thread
-    reads the next micro-batch while the current step runs (pinned for an asynchronous copy when the device is not
-    the CPU); `position` is the stream position after the batches handed out: what a checkpoint saves."""
+    reads the next micro-batch while the current step runs; `position` is the stream position after the batches
+    handed out: what a checkpoint saves."""
 
     def __init__(self, stream: TokenStream, rank: int, world_size: int, local_tokens: int, seq_len: int,
                  device: torch.device):
-        self.stream, self.rank, self.world_size = stream, rank, world_size
-        self.local_tokens, self.seq_len, self.device = local_tokens, seq_len, device
+        self.stream = stream
+        self.rank = rank
+        self.world_size = world_size
+        self.local_tokens = local_tokens
+        self.seq_len = seq_len
+        self.device = device
         self.position = (stream.file_index, stream.offset)
-        self.worker, self.pending = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="batches"), None
+        self.worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="batches")
+        self.pending = None
 
     def read(self) -> tuple[list[Tensor], tuple[int, int]]:
-        # Every rank reads the same chunk and keeps its slice: the extra token per rank is only a target, so the
-        # pair between adjacent rank spans is never trained on (as in the challenge's loader).
+        # The extra token per rank is only a target: the pair between adjacent rank spans is never trained on.
         span = self.local_tokens + 1
-        chunk = torch.from_numpy(self.stream.take(span * self.world_size)[self.rank * span:(self.rank + 1) * span]
-                                 .astype(np.int64))
+        chunk = self.stream.take(span * self.world_size)[self.rank * span:(self.rank + 1) * span]
+        chunk = torch.from_numpy(chunk.astype(np.int64))
         pair = [chunk[:-1].view(-1, self.seq_len), chunk[1:].view(-1, self.seq_len)]
-        if self.device.type != "cpu":  # separate pinned copies: y gets its own aligned device tensor too
+        if self.device.type != "cpu":  # pinned for an asynchronous copy; separate copies keep y aligned too
             pair = [t.pin_memory() for t in pair]
         return pair, (self.stream.file_index, self.stream.offset)
 
@@ -829,26 +840,10 @@ def load_val_tokens(cfg: Config) -> Tensor:
     return torch.from_numpy(tokens[:usable + 1].astype(np.int64))
 
 
-def check_shards(data_path: str, split: str) -> int:
-    """The split's token count after checking every shard's header against its file size (1 KiB read per shard,
-    so a damaged file stops the run before any work); ConfigError names the first bad file and the fix."""
-    paths = sorted(Path(data_path).glob(f"fineweb_{split}_*.bin"))
-    if not paths:
-        raise ConfigError(f"DATA_PATH={data_path} has no fineweb_{split}_*.bin shards; point DATA_PATH at a dataset"
-                          " folder (data/README.md builds one)")
-    total = 0
-    for path in paths:
-        try:
-            total += shard_tokens(path)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-    return total
-
-
 # === 6. BYTES ===
-# val_bpb = sum NLL / (ln 2 * sum bytes), bytes counted from the SentencePiece pieces exactly as the challenge
-# does: a leading U+2581 is one space byte unless the previous token is a boundary (control/unknown) token,
-# byte-fallback pieces are one byte, control/unknown/unused pieces are zero bytes.
+# val_bpb = sum NLL / (ln 2 * sum bytes), bytes counted from the SentencePiece pieces as the challenge does: a
+# leading U+2581 is one space byte unless the previous token is a boundary (control/unknown) token, byte-fallback
+# pieces are one byte, control/unknown/unused pieces are zero bytes.
 
 
 @dataclass(frozen=True)
@@ -862,7 +857,7 @@ class ByteTables:
 
 
 def build_byte_tables(sp, vocab_size: int) -> ByteTables:
-    """Per-token byte tables from a sentencepiece.SentencePieceProcessor; ids past its vocab are boundaries."""
+    """Per-token byte tables of a SentencePieceProcessor; ids past its vocab are boundaries."""
     size = max(sp.vocab_size(), vocab_size)
     base = torch.zeros(size, dtype=torch.int32)
     space = torch.zeros(size, dtype=torch.bool)
@@ -882,7 +877,7 @@ def build_byte_tables(sp, vocab_size: int) -> ByteTables:
 
 def target_bytes(prev: Tensor, target: Tensor, tables: ByteTables) -> Tensor:
     """Bytes of each target token given the token before it (same shapes, int32)."""
-    # The U+2581 of a word right after BOS is not a byte of the text: it is the tokenizer's word marker.
+    # The U+2581 of a word right after BOS is the tokenizer's word marker, not a byte of the text.
     space = tables.has_space[target] & ~tables.is_boundary[prev]
     return tables.base_bytes[target] + space.int()
 
@@ -894,8 +889,8 @@ class BpbMeter:
         self.sums = torch.zeros(3, dtype=torch.float64, device=device)
 
     def add(self, nll_sum: Tensor, tokens: int | Tensor, nbytes: Tensor) -> None:
-        self.sums += torch.stack([nll_sum.double(), torch.as_tensor(tokens, dtype=torch.float64,
-                                  device=self.sums.device), nbytes.double()])
+        tokens = torch.as_tensor(tokens, dtype=torch.float64, device=self.sums.device)
+        self.sums += torch.stack([nll_sum.double(), tokens, nbytes.double()])
 
     def reduce(self, rt: Runtime) -> "BpbMeter":
         rt.all_reduce(self.sums)
@@ -910,13 +905,14 @@ class BpbMeter:
 
 
 # === 7. MODEL ===
-# NUM_LAYERS physical blocks run along a layer plan: the whole stack NUM_REPEATS times (#1453: 3 x 4 = 12 layers) or,
-# with RECUR_LAYERS, a run of consecutive layers repeated in place (#1204: 0-5, 4, 5, 6-10). Per effective layer the
-# stream may get a loop embedding, value-embedding lookups and, from a block's second application on, a scaled copy
-# of its previous output (#148). U-Net skips, two parallel lanes, the bigram hash, the smear gate and V-embeddings are
-# the #1204/#456 options. Output projections start at zero, so at step 0 the logits come from the tied embedding.
+# NUM_LAYERS physical blocks run along a layer plan: the whole stack NUM_REPEATS times or, with RECUR_LAYERS, a run
+# of consecutive layers repeated in place. Each plan entry is an EffectiveLayer holding every per-layer choice,
+# made once at construction. GPT.layer is one effective layer of the default model; the options plug in as named
+# pieces: BigramHash and the smear gate in embed(), stream_input, add_skip (U-Net), parallel_layer (two lanes),
+# AttentionValueEmbedding (into V on VE_LAYERS). Output projections start at zero, so at step 0 the logits come
+# from the tied embedding.
 
-RMS_EPS = torch.finfo(torch.float32).eps  # the reference's weightless RMSNorm eps, even for bf16 inputs
+RMS_EPS = torch.finfo(torch.float32).eps  # a weightless RMSNorm's eps, even for bf16 inputs
 
 
 def rms_norm(x: Tensor) -> Tensor:
@@ -924,19 +920,18 @@ def rms_norm(x: Tensor) -> Tensor:
 
 
 def rope_tables(seq_len: int, dims: int, base: float, device: torch.device) -> tuple[Tensor, Tensor]:
-    """cos/sin of shape (T, dims/2) in fp32 for the `dims` rotated channels: the reference built these in bf16 (only
-    513 distinct positions); no length-dependent base (#1204 raised it past 1024 tokens)."""
+    """cos/sin of shape (T, dims/2) for the `dims` rotated channels, in fp32 (bf16 has 513 distinct positions)."""
     inv_freq = base ** (-torch.arange(0, dims, 2, dtype=torch.float32, device=device) / dims)
     angles = torch.arange(seq_len, dtype=torch.float32, device=device)[:, None] * inv_freq[None, :]
     return angles.cos(), angles.sin()
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Half-split rotation of the first 2 * cos.size(-1) dims of (B, H, T, hd): [x1 cos + x2 sin, -x1 sin + x2 cos];
-    the remaining dims pass through (partial RoPE leaves them position-free)."""
+    """Half-split rotation of the first 2 * cos.size(-1) dims of (B, H, T, hd); the rest stay position-free."""
     half = cos.size(-1)
-    x1, x2, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # angles were exact in fp32; only the product is bf16
+    x1, x2, rest = x.split((half, half, x.size(-1) - 2 * half), dim=-1)
+    cos = cos.to(x.dtype)  # the angles are exact in fp32; only the product is bf16
+    sin = sin.to(x.dtype)
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
 
 
@@ -945,19 +940,20 @@ def remove_self_value(y: Tensor, v: Tensor) -> Tensor:
     b, h, t, hd = y.shape
     kv = v.size(1)
     y = y.view(b, kv, h // kv, t, hd)  # query head i reads kv head i // group, as in SDPA's GQA
-    # y - (y . v_hat) v_hat: attention output keeps only what is not the token's own value direction.
     unit = F.normalize(v, dim=-1, eps=1e-12).unsqueeze(2)
     y = y - (y * unit).sum(-1, keepdim=True) * unit
     return y.view(b, h, t, hd)
 
 
 class KVCache:
-    """Incremental decoding state (self-generated calibration text): the tokens so far and each effective layer's
-    keys and values in buffers of `capacity` positions. Attention is the only part of the model that reads other
-    positions, except the bigram hash and smear gate, which read the previous token: forward() re-embeds 2 of them."""
+    """Incremental decoding state: the tokens so far and each effective layer's keys and values in buffers of
+    `capacity` positions. Besides attention only the bigram hash and the smear gate read other positions (the
+    previous token): forward() re-embeds 2 cached tokens."""
 
     def __init__(self, capacity: int):
-        self.capacity, self.ids, self.kv = capacity, None, {}
+        self.capacity = capacity
+        self.ids = None
+        self.kv = {}
 
     @property
     def length(self) -> int:
@@ -966,13 +962,18 @@ class KVCache:
     def with_context(self, ids: Tensor) -> Tensor:
         return ids if self.ids is None else torch.cat((self.ids[:, -2:], ids), 1)
 
+    def append(self, ids: Tensor) -> None:
+        self.ids = ids if self.ids is None else torch.cat((self.ids, ids), 1)
+
     def extend(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store k, v (B, Hkv, T, hd) after the cached positions; returns the keys and values of all positions."""
-        start, end = self.length, self.length + k.size(2)
+        """Store k, v (B, Hkv, T, hd) after the cached positions; return the keys and values of all positions."""
+        start = self.length
+        end = start + k.size(2)
         if layer not in self.kv:
-            self.kv[layer] = tuple(x.new_empty(*x.shape[:2], self.capacity, x.size(3)) for x in (k, v))
+            self.kv[layer] = [x.new_empty(*x.shape[:2], self.capacity, x.size(3)) for x in (k, v)]
         keys, values = self.kv[layer]
-        keys[:, :, start:end], values[:, :, start:end] = k, v
+        keys[:, :, start:end] = k
+        values[:, :, start:end] = v
         return keys[:, :, :end], values[:, :, :end]
 
 
@@ -983,18 +984,55 @@ def xsa_start(depth: int, xsa_last_n: int) -> int:
 
 def layer_plan(cfg: Config, repeats: int) -> list[tuple[int, int, int]]:
     """(block, slot, occurrence) per effective layer when the recurrent run repeats `repeats` times. The slot is the
-    layer's index at full depth, so per-layer parameters stay with one application while the depth grows (#1204
-    indexed them by current position and re-paired them all when its recurrence switched on)."""
+    layer's index at full depth, so per-layer parameters stay with one application while the depth grows."""
     lo, hi = cfg.recur_span
-    span, extra = hi - lo, (cfg.num_repeats - 1) * (hi - lo)
+    span = hi - lo
+    extra = (cfg.num_repeats - 1) * span
     recurrent = [(lo + j, lo + k * span + j, k) for k in range(repeats) for j in range(span)]
     return [(p, p, 0) for p in range(lo)] + recurrent + [(p, p + extra, 0) for p in range(hi, cfg.num_layers)]
+
+
+@dataclass(frozen=True)
+class EffectiveLayer:
+    """One entry of the layer plan at one depth, with every per-layer choice of the options resolved."""
+    index: int  # position in the plan (the KV cache's key)
+    block: int
+    slot: int  # index at full depth: the row of the per-layer parameters
+    scalars: int  # row of the gains, scales and x0 mix: the slot with UNTIE_SCALARS, else the block
+    attention: bool  # False for block 0 with DISABLE_LAYER0_ATTN
+    xsa: bool
+    lanes: int  # 2 in the last PARALLEL_LAST_N layers
+    norm_scale: float  # LN_SCALE: 1/sqrt(slot + 1) on the sublayer inputs
+    v_embed: int | None  # on VE_LAYERS: the row of the V-embedding's layer scales
+    skip_from: int | None  # U-Net decoder: the skip row it reads (the mirrored encoder layer's output)
+    skip_to: bool  # U-Net encoder: its output is kept for the decoder
+    cross_repeat: tuple[int, int] | None  # (run position, repeat - 1) from a block's second application on
+    repeat_mlp: int | None  # UNTIE_REPEAT_MLP: the index of this application's own MLP
+
+
+def effective_layers(cfg: Config, repeats: int) -> list[EffectiveLayer]:
+    plan = layer_plan(cfg, repeats)
+    lo, hi = cfg.recur_span
+    depth = len(plan)
+    encoder = depth // 2 if cfg.unet != "off" else 0
+    first_lane = depth - cfg.parallel_last_n  # below 0 (a depth under PARALLEL_LAST_N): no lanes at that depth
+    v_rows = {slot: row for row, slot in enumerate(parse_ints(cfg.ve_layers))}
+    return [EffectiveLayer(
+        index=i, block=p, slot=slot, scalars=slot if cfg.untie_scalars else p,
+        attention=p > 0 or not cfg.disable_layer0_attn, xsa=i >= xsa_start(depth, cfg.xsa_last_n),
+        lanes=2 if 0 <= first_lane <= i else 1, norm_scale=(slot + 1) ** -0.5 if cfg.ln_scale else 1.0,
+        v_embed=v_rows.get(slot), skip_from=i - encoder if encoder <= i < 2 * encoder else None,
+        skip_to=i < encoder, cross_repeat=(p - lo, k - 1) if k and cfg.cross_repeat else None,
+        repeat_mlp=(k - 1) * (hi - lo) + p - lo if k and cfg.untie_repeat_mlp else None)
+        for i, (p, slot, k) in enumerate(plan)]
 
 
 class Attention(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
-        self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.heads = cfg.num_heads
+        self.kv_heads = cfg.num_kv_heads
+        self.head_dim = cfg.head_dim
         kv_dim = cfg.num_kv_heads * cfg.head_dim
         self.c_q = nn.Linear(cfg.model_dim, cfg.model_dim, bias=False)
         self.c_k = nn.Linear(cfg.model_dim, kv_dim, bias=False)
@@ -1004,22 +1042,22 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], q_gain: Tensor, use_xsa: bool,
                 v_extra: Tensor | None = None, kv: Callable | None = None) -> Tensor:
+        """`kv(k, v)`, when decoding, caches this call's keys and values and returns every position's."""
         b, t, d = x.shape
         q = self.c_q(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.c_k(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         v = self.c_v(x) if v_extra is None else self.c_v(x) + v_extra
         v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(rms_norm(q), *rope), apply_rope(rms_norm(k), *rope)
-        # q and k are unit-RMS, so q_gain alone sets the attention temperature per head.
-        q = q * q_gain.to(q.dtype)[None, :, None, None]
-        # enable_gqa lets the kernel share each kv head across its query group without materialising copies.
-        if kv is None:
+        q = apply_rope(rms_norm(q), *rope)
+        k = apply_rope(rms_norm(k), *rope)
+        q = q * q_gain.to(q.dtype)[None, :, None, None]  # q and k are unit-RMS: q_gain sets the temperature
+        if kv is None:  # enable_gqa shares each kv head across its query group without copies
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        else:  # decoding: kv(k, v) caches this call's keys and values and returns every position's
+        else:
             keys, values = kv(k, v)
             visible = torch.ones(t, keys.size(2), dtype=torch.bool, device=x.device).tril(keys.size(2) - t)
             y = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, enable_gqa=True)
-        if use_xsa:  # own positions' values only
+        if use_xsa:
             y = remove_self_value(y, v)
         return self.proj(y.transpose(1, 2).reshape(b, t, d))
 
@@ -1027,13 +1065,14 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
-        hidden, self.slope = int(cfg.mlp_mult * cfg.model_dim), cfg.mlp_negative_slope
+        hidden = int(cfg.mlp_mult * cfg.model_dim)
+        self.slope = cfg.mlp_negative_slope
         self.fc = nn.Linear(cfg.model_dim, hidden, bias=False)
         self.proj = nn.Linear(hidden, cfg.model_dim, bias=False)
         nn.init.zeros_(self.proj.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        # LeakyReLU(0.5)^2 (#784): relu^2's sharpness, but negative inputs keep a 0.25 u^2 gradient path.
+        # LeakyReLU(0.5)^2: relu^2's sharpness, but negative inputs keep a 0.25 u^2 gradient path.
         return self.proj(F.leaky_relu(self.fc(x), negative_slope=self.slope).square())
 
 
@@ -1047,8 +1086,7 @@ class Block(nn.Module):
 
 
 class BigramHash(nn.Module):
-    """A table of hashed (previous, current) token pairs added to the token embedding; zero at init so it starts as
-    a no-op. #1453 carried one that no optimizer updated; here every parameter is in the table and trains."""
+    """A table of hashed (previous, current) token pairs added to the token embedding; zero at init: a no-op."""
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -1063,8 +1101,8 @@ class BigramHash(nn.Module):
         return self.scale * self.proj(self.embed(torch.cat((torch.full_like(ids[:, :1], last), pairs), 1)))
 
 
-class ValueEmbedding(nn.Module):
-    """#1204's V-embedding: one shared table projected to the kv width, added to V on VE_LAYERS with a scale each."""
+class AttentionValueEmbedding(nn.Module):
+    """One shared table projected to the kv width and added to attention's V on VE_LAYERS, with a scale each."""
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -1074,26 +1112,33 @@ class ValueEmbedding(nn.Module):
         self.scale = nn.Parameter(torch.tensor([0.1]))
         self.layer_scales = nn.Parameter(torch.ones(len(parse_ints(cfg.ve_layers))))
 
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.scale * self.proj(self.embed(ids))
+
 
 class GPT(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.cfg = cfg
-        (lo, hi), d, depth = cfg.recur_span, cfg.model_dim, cfg.depth
+        self.plans = {r: effective_layers(cfg, r) for r in range(1, cfg.num_repeats + 1)}
+        lo, hi = cfg.recur_span
+        d = cfg.model_dim
+        depth = cfg.depth
+        reps = cfg.num_repeats
         # The small std keeps the tied head's initial logits near uniform (val_loss ~ ln V at step 0).
         self.tok_emb = nn.Embedding(cfg.vocab_size, d)
         nn.init.normal_(self.tok_emb.weight, std=cfg.tied_embed_init_std)
         self.bigram = BigramHash(cfg) if cfg.bigram_vocab_size else None
         self.smear_gate = nn.Parameter(torch.zeros(d)) if cfg.smear_gate else None  # sigmoid(0): an even blend
         self.value_embeds = nn.ModuleList(nn.Embedding(cfg.vocab_size, d) for _ in range(cfg.num_value_embeds))
-        self.ve = ValueEmbedding(cfg) if cfg.ve_dim else None
+        self.v_embed = AttentionValueEmbedding(cfg) if cfg.ve_dim else None
         # Per effective layer, so shared blocks can still tell their applications apart; all start at zero, so a
         # layer that progressive depth has not reached yet contributes nothing until it trains.
-        nve, reps = cfg.num_value_embeds, cfg.num_repeats
+        nve = cfg.num_value_embeds
         self.value_scales = nn.Parameter(torch.zeros(depth, nve, d)) if nve else None
         self.loop_embed = nn.Parameter(torch.zeros(depth, d)) if cfg.loop_embed else None
-        self.cross_repeat_scales = nn.Parameter(torch.zeros(hi - lo, reps - 1, d)) if cfg.cross_repeat and reps > 1 \
-            else None
+        cross = cfg.cross_repeat and reps > 1
+        self.cross_repeat_scales = nn.Parameter(torch.zeros(hi - lo, reps - 1, d)) if cross else None
         n_scalars = depth if cfg.untie_scalars else cfg.num_layers
         self.q_gain = nn.Parameter(torch.full((n_scalars, cfg.num_heads), cfg.qk_gain_init))
         self.attn_scale = nn.Parameter(torch.ones(n_scalars, d))
@@ -1102,7 +1147,7 @@ class GPT(nn.Module):
         skips = depth // 2 if cfg.unet != "off" else 0
         self.skip_weights = nn.Parameter(torch.ones(skips, d)) if skips else None
         self.skip_gates = nn.Parameter(torch.zeros(skips, d)) if cfg.unet == "gated" else None  # sigmoid(0) = 1/2
-        # Lane routing per physical layer, as #1204 (so its count reproduces): [attn, mlp] -> [attn lane, mlp lane].
+        # Lane routing per physical layer: [attn, mlp] -> [attn lane, mlp lane].
         lanes = cfg.parallel_last_n > 0
         self.lane_post = nn.Parameter(torch.ones(cfg.num_layers, 2, 2)) if lanes else None
         self.lane_resid = nn.Parameter(torch.full((cfg.num_layers, 2), math.sqrt(1.1))) if lanes else None
@@ -1114,20 +1159,20 @@ class GPT(nn.Module):
     @torch.no_grad()
     def clone_repeat_mlps(self, old: int, new: int) -> None:
         """Make the untied MLPs of repeats that become active (old -> new repeats) copies of their block's MLP, so
-        switching the recurrence on changes nothing until they train (#1204's activation copy)."""
+        switching the recurrence on changes nothing until they train."""
         lo, hi = self.cfg.recur_span
         for k in range(max(old, 1), new if self.repeat_mlps is not None else 0):
             for j in range(hi - lo):
                 self.repeat_mlps[(k - 1) * (hi - lo) + j].load_state_dict(self.blocks[lo + j].mlp.state_dict())
 
     def unexported(self) -> set[str]:
-        """Parameters no forward reads (DISABLE_LAYER0_ATTN keeps #1204's count); the artifact leaves them out."""
-        return {f"blocks.0.attn.{m}.weight" for m in ("c_q", "c_k", "c_v", "proj")} if self.cfg.disable_layer0_attn \
-            else set()
+        """Parameters no forward reads (kept for the parameter count); the artifact leaves them out."""
+        if not self.cfg.disable_layer0_attn:
+            return set()
+        return {f"blocks.0.attn.{m}.weight" for m in ("c_q", "c_k", "c_v", "proj")}
 
     def recurrent_matrices(self) -> frozenset[str]:
-        """With RECUR_LAYERS, the weights applied more than once; QUANT_HIGH_TENSORS gives them QUANT_LEVELS first,
-        as #1204 did (an error there is made at every application)."""
+        """With RECUR_LAYERS, the weights applied more than once (an error there is made at every application)."""
         lo, hi = self.cfg.recur_span
         prefixes = ("repeat_mlps.", *(f"blocks.{p}." for p in range(lo, hi))) if self.cfg.recur_layers else ()
         return frozenset(n for n, _ in self.named_parameters() if n.startswith(prefixes) and n.endswith(".weight"))
@@ -1135,78 +1180,98 @@ class GPT(nn.Module):
     def embed(self, ids: Tensor) -> Tensor:
         x = self.tok_emb(ids) if self.bigram is None else self.tok_emb(ids) + self.bigram(ids)
         x = rms_norm(x)
-        if self.smear_gate is not None:  # (1 - g) x_t + g x_{t-1}, a learned per-dim gate g (position 0: x_{-1} = 0)
+        if self.smear_gate is not None:  # (1 - g) x_t + g x_{t-1}, a learned per-dim gate g (x_{-1} = 0)
             x = torch.lerp(x, F.pad(x[:, :-1], (0, 0, 1, 0)), torch.sigmoid(self.smear_gate))
         return x
 
     def forward(self, ids: Tensor, repeats: int, targets: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
-        """ids (B, T) -> fp32 logits (B, T, V), or per-token NLL (B, T) when targets are given. `repeats`
-        (1..NUM_REPEATS) is the current depth; a compiled forward keeps one graph per value. With a cache, ids are
-        the positions after the cached ones, which they attend to (and the cache then holds them too)."""
-        cfg, (lo, hi) = self.cfg, self.cfg.recur_span
+        """ids (B, T) -> fp32 logits (B, T, V), or per-token NLL (B, T) given targets. `repeats` (1..NUM_REPEATS) is
+        the current depth; a compiled forward keeps one graph per value. With a cache, ids are the positions after
+        the cached ones, which they attend to (and the cache then holds them too)."""
+        cfg = self.cfg
         start = 0 if cache is None else cache.length
         x0 = self.embed(ids) if cache is None else self.embed(cache.with_context(ids))[:, -ids.size(1):]  # (B, T, D)
         values = [table(ids) for table in self.value_embeds]  # looked up once, added at every layer
-        ve = None if self.ve is None else self.ve.scale * self.ve.proj(self.ve.embed(ids))
-        ve_index = {slot: i for i, slot in enumerate(parse_ints(cfg.ve_layers))}
+        v_values = None if self.v_embed is None else self.v_embed(ids)
         rope = rope_tables(start + ids.size(1), cfg.rope_dims or cfg.head_dim, cfg.rope_base, ids.device)
-        if start:  # decoding: the positions after the cached ones
+        if start:  # only when decoding: inductor's fp32 CPU code corrupted the heap on a zero-offset slice
             rope = tuple(t[start:] for t in rope)
-        plan = layer_plan(cfg, repeats)
-        first_xsa, first_lane = xsa_start(len(plan), cfg.xsa_last_n), len(plan) - cfg.parallel_last_n
-        encoder = len(plan) // 2  # U-Net: the first half pushes its outputs, the second half pops them
-        lanes, skips, previous = [x0], [], {}
-        for i, (p, slot, k) in enumerate(plan):
-            if i == first_lane:  # both lanes start from the stream
+        lanes = [x0]
+        skips = []
+        previous = {}
+        for at in self.plans[repeats]:
+            if len(lanes) < at.lanes:  # the first parallel layer: both lanes start from the stream
                 lanes = lanes * 2
-            delta = self.loop_embed[slot] if self.loop_embed is not None else 0.0
-            for j, value in enumerate(values):
-                delta = delta + self.value_scales[slot, j] * value
-            if k > 0 and self.cross_repeat_scales is not None:  # stateful recurrence: block p's previous output
-                delta = delta + self.cross_repeat_scales[p - lo, k - 1] * previous[p]
-            if torch.is_tensor(delta):  # nothing to add in the #1204/#456 shapes: no op at all
+            delta = self.stream_input(at, values, previous)
+            if delta is not None:
                 lanes = [lane + delta for lane in lanes]
-            if self.skip_weights is not None and i >= encoder and skips:  # decoder i reads the mirrored encoder layer
-                skip = self.skip_weights[i - encoder] * skips.pop()
-                lanes = [lane + skip if self.skip_gates is None else  # gated: (1 - g) skip + g lane
-                         torch.lerp(skip, lane, torch.sigmoid(self.skip_gates[i - encoder])) for lane in lanes]
-            v_extra = self.ve.layer_scales[ve_index[slot]] * ve if slot in ve_index else None
-            untied = k > 0 and self.repeat_mlps is not None
-            mlp = self.repeat_mlps[(k - 1) * (hi - lo) + p - lo] if untied else self.blocks[p].mlp
-            kv = None if cache is None else functools.partial(cache.extend, i)
-            lanes = self.layer(lanes, x0, p, slot, mlp, rope, i >= first_xsa, v_extra, kv)
-            previous[p] = out = lanes[0] if len(lanes) == 1 else (lanes[0] + lanes[1]) / 2
-            if self.skip_weights is not None and i < encoder:
+            if at.skip_from is not None:
+                lanes = self.add_skip(lanes, skips.pop(), at.skip_from)
+            v_extra = None if at.v_embed is None else self.v_embed.layer_scales[at.v_embed] * v_values
+            kv = None if cache is None else functools.partial(cache.extend, at.index)
+            if len(lanes) == 1:
+                lanes = [self.layer(lanes[0], x0, at, rope, v_extra, kv)]
+            else:
+                lanes = self.parallel_layer(lanes, x0, at, rope, v_extra, kv)
+            out = lanes[0] if len(lanes) == 1 else (lanes[0] + lanes[1]) / 2
+            previous[at.block] = out
+            if at.skip_to:
                 skips.append(out)
         if cache is not None:
-            cache.ids = ids if cache.ids is None else torch.cat((cache.ids, ids), 1)
+            cache.append(ids)
         return self.head(rms_norm(out), targets)
 
-    def layer(self, lanes: list[Tensor], x0: Tensor, p: int, slot: int, mlp: MLP, rope: tuple[Tensor, Tensor],
-              use_xsa: bool, v_extra: Tensor | None, kv: Callable | None = None) -> list[Tensor]:
-        """One effective layer on one stream, or on #1204's two lanes: attention reads lane 0, the MLP reads lane 1
-        after attention wrote to it, and each sublayer writes both lanes with learned routing weights."""
-        cfg, block, si = self.cfg, self.blocks[p], slot if self.cfg.untie_scalars else p
-        attn_on, mix = not (p == 0 and cfg.disable_layer0_attn), self.resid_mix[si]
+    def stream_input(self, at: EffectiveLayer, values: list[Tensor], previous: dict[int, Tensor]) -> Tensor | None:
+        """What the stream gets before a layer: the loop embedding, the value embeddings and, from a block's second
+        application on, a scaled copy of its previous output; None when there is nothing to add."""
+        delta = self.loop_embed[at.slot] if self.loop_embed is not None else 0.0
+        for j, value in enumerate(values):
+            delta = delta + self.value_scales[at.slot, j] * value
+        if at.cross_repeat is not None:
+            delta = delta + self.cross_repeat_scales[at.cross_repeat] * previous[at.block]
+        return delta if torch.is_tensor(delta) else None
 
-        def norm(x: Tensor) -> Tensor:  # LN_SCALE damps the sublayer inputs of deeper layers
-            return rms_norm(x) * (slot + 1) ** -0.5 if cfg.ln_scale else rms_norm(x)
+    def add_skip(self, lanes: list[Tensor], skip: Tensor, row: int) -> list[Tensor]:
+        """U-Net: a decoder layer's input gets its mirrored encoder layer's output, added or gated ((1-g) skip + g x)."""
+        skip = self.skip_weights[row] * skip
+        if self.skip_gates is None:
+            return [lane + skip for lane in lanes]
+        return [torch.lerp(skip, lane, torch.sigmoid(self.skip_gates[row])) for lane in lanes]
 
-        def attn(x: Tensor) -> Tensor:
-            return self.attn_scale[si] * block.attn(norm(x), rope, self.q_gain[si], use_xsa, v_extra, kv)
+    def norm(self, x: Tensor, at: EffectiveLayer) -> Tensor:
+        return rms_norm(x) if at.norm_scale == 1.0 else rms_norm(x) * at.norm_scale
 
-        if len(lanes) == 1:
-            x = mix[0] * lanes[0] + mix[1] * x0
-            x = x + attn(x) if attn_on else x
-            return [x + self.mlp_scale[si] * mlp(norm(x))]
-        (a_to_a, a_to_m), (m_to_a, m_to_m) = self.lane_post[p]
-        r_attn, r_mlp = self.lane_resid[p]
-        l0, l1 = lanes
-        if attn_on:
-            a = attn(mix[0] * l0 + mix[1] * x0)
-            l0, l1 = r_attn * l0 + a_to_a * a, r_attn * l1 + a_to_m * a
-        m = self.mlp_scale[si] * mlp(norm(mix[0] * l1 + mix[1] * x0))
-        return [r_mlp * l0 + m_to_a * m, r_mlp * l1 + m_to_m * m]
+    def attention(self, x: Tensor, at: EffectiveLayer, rope: tuple[Tensor, Tensor], v_extra: Tensor | None,
+                  kv: Callable | None) -> Tensor:
+        y = self.blocks[at.block].attn(self.norm(x, at), rope, self.q_gain[at.scalars], at.xsa, v_extra, kv)
+        return self.attn_scale[at.scalars] * y
+
+    def mlp(self, x: Tensor, at: EffectiveLayer) -> Tensor:
+        untied = at.repeat_mlp is not None and self.repeat_mlps is not None
+        mlp = self.repeat_mlps[at.repeat_mlp] if untied else self.blocks[at.block].mlp
+        return self.mlp_scale[at.scalars] * mlp(self.norm(x, at))
+
+    def layer(self, x: Tensor, x0: Tensor, at: EffectiveLayer, rope: tuple[Tensor, Tensor],
+              v_extra: Tensor | None = None, kv: Callable | None = None) -> Tensor:
+        """One effective layer on the residual stream: the x0 mix, attention, MLP."""
+        mix = self.resid_mix[at.scalars]
+        x = mix[0] * x + mix[1] * x0
+        if at.attention:
+            x = x + self.attention(x, at, rope, v_extra, kv)
+        return x + self.mlp(x, at)
+
+    def parallel_layer(self, lanes: list[Tensor], x0: Tensor, at: EffectiveLayer, rope: tuple[Tensor, Tensor],
+                       v_extra: Tensor | None = None, kv: Callable | None = None) -> list[Tensor]:
+        """One effective layer on two lanes: attention reads lane 0, the MLP reads lane 1 after attention wrote to it;
+        each sublayer scales both lanes by its residual weight and writes both with its routing weights."""
+        mix = self.resid_mix[at.scalars]
+        attn_post, mlp_post = self.lane_post[at.block]
+        attn_resid, mlp_resid = self.lane_resid[at.block]
+        if at.attention:
+            a = self.attention(mix[0] * lanes[0] + mix[1] * x0, at, rope, v_extra, kv)
+            lanes = [attn_resid * lane + w * a for lane, w in zip(lanes, attn_post)]
+        m = self.mlp(mix[0] * lanes[1] + mix[1] * x0, at)
+        return [mlp_resid * lane + w * m for lane, w in zip(lanes, mlp_post)]
 
     def head(self, h: Tensor, targets: Tensor | None) -> Tensor:
         """Tied head and tanh softcap in fp32: bf16 logits near the cap have 0.125-nat resolution."""
@@ -1234,12 +1299,12 @@ class ParamRule:
 
 
 PARAM_RULES = (
-    ParamRule(r"(tok_emb|value_embeds\.\d+|bigram\.embed|ve\.embed)\.weight", "embed", torch.float32, "q_attn"),
-    ParamRule(r"blocks\.\d+\.attn\.(c_q|c_k|c_v|proj)\.weight|(bigram|ve)\.proj\.weight", "muon", torch.float32,
+    ParamRule(r"(tok_emb|value_embeds\.\d+|bigram\.embed|v_embed\.embed)\.weight", "embed", torch.float32, "q_attn"),
+    ParamRule(r"blocks\.\d+\.attn\.(c_q|c_k|c_v|proj)\.weight|(bigram|v_embed)\.proj\.weight", "muon", torch.float32,
               "q_attn"),
     ParamRule(r"(blocks\.\d+\.mlp|repeat_mlps\.\d+)\.(fc|proj)\.weight", "muon", torch.float32, "q_mlp"),
     ParamRule(r"q_gain|attn_scale|mlp_scale|resid_mix|skip_(weights|gates)|smear_gate|lane_(post|resid)|"
-              r"(bigram|ve)\.scale|ve\.layer_scales", "scalar", torch.float32, "fp32"),
+              r"(bigram|v_embed)\.scale|v_embed\.layer_scales", "scalar", torch.float32, "fp32"),
     # Recurrence scalars: fp32 in training (the reference trained them in bf16), fp16 in the artifact.
     ParamRule(r"loop_embed|value_scales|cross_repeat_scales", "scalar", torch.float32, "fp16"),
 )
