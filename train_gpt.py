@@ -698,9 +698,8 @@ def swa_due(cfg: Config, step: int, repeats: int, warmdown: float) -> bool:
 
 
 # === 5. DATA ===
-# Challenge shards: a 256-int32 header (magic, version, token count), then uint16 tokens. Training reads the sorted
-# train shards as one endless sequential stream; each micro-step every rank takes the same world*(local+1) tokens
-# and keeps its own slice, so no two ranks ever see the same tokens.
+# Shards: a 256-int32 header (magic, version, token count), then uint16 tokens. Training reads the train
+# shards as one endless stream; each micro-step every rank reads world*(local+1) tokens and keeps its slice.
 
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
@@ -708,23 +707,20 @@ SHARD_HEADER_INTS = 256
 
 
 def shard_tokens(path: Path) -> int:
-    """The token count of one shard's header, checked against the magic, version and file size (ValueError)."""
+    """The token count in a shard's header, checked against the magic, version and file size (ValueError)."""
     with path.open("rb") as fh:
         head = fh.read(4 * SHARD_HEADER_INTS)
     header = np.frombuffer(head[:len(head) // 4 * 4], dtype="<i4")
     if header.size < SHARD_HEADER_INTS or header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
-        raise ValueError(f"{path} is not a challenge shard (no magic {SHARD_MAGIC} version {SHARD_VERSION} header); "
-                         "rebuild or remove it")
+        raise ValueError(f"{path} is not a challenge shard (header magic/version): rebuild or remove it")
     count = int(header[2])
-    expected = 4 * SHARD_HEADER_INTS + 2 * count
-    if path.stat().st_size != expected:
-        raise ValueError(f"{path} is {path.stat().st_size} bytes, its header promises {count} tokens ({expected} "
-                         "bytes): a truncated or damaged copy; download or build it again")
+    if path.stat().st_size != 4 * SHARD_HEADER_INTS + 2 * count:
+        raise ValueError(f"{path} does not hold its {count} tokens: a truncated or damaged copy; fetch it")
     return count
 
 
 def read_shard(path: Path) -> np.ndarray:
-    """A shard's tokens as a read-only uint16 memory map: pages are read when sliced."""
+    """A shard's tokens as a read-only uint16 memory map."""
     count = shard_tokens(path)
     if not count:  # mmap cannot map zero bytes
         return np.zeros(0, dtype="<u2")
@@ -734,14 +730,12 @@ def read_shard(path: Path) -> np.ndarray:
 def shard_paths(data_path: str, split: str) -> list[Path]:
     paths = sorted(Path(data_path).glob(f"fineweb_{split}_*.bin"))
     if not paths:
-        raise FileNotFoundError(f"DATA_PATH={data_path} has no fineweb_{split}_*.bin shards; point DATA_PATH at a "
-                                "dataset folder (data/README.md builds one)")
+        raise FileNotFoundError(f"DATA_PATH={data_path} has no fineweb_{split}_*.bin shards (data/README.md)")
     return paths
 
 
 def check_shards(data_path: str, split: str) -> int:
-    """The split's token count after checking every shard's header (1 KiB each), so a damaged file stops the run
-    before any work; ConfigError names the first bad file."""
+    """The split's token count, checking each shard's header (1 KiB): ConfigError on the first bad one."""
     try:
         return sum(shard_tokens(path) for path in shard_paths(data_path, split))
     except (FileNotFoundError, ValueError) as err:
@@ -762,40 +756,36 @@ class TokenStream:
 
     def take(self, n: int) -> np.ndarray:
         parts = []
-        while n > 0:  # a request may span several shards
+        while n > 0:
             if self.offset == len(self.tokens):
                 self.seek((self.file_index + 1) % len(self.paths), 0)
-            part = self.tokens[self.offset:self.offset + n]
-            parts.append(part)
-            self.offset += len(part)
-            n -= len(part)
+            parts.append(self.tokens[self.offset:self.offset + n])
+            self.offset += len(parts[-1])
+            n -= len(parts[-1])
         return np.concatenate(parts)
 
 
 class TrainBatches:
-    """Per micro-step (inputs, targets) of shape (local_tokens / seq_len, seq_len) for one rank. One worker thread
-    reads the next micro-batch while the current step runs; `position` is the stream position after the batches
-    handed out: what a checkpoint saves."""
+    """One rank's (inputs, targets) per micro-step, read ahead by a worker; `position` (what a checkpoint
+    saves) is the stream position after the batches handed out."""
 
     def __init__(self, stream: TokenStream, rank: int, world_size: int, local_tokens: int, seq_len: int,
                  device: torch.device):
         self.stream = stream
-        self.rank = rank
-        self.world_size = world_size
         self.local_tokens = local_tokens
+        self.chunk_tokens = (local_tokens + 1) * world_size
+        self.rank_span = slice(rank * (local_tokens + 1), (rank + 1) * (local_tokens + 1))
         self.seq_len = seq_len
         self.device = device
         self.position = (stream.file_index, stream.offset)
-        self.worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="batches")
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix="batches")
         self.pending = None
 
     def read(self) -> tuple[list[Tensor], tuple[int, int]]:
-        # The extra token per rank is only a target: the pair between adjacent rank spans is never trained on.
-        span = self.local_tokens + 1
-        chunk = self.stream.take(span * self.world_size)[self.rank * span:(self.rank + 1) * span]
-        chunk = torch.from_numpy(chunk.astype(np.int64))
+        # A span's extra token is only a target: the pair across two ranks' spans is never trained on.
+        chunk = torch.from_numpy(self.stream.take(self.chunk_tokens)[self.rank_span].astype(np.int64))
         pair = [chunk[:-1].view(-1, self.seq_len), chunk[1:].view(-1, self.seq_len)]
-        if self.device.type != "cpu":  # pinned for an asynchronous copy; separate copies keep y aligned too
+        if self.device.type != "cpu":  # pinned (each its own copy) for an asynchronous transfer
             pair = [t.pin_memory() for t in pair]
         return pair, (self.stream.file_index, self.stream.offset)
 
@@ -806,7 +796,7 @@ class TrainBatches:
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def seek(self, file_index: int, offset: int) -> None:
-        if self.pending:  # let the worker finish with the stream before moving it
+        if self.pending:  # the worker must be done with the stream before it moves
             self.pending.result()
             self.pending = None
         self.stream.seek(file_index, offset)
@@ -815,35 +805,32 @@ class TrainBatches:
 
 def grad_accum_for(cfg: Config, world_size: int) -> int:
     """GRAD_ACCUM_STEPS, or 8 // world (the challenge's global batch on any GPU count that divides 8)."""
-    if cfg.grad_accum_steps:
-        return cfg.grad_accum_steps
-    return 8 // world_size if 8 % world_size == 0 else 1
+    return cfg.grad_accum_steps or (8 // world_size if 8 % world_size == 0 else 1)
 
 
 def local_batch_tokens(cfg: Config, world_size: int) -> int:
     accum = grad_accum_for(cfg, world_size)
     per_micro = cfg.train_batch_tokens // (world_size * accum)
     if per_micro * world_size * accum != cfg.train_batch_tokens or per_micro % cfg.train_seq_len:
-        raise ConfigError(f"TRAIN_BATCH_TOKENS={cfg.train_batch_tokens} does not split into world_size={world_size}"
-                          f" x grad_accum={accum} micro-batches of whole TRAIN_SEQ_LEN={cfg.train_seq_len} rows")
+        raise ConfigError(f"TRAIN_BATCH_TOKENS={cfg.train_batch_tokens} does not split into world_size="
+                          f"{world_size} x grad_accum={accum} micro-batches of whole TRAIN_SEQ_LEN rows")
     return per_micro
 
 
 def load_val_tokens(cfg: Config) -> Tensor:
-    """All val shards concatenated (capped by VAL_MAX_TOKENS), cut to whole TRAIN_SEQ_LEN blocks + 1 target."""
+    """The val shards (capped by VAL_MAX_TOKENS), cut to whole TRAIN_SEQ_LEN blocks + 1 target."""
     tokens = np.concatenate([read_shard(p) for p in shard_paths(cfg.data_path, "val")])
     if cfg.val_max_tokens:
         tokens = tokens[:cfg.val_max_tokens + 1]
     usable = (len(tokens) - 1) // cfg.train_seq_len * cfg.train_seq_len
     if usable <= 0:
-        raise ValueError(f"validation split has {len(tokens)} tokens, fewer than TRAIN_SEQ_LEN={cfg.train_seq_len}")
+        raise ValueError(f"the val split has {len(tokens)} tokens, under TRAIN_SEQ_LEN={cfg.train_seq_len}")
     return torch.from_numpy(tokens[:usable + 1].astype(np.int64))
 
 
 # === 6. BYTES ===
-# val_bpb = sum NLL / (ln 2 * sum bytes), bytes counted from the SentencePiece pieces as the challenge does: a
-# leading U+2581 is one space byte unless the previous token is a boundary (control/unknown) token, byte-fallback
-# pieces are one byte, control/unknown/unused pieces are zero bytes.
+# val_bpb = sum NLL / (ln 2 * sum bytes), bytes from the pieces as the challenge counts them: a leading U+2581
+# is a space byte unless after a boundary (control/unknown) token, a byte piece is 1, control/unused pieces 0.
 
 
 @dataclass(frozen=True)
@@ -867,23 +854,19 @@ def build_byte_tables(sp, vocab_size: int) -> ByteTables:
             continue
         boundary[i] = False
         piece = sp.id_to_piece(i)
-        if sp.is_byte(i):  # <0xNN> stands for exactly one UTF-8 byte, whatever its piece text
-            base[i] = 1
-        else:
-            space[i] = piece.startswith("\u2581")
-            base[i] = len(piece.removeprefix("\u2581").encode("utf-8"))
+        space[i] = not sp.is_byte(i) and piece.startswith("\u2581")
+        base[i] = 1 if sp.is_byte(i) else len(piece.removeprefix("\u2581").encode())  # <0xNN>: one byte
     return ByteTables(base, space, boundary)
 
 
 def target_bytes(prev: Tensor, target: Tensor, tables: ByteTables) -> Tensor:
-    """Bytes of each target token given the token before it (same shapes, int32)."""
-    # The U+2581 of a word right after BOS is the tokenizer's word marker, not a byte of the text.
+    """Bytes of each target token given the token before it (after BOS, U+2581 is only a word marker)."""
     space = tables.has_space[target] & ~tables.is_boundary[prev]
     return tables.base_bytes[target] + space.int()
 
 
 class BpbMeter:
-    """Float64 sums of NLL, tokens and bytes; reduced across ranks once, safe when nothing was scored."""
+    """Float64 sums of NLL, tokens and bytes, reduced across ranks once."""
 
     def __init__(self, device: torch.device):
         self.sums = torch.zeros(3, dtype=torch.float64, device=device)
@@ -905,50 +888,43 @@ class BpbMeter:
 
 
 # === 7. MODEL ===
-# NUM_LAYERS physical blocks run along a layer plan: the whole stack NUM_REPEATS times or, with RECUR_LAYERS, a run
-# of consecutive layers repeated in place. Each plan entry is an EffectiveLayer holding every per-layer choice,
-# made once at construction. GPT.layer is one effective layer of the default model; the options plug in as named
-# pieces: BigramHash and the smear gate in embed(), stream_input, add_skip (U-Net), parallel_layer (two lanes),
-# AttentionValueEmbedding (into V on VE_LAYERS). Output projections start at zero, so at step 0 the logits come
-# from the tied embedding.
+# NUM_LAYERS blocks run along a layer plan: the stack NUM_REPEATS times or, with RECUR_LAYERS, a run of layers
+# repeated in place. GPT.layer is one layer of the default model; EffectiveLayer holds a layer's choices, and
+# the options are named pieces (embed, stream_input, add_skip, parallel_layer, AttentionValueEmbedding).
 
 RMS_EPS = torch.finfo(torch.float32).eps  # a weightless RMSNorm's eps, even for bf16 inputs
+Rope = tuple[Tensor, Tensor]
 
 
 def rms_norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),), eps=RMS_EPS)
 
 
-def rope_tables(seq_len: int, dims: int, base: float, device: torch.device) -> tuple[Tensor, Tensor]:
-    """cos/sin of shape (T, dims/2) for the `dims` rotated channels, in fp32 (bf16 has 513 distinct positions)."""
+def rope_tables(seq_len: int, dims: int, base: float, device: torch.device) -> Rope:
+    """cos/sin (T, dims/2) of the `dims` rotated channels, in fp32 (bf16 has 513 distinct positions)."""
     inv_freq = base ** (-torch.arange(0, dims, 2, dtype=torch.float32, device=device) / dims)
     angles = torch.arange(seq_len, dtype=torch.float32, device=device)[:, None] * inv_freq[None, :]
     return angles.cos(), angles.sin()
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Half-split rotation of the first 2 * cos.size(-1) dims of (B, H, T, hd); the rest stay position-free."""
+    """Half-split rotation of the first 2 * cos.size(-1) dims of (B, H, T, hd); the rest stay unrotated."""
     half = cos.size(-1)
     x1, x2, rest = x.split((half, half, x.size(-1) - 2 * half), dim=-1)
-    cos = cos.to(x.dtype)  # the angles are exact in fp32; only the product is bf16
-    sin = sin.to(x.dtype)
+    cos, sin = (t.to(x.dtype) for t in (cos, sin))  # exact angles in fp32; only the product is bf16
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
 
 
 def remove_self_value(y: Tensor, v: Tensor) -> Tensor:
-    """XSA: drop from each head's output (B, H, T, hd) its component along its own position's value direction."""
+    """XSA: drop from each head's output (B, H, T, hd) its component along its own position's value."""
     b, h, t, hd = y.shape
-    kv = v.size(1)
-    y = y.view(b, kv, h // kv, t, hd)  # query head i reads kv head i // group, as in SDPA's GQA
+    y = y.view(b, v.size(1), -1, t, hd)  # query head i reads kv head i // group, as in SDPA's GQA
     unit = F.normalize(v, dim=-1, eps=1e-12).unsqueeze(2)
-    y = y - (y * unit).sum(-1, keepdim=True) * unit
-    return y.view(b, h, t, hd)
+    return (y - (y * unit).sum(-1, keepdim=True) * unit).view(b, h, t, hd)
 
 
 class KVCache:
-    """Incremental decoding state: the tokens so far and each effective layer's keys and values in buffers of
-    `capacity` positions. Besides attention only the bigram hash and the smear gate read other positions (the
-    previous token): forward() re-embeds 2 cached tokens."""
+    """The tokens so far and each effective layer's keys and values, in buffers of `capacity` positions."""
 
     def __init__(self, capacity: int):
         self.capacity = capacity
@@ -959,55 +935,46 @@ class KVCache:
     def length(self) -> int:
         return 0 if self.ids is None else self.ids.size(1)
 
-    def with_context(self, ids: Tensor) -> Tensor:
+    def with_context(self, ids: Tensor) -> Tensor:  # the bigram hash and smear gate read the previous token
         return ids if self.ids is None else torch.cat((self.ids[:, -2:], ids), 1)
 
-    def append(self, ids: Tensor) -> None:
-        self.ids = ids if self.ids is None else torch.cat((self.ids, ids), 1)
-
-    def extend(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store k, v (B, Hkv, T, hd) after the cached positions; return the keys and values of all positions."""
-        start = self.length
-        end = start + k.size(2)
+    def extend(self, layer: int, k: Tensor, v: Tensor) -> Rope:
+        """Store k, v (B, Hkv, T, hd) after the cached positions; return those of all positions."""
+        end = self.length + k.size(2)
         if layer not in self.kv:
             self.kv[layer] = [x.new_empty(*x.shape[:2], self.capacity, x.size(3)) for x in (k, v)]
-        keys, values = self.kv[layer]
-        keys[:, :, start:end] = k
-        values[:, :, start:end] = v
-        return keys[:, :, :end], values[:, :, :end]
+        for buffer, new in zip(self.kv[layer], (k, v)):
+            buffer[:, :, self.length:end] = new
+        return tuple(buffer[:, :, :end] for buffer in self.kv[layer])
 
 
 def xsa_start(depth: int, xsa_last_n: int) -> int:
-    """First effective layer with XSA at the current depth (XSA follows the depth as it grows)."""
+    """First effective layer with XSA at the current depth."""
     return max(0, depth - xsa_last_n) if xsa_last_n > 0 else depth
 
 
 def layer_plan(cfg: Config, repeats: int) -> list[tuple[int, int, int]]:
-    """(block, slot, occurrence) per effective layer when the recurrent run repeats `repeats` times. The slot is the
-    layer's index at full depth, so per-layer parameters stay with one application while the depth grows."""
+    """(block, slot: its index at full depth, which owns its per-layer parameters, occurrence) per layer."""
     lo, hi = cfg.recur_span
-    span = hi - lo
-    extra = (cfg.num_repeats - 1) * span
-    recurrent = [(lo + j, lo + k * span + j, k) for k in range(repeats) for j in range(span)]
+    extra = (cfg.num_repeats - 1) * (hi - lo)
+    recurrent = [(lo + j, lo + k * (hi - lo) + j, k) for k in range(repeats) for j in range(hi - lo)]
     return [(p, p, 0) for p in range(lo)] + recurrent + [(p, p + extra, 0) for p in range(hi, cfg.num_layers)]
 
 
 @dataclass(frozen=True)
 class EffectiveLayer:
-    """One entry of the layer plan at one depth, with every per-layer choice of the options resolved."""
-    index: int  # position in the plan (the KV cache's key)
     block: int
-    slot: int  # index at full depth: the row of the per-layer parameters
+    slot: int  # index at full depth: the row of per-layer parameters
     scalars: int  # row of the gains, scales and x0 mix: the slot with UNTIE_SCALARS, else the block
-    attention: bool  # False for block 0 with DISABLE_LAYER0_ATTN
+    attention: bool  # False on block 0 with DISABLE_LAYER0_ATTN
     xsa: bool
-    lanes: int  # 2 in the last PARALLEL_LAST_N layers
+    parallel: bool  # the last PARALLEL_LAST_N layers run two lanes
     norm_scale: float  # LN_SCALE: 1/sqrt(slot + 1) on the sublayer inputs
-    v_embed: int | None  # on VE_LAYERS: the row of the V-embedding's layer scales
-    skip_from: int | None  # U-Net decoder: the skip row it reads (the mirrored encoder layer's output)
-    skip_to: bool  # U-Net encoder: its output is kept for the decoder
+    v_embed: int | None  # on VE_LAYERS: its row of layer scales
+    skip: tuple[int, int] | None  # U-Net decoder: (its skip row, the index of the mirrored encoder layer)
     cross_repeat: tuple[int, int] | None  # (run position, repeat - 1) from a block's second application on
-    repeat_mlp: int | None  # UNTIE_REPEAT_MLP: the index of this application's own MLP
+    previous: int | None  # with cross_repeat: the index of the block's previous application
+    repeat_mlp: int | None  # UNTIE_REPEAT_MLP: this application's own MLP
 
 
 def effective_layers(cfg: Config, repeats: int) -> list[EffectiveLayer]:
@@ -1015,14 +982,15 @@ def effective_layers(cfg: Config, repeats: int) -> list[EffectiveLayer]:
     lo, hi = cfg.recur_span
     depth = len(plan)
     encoder = depth // 2 if cfg.unet != "off" else 0
-    first_lane = depth - cfg.parallel_last_n  # below 0 (a depth under PARALLEL_LAST_N): no lanes at that depth
+    first_lane = depth - cfg.parallel_last_n  # below 0 (depth < PARALLEL_LAST_N): no lanes at this depth
     v_rows = {slot: row for row, slot in enumerate(parse_ints(cfg.ve_layers))}
     return [EffectiveLayer(
-        index=i, block=p, slot=slot, scalars=slot if cfg.untie_scalars else p,
+        block=p, slot=slot, scalars=slot if cfg.untie_scalars else p, v_embed=v_rows.get(slot),
         attention=p > 0 or not cfg.disable_layer0_attn, xsa=i >= xsa_start(depth, cfg.xsa_last_n),
-        lanes=2 if 0 <= first_lane <= i else 1, norm_scale=(slot + 1) ** -0.5 if cfg.ln_scale else 1.0,
-        v_embed=v_rows.get(slot), skip_from=i - encoder if encoder <= i < 2 * encoder else None,
-        skip_to=i < encoder, cross_repeat=(p - lo, k - 1) if k and cfg.cross_repeat else None,
+        parallel=0 <= first_lane <= i, norm_scale=(slot + 1) ** -0.5 if cfg.ln_scale else 1.0,
+        skip=(i - encoder, 2 * encoder - 1 - i) if 0 <= i - encoder < encoder else None,
+        cross_repeat=(p - lo, k - 1) if k and cfg.cross_repeat else None,
+        previous=i - (hi - lo) if k and cfg.cross_repeat else None,
         repeat_mlp=(k - 1) * (hi - lo) + p - lo if k and cfg.untie_repeat_mlp else None)
         for i, (p, slot, k) in enumerate(plan)]
 
@@ -1030,8 +998,6 @@ def effective_layers(cfg: Config, repeats: int) -> list[EffectiveLayer]:
 class Attention(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
-        self.heads = cfg.num_heads
-        self.kv_heads = cfg.num_kv_heads
         self.head_dim = cfg.head_dim
         kv_dim = cfg.num_kv_heads * cfg.head_dim
         self.c_q = nn.Linear(cfg.model_dim, cfg.model_dim, bias=False)
@@ -1040,35 +1006,32 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.model_dim, cfg.model_dim, bias=False)
         nn.init.zeros_(self.proj.weight)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], q_gain: Tensor, use_xsa: bool,
-                v_extra: Tensor | None = None, kv: Callable | None = None) -> Tensor:
-        """`kv(k, v)`, when decoding, caches this call's keys and values and returns every position's."""
+    def forward(self, x: Tensor, rope: Rope, q_gain: Tensor, use_xsa: bool, v_extra: Tensor | None = None,
+                kv: Callable | None = None) -> Tensor:
+        """When decoding, kv(k, v) caches this call's keys and values and returns every position's."""
         b, t, d = x.shape
-        q = self.c_q(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = self.c_k(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        q = self.c_q(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.c_k(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         v = self.c_v(x) if v_extra is None else self.c_v(x) + v_extra
-        v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        q = apply_rope(rms_norm(q), *rope)
-        k = apply_rope(rms_norm(k), *rope)
-        q = q * q_gain.to(q.dtype)[None, :, None, None]  # q and k are unit-RMS: q_gain sets the temperature
+        v = v.view(b, t, -1, self.head_dim).transpose(1, 2)
+        q = apply_rope(rms_norm(q), *rope) * q_gain.to(q.dtype)[None, :, None, None]  # unit-RMS q, k: the
+        k = apply_rope(rms_norm(k), *rope)  # gain alone sets the temperature
         if kv is None:  # enable_gqa shares each kv head across its query group without copies
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
             keys, values = kv(k, v)
             visible = torch.ones(t, keys.size(2), dtype=torch.bool, device=x.device).tril(keys.size(2) - t)
             y = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, enable_gqa=True)
-        if use_xsa:
-            y = remove_self_value(y, v)
+        y = remove_self_value(y, v) if use_xsa else y
         return self.proj(y.transpose(1, 2).reshape(b, t, d))
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
-        hidden = int(cfg.mlp_mult * cfg.model_dim)
         self.slope = cfg.mlp_negative_slope
-        self.fc = nn.Linear(cfg.model_dim, hidden, bias=False)
-        self.proj = nn.Linear(hidden, cfg.model_dim, bias=False)
+        self.fc = nn.Linear(cfg.model_dim, int(cfg.mlp_mult * cfg.model_dim), bias=False)
+        self.proj = nn.Linear(self.fc.out_features, cfg.model_dim, bias=False)
         nn.init.zeros_(self.proj.weight)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -1077,7 +1040,7 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """The matrices of one physical layer; its gains, scales and x0 mix live in GPT (per block or per slot)."""
+    """The matrices of one physical layer; its gains, scales and x0 mix are GPT's (per block or per slot)."""
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -1086,7 +1049,7 @@ class Block(nn.Module):
 
 
 class BigramHash(nn.Module):
-    """A table of hashed (previous, current) token pairs added to the token embedding; zero at init: a no-op."""
+    """Embeddings of hashed (previous, current) token pairs, added to the token embedding; zero at init."""
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -1102,7 +1065,7 @@ class BigramHash(nn.Module):
 
 
 class AttentionValueEmbedding(nn.Module):
-    """One shared table projected to the kv width and added to attention's V on VE_LAYERS, with a scale each."""
+    """A shared table projected to the kv width, added to attention's V on VE_LAYERS with a scale each."""
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -1123,59 +1086,55 @@ class GPT(nn.Module):
         self.plans = {r: effective_layers(cfg, r) for r in range(1, cfg.num_repeats + 1)}
         lo, hi = cfg.recur_span
         d = cfg.model_dim
-        depth = cfg.depth
-        reps = cfg.num_repeats
-        # The small std keeps the tied head's initial logits near uniform (val_loss ~ ln V at step 0).
         self.tok_emb = nn.Embedding(cfg.vocab_size, d)
-        nn.init.normal_(self.tok_emb.weight, std=cfg.tied_embed_init_std)
+        nn.init.normal_(self.tok_emb.weight, std=cfg.tied_embed_init_std)  # small: near-uniform step-0 logits
         self.bigram = BigramHash(cfg) if cfg.bigram_vocab_size else None
-        self.smear_gate = nn.Parameter(torch.zeros(d)) if cfg.smear_gate else None  # sigmoid(0): an even blend
-        self.value_embeds = nn.ModuleList(nn.Embedding(cfg.vocab_size, d) for _ in range(cfg.num_value_embeds))
-        self.v_embed = AttentionValueEmbedding(cfg) if cfg.ve_dim else None
-        # Per effective layer, so shared blocks can still tell their applications apart; all start at zero, so a
-        # layer that progressive depth has not reached yet contributes nothing until it trains.
+        self.smear_gate = nn.Parameter(torch.zeros(d)) if cfg.smear_gate else None  # sigmoid(0): even blend
         nve = cfg.num_value_embeds
-        self.value_scales = nn.Parameter(torch.zeros(depth, nve, d)) if nve else None
-        self.loop_embed = nn.Parameter(torch.zeros(depth, d)) if cfg.loop_embed else None
-        cross = cfg.cross_repeat and reps > 1
-        self.cross_repeat_scales = nn.Parameter(torch.zeros(hi - lo, reps - 1, d)) if cross else None
-        n_scalars = depth if cfg.untie_scalars else cfg.num_layers
+        self.value_embeds = nn.ModuleList(nn.Embedding(cfg.vocab_size, d) for _ in range(nve))
+        self.v_embed = AttentionValueEmbedding(cfg) if cfg.ve_dim else None
+        # Per slot and zero: a layer that progressive depth has not reached adds nothing until it trains.
+        self.value_scales = nn.Parameter(torch.zeros(cfg.depth, nve, d)) if nve else None
+        self.loop_embed = nn.Parameter(torch.zeros(cfg.depth, d)) if cfg.loop_embed else None
+        repeats = cfg.num_repeats - 1
+        cross = cfg.cross_repeat and repeats > 0
+        self.cross_repeat_scales = nn.Parameter(torch.zeros(hi - lo, repeats, d)) if cross else None
+        n_scalars = cfg.depth if cfg.untie_scalars else cfg.num_layers
         self.q_gain = nn.Parameter(torch.full((n_scalars, cfg.num_heads), cfg.qk_gain_init))
         self.attn_scale = nn.Parameter(torch.ones(n_scalars, d))
         self.mlp_scale = nn.Parameter(torch.ones(n_scalars, d))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(n_scalars, d), torch.zeros(n_scalars, d)), 1))
-        skips = depth // 2 if cfg.unet != "off" else 0
+        skips = cfg.depth // 2 if cfg.unet != "off" else 0
         self.skip_weights = nn.Parameter(torch.ones(skips, d)) if skips else None
-        self.skip_gates = nn.Parameter(torch.zeros(skips, d)) if cfg.unet == "gated" else None  # sigmoid(0) = 1/2
-        # Lane routing per physical layer: [attn, mlp] -> [attn lane, mlp lane].
-        lanes = cfg.parallel_last_n > 0
+        self.skip_gates = nn.Parameter(torch.zeros(skips, d)) if cfg.unet == "gated" else None  # sigmoid(0)
+        lanes = cfg.parallel_last_n > 0  # routing per physical layer: [attn, mlp] -> [attn lane, mlp lane]
         self.lane_post = nn.Parameter(torch.ones(cfg.num_layers, 2, 2)) if lanes else None
         self.lane_resid = nn.Parameter(torch.full((cfg.num_layers, 2), math.sqrt(1.1))) if lanes else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
-        self.repeat_mlps = nn.ModuleList(MLP(cfg) for _ in range((hi - lo) * (reps - 1))) \
+        self.repeat_mlps = nn.ModuleList(MLP(cfg) for _ in range((hi - lo) * repeats)) \
             if cfg.untie_repeat_mlp else None
-        self.clone_repeat_mlps(0, reps)
+        self.clone_repeat_mlps(0, cfg.num_repeats)
 
     @torch.no_grad()
     def clone_repeat_mlps(self, old: int, new: int) -> None:
-        """Make the untied MLPs of repeats that become active (old -> new repeats) copies of their block's MLP, so
-        switching the recurrence on changes nothing until they train."""
+        """Copy block MLPs into the untied MLPs of repeats that become active: the switch changes nothing."""
         lo, hi = self.cfg.recur_span
         for k in range(max(old, 1), new if self.repeat_mlps is not None else 0):
             for j in range(hi - lo):
-                self.repeat_mlps[(k - 1) * (hi - lo) + j].load_state_dict(self.blocks[lo + j].mlp.state_dict())
+                mlp = self.repeat_mlps[(k - 1) * (hi - lo) + j]
+                mlp.load_state_dict(self.blocks[lo + j].mlp.state_dict())
 
     def unexported(self) -> set[str]:
-        """Parameters no forward reads (kept for the parameter count); the artifact leaves them out."""
-        if not self.cfg.disable_layer0_attn:
-            return set()
-        return {f"blocks.0.attn.{m}.weight" for m in ("c_q", "c_k", "c_v", "proj")}
+        """Parameters no forward reads (they keep the parameter count); the artifact leaves them out."""
+        names = (f"blocks.0.attn.{m}.weight" for m in ("c_q", "c_k", "c_v", "proj"))
+        return set(names) if self.cfg.disable_layer0_attn else set()
 
     def recurrent_matrices(self) -> frozenset[str]:
-        """With RECUR_LAYERS, the weights applied more than once (an error there is made at every application)."""
+        """With RECUR_LAYERS, the weights applied more than once (their error recurs at each application)."""
         lo, hi = self.cfg.recur_span
         prefixes = ("repeat_mlps.", *(f"blocks.{p}." for p in range(lo, hi))) if self.cfg.recur_layers else ()
-        return frozenset(n for n, _ in self.named_parameters() if n.startswith(prefixes) and n.endswith(".weight"))
+        names = (n for n, _ in self.named_parameters() if n.endswith(".weight"))
+        return frozenset(n for n in names if n.startswith(prefixes))
 
     def embed(self, ids: Tensor) -> Tensor:
         x = self.tok_emb(ids) if self.bigram is None else self.tok_emb(ids) + self.bigram(ids)
@@ -1184,56 +1143,48 @@ class GPT(nn.Module):
             x = torch.lerp(x, F.pad(x[:, :-1], (0, 0, 1, 0)), torch.sigmoid(self.smear_gate))
         return x
 
-    def forward(self, ids: Tensor, repeats: int, targets: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
-        """ids (B, T) -> fp32 logits (B, T, V), or per-token NLL (B, T) given targets. `repeats` (1..NUM_REPEATS) is
-        the current depth; a compiled forward keeps one graph per value. With a cache, ids are the positions after
-        the cached ones, which they attend to (and the cache then holds them too)."""
+    def forward(self, ids: Tensor, repeats: int, targets: Tensor | None = None,
+                cache: KVCache | None = None) -> Tensor:
+        """ids (B, T) -> fp32 logits (B, T, V), or per-token NLL (B, T) given targets, at `repeats` (one
+        compiled graph per value); with a cache, ids follow the cached ones."""
         cfg = self.cfg
         start = 0 if cache is None else cache.length
-        x0 = self.embed(ids) if cache is None else self.embed(cache.with_context(ids))[:, -ids.size(1):]  # (B, T, D)
+        x0 = self.embed(ids) if cache is None else self.embed(cache.with_context(ids))[:, -ids.size(1):]
         values = [table(ids) for table in self.value_embeds]  # looked up once, added at every layer
         v_values = None if self.v_embed is None else self.v_embed(ids)
         rope = rope_tables(start + ids.size(1), cfg.rope_dims or cfg.head_dim, cfg.rope_base, ids.device)
         if start:  # only when decoding: inductor's fp32 CPU code corrupted the heap on a zero-offset slice
             rope = tuple(t[start:] for t in rope)
         lanes = [x0]
-        skips = []
-        previous = {}
-        for at in self.plans[repeats]:
-            if len(lanes) < at.lanes:  # the first parallel layer: both lanes start from the stream
+        outputs = []
+        for i, at in enumerate(self.plans[repeats]):
+            if at.parallel and len(lanes) == 1:  # the first parallel layer: both lanes start from the stream
                 lanes = lanes * 2
-            delta = self.stream_input(at, values, previous)
-            if delta is not None:
-                lanes = [lane + delta for lane in lanes]
-            if at.skip_from is not None:
-                lanes = self.add_skip(lanes, skips.pop(), at.skip_from)
+            delta = self.stream_input(at, values, outputs)
+            lanes = lanes if delta is None else [lane + delta for lane in lanes]
+            if at.skip is not None:
+                lanes = self.add_skip(lanes, outputs, *at.skip)
             v_extra = None if at.v_embed is None else self.v_embed.layer_scales[at.v_embed] * v_values
-            kv = None if cache is None else functools.partial(cache.extend, at.index)
-            if len(lanes) == 1:
-                lanes = [self.layer(lanes[0], x0, at, rope, v_extra, kv)]
-            else:
-                lanes = self.parallel_layer(lanes, x0, at, rope, v_extra, kv)
-            out = lanes[0] if len(lanes) == 1 else (lanes[0] + lanes[1]) / 2
-            previous[at.block] = out
-            if at.skip_to:
-                skips.append(out)
+            kv = None if cache is None else functools.partial(cache.extend, i)
+            lanes = self.parallel_layer(lanes, x0, at, rope, v_extra, kv) if at.parallel \
+                else [self.layer(lanes[0], x0, at, rope, v_extra, kv)]
+            outputs.append(lanes[0] if len(lanes) == 1 else (lanes[0] + lanes[1]) / 2)
         if cache is not None:
-            cache.append(ids)
-        return self.head(rms_norm(out), targets)
+            cache.ids = ids if cache.ids is None else torch.cat((cache.ids, ids), 1)
+        return self.head(rms_norm(outputs[-1]), targets)
 
-    def stream_input(self, at: EffectiveLayer, values: list[Tensor], previous: dict[int, Tensor]) -> Tensor | None:
-        """What the stream gets before a layer: the loop embedding, the value embeddings and, from a block's second
-        application on, a scaled copy of its previous output; None when there is nothing to add."""
+    def stream_input(self, at: EffectiveLayer, values: list[Tensor], outputs: list[Tensor]) -> Tensor | None:
+        """The loop embedding, the value embeddings and the cross-repeat copy, added before a layer."""
         delta = self.loop_embed[at.slot] if self.loop_embed is not None else 0.0
         for j, value in enumerate(values):
             delta = delta + self.value_scales[at.slot, j] * value
         if at.cross_repeat is not None:
-            delta = delta + self.cross_repeat_scales[at.cross_repeat] * previous[at.block]
+            delta = delta + self.cross_repeat_scales[at.cross_repeat] * outputs[at.previous]
         return delta if torch.is_tensor(delta) else None
 
-    def add_skip(self, lanes: list[Tensor], skip: Tensor, row: int) -> list[Tensor]:
-        """U-Net: a decoder layer's input gets its mirrored encoder layer's output, added or gated ((1-g) skip + g x)."""
-        skip = self.skip_weights[row] * skip
+    def add_skip(self, lanes: list[Tensor], outputs: list[Tensor], row: int, source: int) -> list[Tensor]:
+        """U-Net: the mirrored encoder layer's output, added or gated in ((1 - g) skip + g x)."""
+        skip = self.skip_weights[row] * outputs[source]
         if self.skip_gates is None:
             return [lane + skip for lane in lanes]
         return [torch.lerp(skip, lane, torch.sigmoid(self.skip_gates[row])) for lane in lanes]
@@ -1241,7 +1192,7 @@ class GPT(nn.Module):
     def norm(self, x: Tensor, at: EffectiveLayer) -> Tensor:
         return rms_norm(x) if at.norm_scale == 1.0 else rms_norm(x) * at.norm_scale
 
-    def attention(self, x: Tensor, at: EffectiveLayer, rope: tuple[Tensor, Tensor], v_extra: Tensor | None,
+    def attention(self, x: Tensor, at: EffectiveLayer, rope: Rope, v_extra: Tensor | None,
                   kv: Callable | None) -> Tensor:
         y = self.blocks[at.block].attn(self.norm(x, at), rope, self.q_gain[at.scalars], at.xsa, v_extra, kv)
         return self.attn_scale[at.scalars] * y
@@ -1251,19 +1202,19 @@ class GPT(nn.Module):
         mlp = self.repeat_mlps[at.repeat_mlp] if untied else self.blocks[at.block].mlp
         return self.mlp_scale[at.scalars] * mlp(self.norm(x, at))
 
-    def layer(self, x: Tensor, x0: Tensor, at: EffectiveLayer, rope: tuple[Tensor, Tensor],
-              v_extra: Tensor | None = None, kv: Callable | None = None) -> Tensor:
-        """One effective layer on the residual stream: the x0 mix, attention, MLP."""
+    def layer(self, x: Tensor, x0: Tensor, at: EffectiveLayer, rope: Rope, v_extra: Tensor | None = None,
+              kv: Callable | None = None) -> Tensor:
+        """One effective layer: the x0 mix, attention, MLP."""
         mix = self.resid_mix[at.scalars]
         x = mix[0] * x + mix[1] * x0
         if at.attention:
             x = x + self.attention(x, at, rope, v_extra, kv)
         return x + self.mlp(x, at)
 
-    def parallel_layer(self, lanes: list[Tensor], x0: Tensor, at: EffectiveLayer, rope: tuple[Tensor, Tensor],
+    def parallel_layer(self, lanes: list[Tensor], x0: Tensor, at: EffectiveLayer, rope: Rope,
                        v_extra: Tensor | None = None, kv: Callable | None = None) -> list[Tensor]:
-        """One effective layer on two lanes: attention reads lane 0, the MLP reads lane 1 after attention wrote to it;
-        each sublayer scales both lanes by its residual weight and writes both with its routing weights."""
+        """One effective layer on two lanes: attention reads lane 0, the MLP lane 1 after attention wrote it;
+        each scales both lanes by its residual weight and writes both with its routing weights."""
         mix = self.resid_mix[at.scalars]
         attn_post, mlp_post = self.lane_post[at.block]
         attn_resid, mlp_resid = self.lane_resid[at.block]
@@ -1280,8 +1231,7 @@ class GPT(nn.Module):
             logits = self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
             if targets is None:
                 return logits
-            nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
-            return nll.view_as(targets)
+            return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
 
 
 # === 8. PARAMETERS ===
