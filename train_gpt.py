@@ -766,8 +766,7 @@ class TokenStream:
 
 
 class TrainBatches:
-    """One rank's (inputs, targets) per micro-step, read ahead by a worker; `position` (what a checkpoint
-    saves) is the stream position after the batches handed out."""
+    """One rank's (inputs, targets) per micro-step, read ahead by a worker; a checkpoint saves `position`."""
 
     def __init__(self, stream: TokenStream, rank: int, world_size: int, local_tokens: int, seq_len: int,
                  device: torch.device):
@@ -949,7 +948,6 @@ class KVCache:
 
 
 def xsa_start(depth: int, xsa_last_n: int) -> int:
-    """First effective layer with XSA at the current depth."""
     return max(0, depth - xsa_last_n) if xsa_last_n > 0 else depth
 
 
@@ -999,16 +997,14 @@ class Attention(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.head_dim = cfg.head_dim
-        kv_dim = cfg.num_kv_heads * cfg.head_dim
         self.c_q = nn.Linear(cfg.model_dim, cfg.model_dim, bias=False)
-        self.c_k = nn.Linear(cfg.model_dim, kv_dim, bias=False)
-        self.c_v = nn.Linear(cfg.model_dim, kv_dim, bias=False)
+        self.c_k = nn.Linear(cfg.model_dim, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.c_v = nn.Linear(cfg.model_dim, cfg.num_kv_heads * cfg.head_dim, bias=False)
         self.proj = nn.Linear(cfg.model_dim, cfg.model_dim, bias=False)
         nn.init.zeros_(self.proj.weight)
 
     def forward(self, x: Tensor, rope: Rope, q_gain: Tensor, use_xsa: bool, v_extra: Tensor | None = None,
                 kv: Callable | None = None) -> Tensor:
-        """When decoding, kv(k, v) caches this call's keys and values and returns every position's."""
         b, t, d = x.shape
         q = self.c_q(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.c_k(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
@@ -1019,7 +1015,7 @@ class Attention(nn.Module):
         if kv is None:  # enable_gqa shares each kv head across its query group without copies
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
-            keys, values = kv(k, v)
+            keys, values = kv(k, v)  # decoding: caches this call's keys and values, returns every position's
             visible = torch.ones(t, keys.size(2), dtype=torch.bool, device=x.device).tril(keys.size(2) - t)
             y = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, enable_gqa=True)
         y = remove_self_value(y, v) if use_xsa else y
