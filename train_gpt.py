@@ -681,9 +681,8 @@ def swa_due(cfg: Config, step: int, repeats: int, warmdown: float) -> bool:
 
 
 # === 5. DATA ===
-# Challenge shards: 256 little-endian int32 header (magic, version, token count), then uint16 tokens. Training
-# reads the sorted train shards as one endless sequential stream; each micro-step every rank takes the same
-# world*(local+1) tokens and keeps its own slice, so no two ranks ever see the same tokens.
+# Shards: a 256-int32 header (magic, version, token count), then uint16 tokens. Training reads the train
+# shards as one endless stream; each micro-step every rank reads world*(local+1) tokens and keeps its slice.
 
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
@@ -691,24 +690,20 @@ SHARD_HEADER_INTS = 256
 
 
 def shard_tokens(path: Path) -> int:
-    """The token count one shard's header promises, after checking the header and the file size against it (reads
-    only the header); a mismatch raises ValueError naming the file."""
+    """The token count in a shard's header, checked against the magic, version and file size (ValueError)."""
     with path.open("rb") as fh:
         head = fh.read(4 * SHARD_HEADER_INTS)
     header = np.frombuffer(head[:len(head) // 4 * 4], dtype="<i4")
     if header.size < SHARD_HEADER_INTS or header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
-        raise ValueError(f"{path} is not a challenge shard (no magic {SHARD_MAGIC} version {SHARD_VERSION} header); "
-                         "rebuild or remove it")
-    size, expected = path.stat().st_size, 4 * SHARD_HEADER_INTS + 2 * int(header[2])
-    if size != expected:
-        raise ValueError(f"{path} is {size} bytes, its header promises {header[2]} tokens ({expected} bytes): a "
-                         "truncated or damaged copy; download or build it again")
-    return int(header[2])
+        raise ValueError(f"{path} is not a challenge shard (header magic/version): rebuild or remove it")
+    count = int(header[2])
+    if path.stat().st_size != 4 * SHARD_HEADER_INTS + 2 * count:
+        raise ValueError(f"{path} does not hold its {count} tokens: a truncated or damaged copy; fetch it")
+    return count
 
 
 def read_shard(path: Path) -> np.ndarray:
-    """Tokens of one shard as a read-only uint16 memory map (pages are read when sliced, so a shard change costs the
-    training step nothing)."""
+    """A shard's tokens as a read-only uint16 memory map."""
     count = shard_tokens(path)
     if not count:  # mmap cannot map zero bytes
         return np.zeros(0, dtype="<u2")
@@ -718,56 +713,61 @@ def read_shard(path: Path) -> np.ndarray:
 def shard_paths(data_path: str, split: str) -> list[Path]:
     paths = sorted(Path(data_path).glob(f"fineweb_{split}_*.bin"))
     if not paths:
-        raise FileNotFoundError(f"no fineweb_{split}_*.bin shards in {data_path}")
+        raise FileNotFoundError(f"DATA_PATH={data_path} has no fineweb_{split}_*.bin shards (data/README.md)")
     return paths
 
 
+def check_shards(data_path: str, split: str) -> int:
+    """The split's token count, checking each shard's header (1 KiB): ConfigError on the first bad one."""
+    try:
+        return sum(shard_tokens(path) for path in shard_paths(data_path, split))
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(str(err)) from None
+
+
 class TokenStream:
-    """The train shards read strictly in order, wrapping to the first shard after the last."""
+    """The train shards read strictly in order, wrapping to the first after the last."""
 
     def __init__(self, paths: list[Path]):
         self.paths = paths
-        self.file_index = 0
-        self.offset = 0
-        self.tokens = read_shard(paths[0])
+        self.seek(0, 0)
 
     def seek(self, file_index: int, offset: int) -> None:
-        self.file_index, self.offset = file_index, offset
+        self.file_index = file_index
+        self.offset = offset
         self.tokens = read_shard(self.paths[file_index])
 
     def take(self, n: int) -> np.ndarray:
         parts = []
-        while n > 0:  # a request may span several shards (and wrap around the last one)
+        while n > 0:
             if self.offset == len(self.tokens):
-                self.file_index = (self.file_index + 1) % len(self.paths)
-                self.tokens, self.offset = read_shard(self.paths[self.file_index]), 0
-            part = self.tokens[self.offset:self.offset + n]
-            parts.append(part)
-            self.offset += len(part)
-            n -= len(part)
+                self.seek((self.file_index + 1) % len(self.paths), 0)
+            parts.append(self.tokens[self.offset:self.offset + n])
+            self.offset += len(parts[-1])
+            n -= len(parts[-1])
         return np.concatenate(parts)
 
 
 class TrainBatches:
-    """Per micro-step (inputs, targets) of shape (local_tokens / seq_len, seq_len) for one rank. One worker thread
-    reads the next micro-batch while the current step runs (pinned for an asynchronous copy when the device is not
-    the CPU); `position` is the stream position after the batches handed out: what a checkpoint saves."""
+    """One rank's (inputs, targets) per micro-step, read ahead by a worker; a checkpoint saves `position`."""
 
     def __init__(self, stream: TokenStream, rank: int, world_size: int, local_tokens: int, seq_len: int,
                  device: torch.device):
-        self.stream, self.rank, self.world_size = stream, rank, world_size
-        self.local_tokens, self.seq_len, self.device = local_tokens, seq_len, device
+        self.stream = stream
+        self.local_tokens = local_tokens
+        self.chunk_tokens = (local_tokens + 1) * world_size
+        self.rank_span = slice(rank * (local_tokens + 1), (rank + 1) * (local_tokens + 1))
+        self.seq_len = seq_len
+        self.device = device
         self.position = (stream.file_index, stream.offset)
-        self.worker, self.pending = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="batches"), None
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix="batches")
+        self.pending = None
 
     def read(self) -> tuple[list[Tensor], tuple[int, int]]:
-        # Every rank reads the same chunk and keeps its slice: the extra token per rank is only a target, so the
-        # pair between adjacent rank spans is never trained on (as in the challenge's loader).
-        span = self.local_tokens + 1
-        chunk = torch.from_numpy(self.stream.take(span * self.world_size)[self.rank * span:(self.rank + 1) * span]
-                                 .astype(np.int64))
+        # A span's extra token is only a target: the pair across two ranks' spans is never trained on.
+        chunk = torch.from_numpy(self.stream.take(self.chunk_tokens)[self.rank_span].astype(np.int64))
         pair = [chunk[:-1].view(-1, self.seq_len), chunk[1:].view(-1, self.seq_len)]
-        if self.device.type != "cpu":  # separate pinned copies: y gets its own aligned device tensor too
+        if self.device.type != "cpu":  # pinned (each its own copy) for an asynchronous transfer
             pair = [t.pin_memory() for t in pair]
         return pair, (self.stream.file_index, self.stream.offset)
 
@@ -778,7 +778,7 @@ class TrainBatches:
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def seek(self, file_index: int, offset: int) -> None:
-        if self.pending:  # let the worker finish with the stream before moving it
+        if self.pending:  # the worker must be done with the stream before it moves
             self.pending.result()
             self.pending = None
         self.stream.seek(file_index, offset)
@@ -787,51 +787,32 @@ class TrainBatches:
 
 def grad_accum_for(cfg: Config, world_size: int) -> int:
     """GRAD_ACCUM_STEPS, or 8 // world (the challenge's global batch on any GPU count that divides 8)."""
-    if cfg.grad_accum_steps:
-        return cfg.grad_accum_steps
-    return 8 // world_size if 8 % world_size == 0 else 1
+    return cfg.grad_accum_steps or (8 // world_size if 8 % world_size == 0 else 1)
 
 
 def local_batch_tokens(cfg: Config, world_size: int) -> int:
     accum = grad_accum_for(cfg, world_size)
     per_micro = cfg.train_batch_tokens // (world_size * accum)
     if per_micro * world_size * accum != cfg.train_batch_tokens or per_micro % cfg.train_seq_len:
-        raise ConfigError(f"TRAIN_BATCH_TOKENS={cfg.train_batch_tokens} does not split into world_size={world_size}"
-                          f" x grad_accum={accum} micro-batches of whole TRAIN_SEQ_LEN={cfg.train_seq_len} rows")
+        raise ConfigError(f"TRAIN_BATCH_TOKENS={cfg.train_batch_tokens} does not split into world_size="
+                          f"{world_size} x grad_accum={accum} micro-batches of whole TRAIN_SEQ_LEN rows")
     return per_micro
 
 
 def load_val_tokens(cfg: Config) -> Tensor:
-    """All val shards concatenated (capped by VAL_MAX_TOKENS), cut to whole TRAIN_SEQ_LEN blocks + 1 target."""
+    """The val shards (capped by VAL_MAX_TOKENS), cut to whole TRAIN_SEQ_LEN blocks + 1 target."""
     tokens = np.concatenate([read_shard(p) for p in shard_paths(cfg.data_path, "val")])
     if cfg.val_max_tokens:
         tokens = tokens[:cfg.val_max_tokens + 1]
     usable = (len(tokens) - 1) // cfg.train_seq_len * cfg.train_seq_len
     if usable <= 0:
-        raise ValueError(f"validation split has {len(tokens)} tokens, fewer than TRAIN_SEQ_LEN={cfg.train_seq_len}")
+        raise ValueError(f"the val split has {len(tokens)} tokens, under TRAIN_SEQ_LEN={cfg.train_seq_len}")
     return torch.from_numpy(tokens[:usable + 1].astype(np.int64))
 
 
-def check_shards(data_path: str, split: str) -> int:
-    """The split's token count after checking every shard's header against its file size (1 KiB read per shard,
-    so a damaged file stops the run before any work); ConfigError names the first bad file and the fix."""
-    paths = sorted(Path(data_path).glob(f"fineweb_{split}_*.bin"))
-    if not paths:
-        raise ConfigError(f"DATA_PATH={data_path} has no fineweb_{split}_*.bin shards; point DATA_PATH at a dataset"
-                          " folder (data/README.md builds one)")
-    total = 0
-    for path in paths:
-        try:
-            total += shard_tokens(path)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-    return total
-
-
 # === 6. BYTES ===
-# val_bpb = sum NLL / (ln 2 * sum bytes), bytes counted from the SentencePiece pieces exactly as the challenge
-# does: a leading U+2581 is one space byte unless the previous token is a boundary (control/unknown) token,
-# byte-fallback pieces are one byte, control/unknown/unused pieces are zero bytes.
+# val_bpb = sum NLL / (ln 2 * sum bytes), bytes from the pieces as the challenge counts them: a leading U+2581
+# is a space byte unless after a boundary (control/unknown) token, a byte piece is 1, control/unused pieces 0.
 
 
 @dataclass(frozen=True)
@@ -845,7 +826,7 @@ class ByteTables:
 
 
 def build_byte_tables(sp, vocab_size: int) -> ByteTables:
-    """Per-token byte tables from a sentencepiece.SentencePieceProcessor; ids past its vocab are boundaries."""
+    """Per-token byte tables of a SentencePieceProcessor; ids past its vocab are boundaries."""
     size = max(sp.vocab_size(), vocab_size)
     base = torch.zeros(size, dtype=torch.int32)
     space = torch.zeros(size, dtype=torch.bool)
@@ -855,30 +836,26 @@ def build_byte_tables(sp, vocab_size: int) -> ByteTables:
             continue
         boundary[i] = False
         piece = sp.id_to_piece(i)
-        if sp.is_byte(i):  # <0xNN> stands for exactly one UTF-8 byte, whatever its piece text
-            base[i] = 1
-        else:
-            space[i] = piece.startswith("\u2581")
-            base[i] = len(piece.removeprefix("\u2581").encode("utf-8"))
+        space[i] = not sp.is_byte(i) and piece.startswith("\u2581")
+        base[i] = 1 if sp.is_byte(i) else len(piece.removeprefix("\u2581").encode())  # <0xNN>: one byte
     return ByteTables(base, space, boundary)
 
 
 def target_bytes(prev: Tensor, target: Tensor, tables: ByteTables) -> Tensor:
-    """Bytes of each target token given the token before it (same shapes, int32)."""
-    # The U+2581 of a word right after BOS is not a byte of the text: it is the tokenizer's word marker.
+    """Bytes of each target token given the token before it (after BOS, U+2581 is only a word marker)."""
     space = tables.has_space[target] & ~tables.is_boundary[prev]
     return tables.base_bytes[target] + space.int()
 
 
 class BpbMeter:
-    """Float64 sums of NLL, tokens and bytes; reduced across ranks once, safe when nothing was scored."""
+    """Float64 sums of NLL, tokens and bytes, reduced across ranks once."""
 
     def __init__(self, device: torch.device):
         self.sums = torch.zeros(3, dtype=torch.float64, device=device)
 
     def add(self, nll_sum: Tensor, tokens: int | Tensor, nbytes: Tensor) -> None:
-        self.sums += torch.stack([nll_sum.double(), torch.as_tensor(tokens, dtype=torch.float64,
-                                  device=self.sums.device), nbytes.double()])
+        tokens = torch.as_tensor(tokens, dtype=torch.float64, device=self.sums.device)
+        self.sums += torch.stack([nll_sum.double(), tokens, nbytes.double()])
 
     def reduce(self, rt: Runtime) -> "BpbMeter":
         rt.all_reduce(self.sums)
@@ -893,135 +870,156 @@ class BpbMeter:
 
 
 # === 7. MODEL ===
-# NUM_LAYERS physical blocks run along a layer plan: the whole stack NUM_REPEATS times (#1453: 3 x 4 = 12 layers) or,
-# with RECUR_LAYERS, a run of consecutive layers repeated in place (#1204: 0-5, 4, 5, 6-10). Per effective layer the
-# stream may get a loop embedding, value-embedding lookups and, from a block's second application on, a scaled copy
-# of its previous output (#148). U-Net skips, two parallel lanes, the bigram hash, the smear gate and V-embeddings are
-# the #1204/#456 options. Output projections start at zero, so at step 0 the logits come from the tied embedding.
+# NUM_LAYERS blocks run along a layer plan: the stack NUM_REPEATS times or, with RECUR_LAYERS, a run of layers
+# repeated in place. GPT.layer is one layer of the default model; EffectiveLayer holds a layer's choices, and
+# the options are named pieces (embed, stream_input, add_skip, parallel_layer, AttentionValueEmbedding).
 
-RMS_EPS = torch.finfo(torch.float32).eps  # the reference's weightless RMSNorm eps, even for bf16 inputs
+RMS_EPS = torch.finfo(torch.float32).eps  # a weightless RMSNorm's eps, even for bf16 inputs
+Rope = tuple[Tensor, Tensor]
 
 
 def rms_norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),), eps=RMS_EPS)
 
 
-def rope_tables(seq_len: int, dims: int, base: float, device: torch.device) -> tuple[Tensor, Tensor]:
-    """cos/sin of shape (T, dims/2) in fp32 for the `dims` rotated channels: the reference built these in bf16 (only
-    513 distinct positions); no length-dependent base (#1204 raised it past 1024 tokens)."""
+def rope_tables(seq_len: int, dims: int, base: float, device: torch.device) -> Rope:
+    """cos/sin (T, dims/2) of the `dims` rotated channels, in fp32 (bf16 has 513 distinct positions)."""
     inv_freq = base ** (-torch.arange(0, dims, 2, dtype=torch.float32, device=device) / dims)
     angles = torch.arange(seq_len, dtype=torch.float32, device=device)[:, None] * inv_freq[None, :]
     return angles.cos(), angles.sin()
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Half-split rotation of the first 2 * cos.size(-1) dims of (B, H, T, hd): [x1 cos + x2 sin, -x1 sin + x2 cos];
-    the remaining dims pass through (partial RoPE leaves them position-free)."""
+    """Half-split rotation of the first 2 * cos.size(-1) dims of (B, H, T, hd); the rest stay unrotated."""
     half = cos.size(-1)
-    x1, x2, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # angles were exact in fp32; only the product is bf16
+    x1, x2, rest = x.split((half, half, x.size(-1) - 2 * half), dim=-1)
+    cos, sin = (t.to(x.dtype) for t in (cos, sin))  # exact angles in fp32; only the product is bf16
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
 
 
 def remove_self_value(y: Tensor, v: Tensor) -> Tensor:
-    """XSA: drop from each head's output (B, H, T, hd) its component along its own position's value direction."""
+    """XSA: drop from each head's output (B, H, T, hd) its component along its own position's value."""
     b, h, t, hd = y.shape
-    kv = v.size(1)
-    y = y.view(b, kv, h // kv, t, hd)  # query head i reads kv head i // group, as in SDPA's GQA
-    # y - (y . v_hat) v_hat: attention output keeps only what is not the token's own value direction.
+    y = y.view(b, v.size(1), -1, t, hd)  # query head i reads kv head i // group, as in SDPA's GQA
     unit = F.normalize(v, dim=-1, eps=1e-12).unsqueeze(2)
-    y = y - (y * unit).sum(-1, keepdim=True) * unit
-    return y.view(b, h, t, hd)
+    return (y - (y * unit).sum(-1, keepdim=True) * unit).view(b, h, t, hd)
 
 
 class KVCache:
-    """Incremental decoding state (self-generated calibration text): the tokens so far and each effective layer's
-    keys and values in buffers of `capacity` positions. Attention is the only part of the model that reads other
-    positions, except the bigram hash and smear gate, which read the previous token: forward() re-embeds 2 of them."""
+    """The tokens so far and each effective layer's keys and values, in buffers of `capacity` positions."""
 
     def __init__(self, capacity: int):
-        self.capacity, self.ids, self.kv = capacity, None, {}
+        self.capacity = capacity
+        self.ids = None
+        self.kv = {}
 
     @property
     def length(self) -> int:
         return 0 if self.ids is None else self.ids.size(1)
 
-    def with_context(self, ids: Tensor) -> Tensor:
+    def with_context(self, ids: Tensor) -> Tensor:  # the bigram hash and smear gate read the previous token
         return ids if self.ids is None else torch.cat((self.ids[:, -2:], ids), 1)
 
-    def extend(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store k, v (B, Hkv, T, hd) after the cached positions; returns the keys and values of all positions."""
-        start, end = self.length, self.length + k.size(2)
+    def extend(self, layer: int, k: Tensor, v: Tensor) -> Rope:
+        """Store k, v (B, Hkv, T, hd) after the cached positions; return those of all positions."""
+        end = self.length + k.size(2)
         if layer not in self.kv:
-            self.kv[layer] = tuple(x.new_empty(*x.shape[:2], self.capacity, x.size(3)) for x in (k, v))
-        keys, values = self.kv[layer]
-        keys[:, :, start:end], values[:, :, start:end] = k, v
-        return keys[:, :, :end], values[:, :, :end]
+            self.kv[layer] = [x.new_empty(*x.shape[:2], self.capacity, x.size(3)) for x in (k, v)]
+        for buffer, new in zip(self.kv[layer], (k, v)):
+            buffer[:, :, self.length:end] = new
+        return tuple(buffer[:, :, :end] for buffer in self.kv[layer])
 
 
 def xsa_start(depth: int, xsa_last_n: int) -> int:
-    """First effective layer with XSA at the current depth (XSA follows the depth as it grows)."""
     return max(0, depth - xsa_last_n) if xsa_last_n > 0 else depth
 
 
 def layer_plan(cfg: Config, repeats: int) -> list[tuple[int, int, int]]:
-    """(block, slot, occurrence) per effective layer when the recurrent run repeats `repeats` times. The slot is the
-    layer's index at full depth, so per-layer parameters stay with one application while the depth grows (#1204
-    indexed them by current position and re-paired them all when its recurrence switched on)."""
+    """(block, slot: its index at full depth, which owns its per-layer parameters, occurrence) per layer."""
     lo, hi = cfg.recur_span
-    span, extra = hi - lo, (cfg.num_repeats - 1) * (hi - lo)
-    recurrent = [(lo + j, lo + k * span + j, k) for k in range(repeats) for j in range(span)]
+    extra = (cfg.num_repeats - 1) * (hi - lo)
+    recurrent = [(lo + j, lo + k * (hi - lo) + j, k) for k in range(repeats) for j in range(hi - lo)]
     return [(p, p, 0) for p in range(lo)] + recurrent + [(p, p + extra, 0) for p in range(hi, cfg.num_layers)]
+
+
+@dataclass(frozen=True)
+class EffectiveLayer:
+    block: int
+    slot: int  # index at full depth: the row of per-layer parameters
+    scalars: int  # row of the gains, scales and x0 mix: the slot with UNTIE_SCALARS, else the block
+    attention: bool  # False on block 0 with DISABLE_LAYER0_ATTN
+    xsa: bool
+    parallel: bool  # the last PARALLEL_LAST_N layers run two lanes
+    norm_scale: float  # LN_SCALE: 1/sqrt(slot + 1) on the sublayer inputs
+    v_embed: int | None  # on VE_LAYERS: its row of layer scales
+    skip: tuple[int, int] | None  # U-Net decoder: (its skip row, the index of the mirrored encoder layer)
+    cross_repeat: tuple[int, int] | None  # (run position, repeat - 1) from a block's second application on
+    previous: int | None  # with cross_repeat: the index of the block's previous application
+    repeat_mlp: int | None  # UNTIE_REPEAT_MLP: this application's own MLP
+
+
+def effective_layers(cfg: Config, repeats: int) -> list[EffectiveLayer]:
+    plan = layer_plan(cfg, repeats)
+    lo, hi = cfg.recur_span
+    depth = len(plan)
+    encoder = depth // 2 if cfg.unet != "off" else 0
+    first_lane = depth - cfg.parallel_last_n  # below 0 (depth < PARALLEL_LAST_N): no lanes at this depth
+    v_rows = {slot: row for row, slot in enumerate(parse_ints(cfg.ve_layers))}
+    return [EffectiveLayer(
+        block=p, slot=slot, scalars=slot if cfg.untie_scalars else p, v_embed=v_rows.get(slot),
+        attention=p > 0 or not cfg.disable_layer0_attn, xsa=i >= xsa_start(depth, cfg.xsa_last_n),
+        parallel=0 <= first_lane <= i, norm_scale=(slot + 1) ** -0.5 if cfg.ln_scale else 1.0,
+        skip=(i - encoder, 2 * encoder - 1 - i) if 0 <= i - encoder < encoder else None,
+        cross_repeat=(p - lo, k - 1) if k and cfg.cross_repeat else None,
+        previous=i - (hi - lo) if k and cfg.cross_repeat else None,
+        repeat_mlp=(k - 1) * (hi - lo) + p - lo if k and cfg.untie_repeat_mlp else None)
+        for i, (p, slot, k) in enumerate(plan)]
 
 
 class Attention(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
-        self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        kv_dim = cfg.num_kv_heads * cfg.head_dim
+        self.head_dim = cfg.head_dim
         self.c_q = nn.Linear(cfg.model_dim, cfg.model_dim, bias=False)
-        self.c_k = nn.Linear(cfg.model_dim, kv_dim, bias=False)
-        self.c_v = nn.Linear(cfg.model_dim, kv_dim, bias=False)
+        self.c_k = nn.Linear(cfg.model_dim, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.c_v = nn.Linear(cfg.model_dim, cfg.num_kv_heads * cfg.head_dim, bias=False)
         self.proj = nn.Linear(cfg.model_dim, cfg.model_dim, bias=False)
         nn.init.zeros_(self.proj.weight)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], q_gain: Tensor, use_xsa: bool,
-                v_extra: Tensor | None = None, kv: Callable | None = None) -> Tensor:
+    def forward(self, x: Tensor, rope: Rope, q_gain: Tensor, use_xsa: bool, v_extra: Tensor | None = None,
+                kv: Callable | None = None) -> Tensor:
         b, t, d = x.shape
-        q = self.c_q(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = self.c_k(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        q = self.c_q(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.c_k(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         v = self.c_v(x) if v_extra is None else self.c_v(x) + v_extra
-        v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(rms_norm(q), *rope), apply_rope(rms_norm(k), *rope)
-        # q and k are unit-RMS, so q_gain alone sets the attention temperature per head.
-        q = q * q_gain.to(q.dtype)[None, :, None, None]
-        # enable_gqa lets the kernel share each kv head across its query group without materialising copies.
-        if kv is None:
+        v = v.view(b, t, -1, self.head_dim).transpose(1, 2)
+        q = apply_rope(rms_norm(q), *rope) * q_gain.to(q.dtype)[None, :, None, None]  # unit-RMS q, k: the
+        k = apply_rope(rms_norm(k), *rope)  # gain alone sets the temperature
+        if kv is None:  # enable_gqa shares each kv head across its query group without copies
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        else:  # decoding: kv(k, v) caches this call's keys and values and returns every position's
-            keys, values = kv(k, v)
+        else:
+            keys, values = kv(k, v)  # decoding: caches this call's keys and values, returns every position's
             visible = torch.ones(t, keys.size(2), dtype=torch.bool, device=x.device).tril(keys.size(2) - t)
             y = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, enable_gqa=True)
-        if use_xsa:  # own positions' values only
-            y = remove_self_value(y, v)
+        y = remove_self_value(y, v) if use_xsa else y
         return self.proj(y.transpose(1, 2).reshape(b, t, d))
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
-        hidden, self.slope = int(cfg.mlp_mult * cfg.model_dim), cfg.mlp_negative_slope
-        self.fc = nn.Linear(cfg.model_dim, hidden, bias=False)
-        self.proj = nn.Linear(hidden, cfg.model_dim, bias=False)
+        self.slope = cfg.mlp_negative_slope
+        self.fc = nn.Linear(cfg.model_dim, int(cfg.mlp_mult * cfg.model_dim), bias=False)
+        self.proj = nn.Linear(self.fc.out_features, cfg.model_dim, bias=False)
         nn.init.zeros_(self.proj.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        # LeakyReLU(0.5)^2 (#784): relu^2's sharpness, but negative inputs keep a 0.25 u^2 gradient path.
+        # LeakyReLU(0.5)^2: relu^2's sharpness, but negative inputs keep a 0.25 u^2 gradient path.
         return self.proj(F.leaky_relu(self.fc(x), negative_slope=self.slope).square())
 
 
 class Block(nn.Module):
-    """The matrices of one physical layer; its gains, scales and x0 mix live in GPT (per block or per slot)."""
+    """The matrices of one physical layer; its gains, scales and x0 mix are GPT's (per block or per slot)."""
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -1030,8 +1028,7 @@ class Block(nn.Module):
 
 
 class BigramHash(nn.Module):
-    """A table of hashed (previous, current) token pairs added to the token embedding; zero at init so it starts as
-    a no-op. #1453 carried one that no optimizer updated; here every parameter is in the table and trains."""
+    """Embeddings of hashed (previous, current) token pairs, added to the token embedding; zero at init."""
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -1046,8 +1043,8 @@ class BigramHash(nn.Module):
         return self.scale * self.proj(self.embed(torch.cat((torch.full_like(ids[:, :1], last), pairs), 1)))
 
 
-class ValueEmbedding(nn.Module):
-    """#1204's V-embedding: one shared table projected to the kv width, added to V on VE_LAYERS with a scale each."""
+class AttentionValueEmbedding(nn.Module):
+    """A shared table projected to the kv width, added to attention's V on VE_LAYERS with a scale each."""
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -1057,139 +1054,154 @@ class ValueEmbedding(nn.Module):
         self.scale = nn.Parameter(torch.tensor([0.1]))
         self.layer_scales = nn.Parameter(torch.ones(len(parse_ints(cfg.ve_layers))))
 
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.scale * self.proj(self.embed(ids))
+
 
 class GPT(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.cfg = cfg
-        (lo, hi), d, depth = cfg.recur_span, cfg.model_dim, cfg.depth
-        # The small std keeps the tied head's initial logits near uniform (val_loss ~ ln V at step 0).
+        self.plans = {r: effective_layers(cfg, r) for r in range(1, cfg.num_repeats + 1)}
+        lo, hi = cfg.recur_span
+        d = cfg.model_dim
         self.tok_emb = nn.Embedding(cfg.vocab_size, d)
-        nn.init.normal_(self.tok_emb.weight, std=cfg.tied_embed_init_std)
+        nn.init.normal_(self.tok_emb.weight, std=cfg.tied_embed_init_std)  # small: near-uniform step-0 logits
         self.bigram = BigramHash(cfg) if cfg.bigram_vocab_size else None
-        self.smear_gate = nn.Parameter(torch.zeros(d)) if cfg.smear_gate else None  # sigmoid(0): an even blend
-        self.value_embeds = nn.ModuleList(nn.Embedding(cfg.vocab_size, d) for _ in range(cfg.num_value_embeds))
-        self.ve = ValueEmbedding(cfg) if cfg.ve_dim else None
-        # Per effective layer, so shared blocks can still tell their applications apart; all start at zero, so a
-        # layer that progressive depth has not reached yet contributes nothing until it trains.
-        nve, reps = cfg.num_value_embeds, cfg.num_repeats
-        self.value_scales = nn.Parameter(torch.zeros(depth, nve, d)) if nve else None
-        self.loop_embed = nn.Parameter(torch.zeros(depth, d)) if cfg.loop_embed else None
-        self.cross_repeat_scales = nn.Parameter(torch.zeros(hi - lo, reps - 1, d)) if cfg.cross_repeat and reps > 1 \
-            else None
-        n_scalars = depth if cfg.untie_scalars else cfg.num_layers
+        self.smear_gate = nn.Parameter(torch.zeros(d)) if cfg.smear_gate else None  # sigmoid(0): even blend
+        nve = cfg.num_value_embeds
+        self.value_embeds = nn.ModuleList(nn.Embedding(cfg.vocab_size, d) for _ in range(nve))
+        self.v_embed = AttentionValueEmbedding(cfg) if cfg.ve_dim else None
+        # Per slot and zero: a layer that progressive depth has not reached adds nothing until it trains.
+        self.value_scales = nn.Parameter(torch.zeros(cfg.depth, nve, d)) if nve else None
+        self.loop_embed = nn.Parameter(torch.zeros(cfg.depth, d)) if cfg.loop_embed else None
+        repeats = cfg.num_repeats - 1
+        cross = cfg.cross_repeat and repeats > 0
+        self.cross_repeat_scales = nn.Parameter(torch.zeros(hi - lo, repeats, d)) if cross else None
+        n_scalars = cfg.depth if cfg.untie_scalars else cfg.num_layers
         self.q_gain = nn.Parameter(torch.full((n_scalars, cfg.num_heads), cfg.qk_gain_init))
         self.attn_scale = nn.Parameter(torch.ones(n_scalars, d))
         self.mlp_scale = nn.Parameter(torch.ones(n_scalars, d))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(n_scalars, d), torch.zeros(n_scalars, d)), 1))
-        skips = depth // 2 if cfg.unet != "off" else 0
+        skips = cfg.depth // 2 if cfg.unet != "off" else 0
         self.skip_weights = nn.Parameter(torch.ones(skips, d)) if skips else None
-        self.skip_gates = nn.Parameter(torch.zeros(skips, d)) if cfg.unet == "gated" else None  # sigmoid(0) = 1/2
-        # Lane routing per physical layer, as #1204 (so its count reproduces): [attn, mlp] -> [attn lane, mlp lane].
-        lanes = cfg.parallel_last_n > 0
+        self.skip_gates = nn.Parameter(torch.zeros(skips, d)) if cfg.unet == "gated" else None  # sigmoid(0)
+        lanes = cfg.parallel_last_n > 0  # routing per physical layer: [attn, mlp] -> [attn lane, mlp lane]
         self.lane_post = nn.Parameter(torch.ones(cfg.num_layers, 2, 2)) if lanes else None
         self.lane_resid = nn.Parameter(torch.full((cfg.num_layers, 2), math.sqrt(1.1))) if lanes else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
-        self.repeat_mlps = nn.ModuleList(MLP(cfg) for _ in range((hi - lo) * (reps - 1))) \
+        self.repeat_mlps = nn.ModuleList(MLP(cfg) for _ in range((hi - lo) * repeats)) \
             if cfg.untie_repeat_mlp else None
-        self.clone_repeat_mlps(0, reps)
+        self.clone_repeat_mlps(0, cfg.num_repeats)
 
     @torch.no_grad()
     def clone_repeat_mlps(self, old: int, new: int) -> None:
-        """Make the untied MLPs of repeats that become active (old -> new repeats) copies of their block's MLP, so
-        switching the recurrence on changes nothing until they train (#1204's activation copy)."""
+        """Copy block MLPs into the untied MLPs of repeats that become active: the switch changes nothing."""
         lo, hi = self.cfg.recur_span
         for k in range(max(old, 1), new if self.repeat_mlps is not None else 0):
             for j in range(hi - lo):
-                self.repeat_mlps[(k - 1) * (hi - lo) + j].load_state_dict(self.blocks[lo + j].mlp.state_dict())
+                mlp = self.repeat_mlps[(k - 1) * (hi - lo) + j]
+                mlp.load_state_dict(self.blocks[lo + j].mlp.state_dict())
 
     def unexported(self) -> set[str]:
-        """Parameters no forward reads (DISABLE_LAYER0_ATTN keeps #1204's count); the artifact leaves them out."""
-        return {f"blocks.0.attn.{m}.weight" for m in ("c_q", "c_k", "c_v", "proj")} if self.cfg.disable_layer0_attn \
-            else set()
+        """Parameters no forward reads (they keep the parameter count); the artifact leaves them out."""
+        names = (f"blocks.0.attn.{m}.weight" for m in ("c_q", "c_k", "c_v", "proj"))
+        return set(names) if self.cfg.disable_layer0_attn else set()
 
     def recurrent_matrices(self) -> frozenset[str]:
-        """With RECUR_LAYERS, the weights applied more than once; QUANT_HIGH_TENSORS gives them QUANT_LEVELS first,
-        as #1204 did (an error there is made at every application)."""
+        """With RECUR_LAYERS, the weights applied more than once (their error recurs at each application)."""
         lo, hi = self.cfg.recur_span
         prefixes = ("repeat_mlps.", *(f"blocks.{p}." for p in range(lo, hi))) if self.cfg.recur_layers else ()
-        return frozenset(n for n, _ in self.named_parameters() if n.startswith(prefixes) and n.endswith(".weight"))
+        names = (n for n, _ in self.named_parameters() if n.endswith(".weight"))
+        return frozenset(n for n in names if n.startswith(prefixes))
 
     def embed(self, ids: Tensor) -> Tensor:
         x = self.tok_emb(ids) if self.bigram is None else self.tok_emb(ids) + self.bigram(ids)
         x = rms_norm(x)
-        if self.smear_gate is not None:  # (1 - g) x_t + g x_{t-1}, a learned per-dim gate g (position 0: x_{-1} = 0)
+        if self.smear_gate is not None:  # (1 - g) x_t + g x_{t-1}, a learned per-dim gate g (x_{-1} = 0)
             x = torch.lerp(x, F.pad(x[:, :-1], (0, 0, 1, 0)), torch.sigmoid(self.smear_gate))
         return x
 
-    def forward(self, ids: Tensor, repeats: int, targets: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
-        """ids (B, T) -> fp32 logits (B, T, V), or per-token NLL (B, T) when targets are given. `repeats`
-        (1..NUM_REPEATS) is the current depth; a compiled forward keeps one graph per value. With a cache, ids are
-        the positions after the cached ones, which they attend to (and the cache then holds them too)."""
-        cfg, (lo, hi) = self.cfg, self.cfg.recur_span
+    def forward(self, ids: Tensor, repeats: int, targets: Tensor | None = None,
+                cache: KVCache | None = None) -> Tensor:
+        """ids (B, T) -> fp32 logits (B, T, V), or per-token NLL (B, T) given targets, at `repeats` (one
+        compiled graph per value); with a cache, ids follow the cached ones."""
+        cfg = self.cfg
         start = 0 if cache is None else cache.length
-        x0 = self.embed(ids) if cache is None else self.embed(cache.with_context(ids))[:, -ids.size(1):]  # (B, T, D)
+        x0 = self.embed(ids) if cache is None else self.embed(cache.with_context(ids))[:, -ids.size(1):]
         values = [table(ids) for table in self.value_embeds]  # looked up once, added at every layer
-        ve = None if self.ve is None else self.ve.scale * self.ve.proj(self.ve.embed(ids))
-        ve_index = {slot: i for i, slot in enumerate(parse_ints(cfg.ve_layers))}
+        v_values = None if self.v_embed is None else self.v_embed(ids)
         rope = rope_tables(start + ids.size(1), cfg.rope_dims or cfg.head_dim, cfg.rope_base, ids.device)
-        if start:  # decoding: the positions after the cached ones
+        if start:  # only when decoding: inductor's fp32 CPU code corrupted the heap on a zero-offset slice
             rope = tuple(t[start:] for t in rope)
-        plan = layer_plan(cfg, repeats)
-        first_xsa, first_lane = xsa_start(len(plan), cfg.xsa_last_n), len(plan) - cfg.parallel_last_n
-        encoder = len(plan) // 2  # U-Net: the first half pushes its outputs, the second half pops them
-        lanes, skips, previous = [x0], [], {}
-        for i, (p, slot, k) in enumerate(plan):
-            if i == first_lane:  # both lanes start from the stream
+        lanes = [x0]
+        outputs = []
+        for i, at in enumerate(self.plans[repeats]):
+            if at.parallel and len(lanes) == 1:  # the first parallel layer: both lanes start from the stream
                 lanes = lanes * 2
-            delta = self.loop_embed[slot] if self.loop_embed is not None else 0.0
-            for j, value in enumerate(values):
-                delta = delta + self.value_scales[slot, j] * value
-            if k > 0 and self.cross_repeat_scales is not None:  # stateful recurrence: block p's previous output
-                delta = delta + self.cross_repeat_scales[p - lo, k - 1] * previous[p]
-            if torch.is_tensor(delta):  # nothing to add in the #1204/#456 shapes: no op at all
-                lanes = [lane + delta for lane in lanes]
-            if self.skip_weights is not None and i >= encoder and skips:  # decoder i reads the mirrored encoder layer
-                skip = self.skip_weights[i - encoder] * skips.pop()
-                lanes = [lane + skip if self.skip_gates is None else  # gated: (1 - g) skip + g lane
-                         torch.lerp(skip, lane, torch.sigmoid(self.skip_gates[i - encoder])) for lane in lanes]
-            v_extra = self.ve.layer_scales[ve_index[slot]] * ve if slot in ve_index else None
-            untied = k > 0 and self.repeat_mlps is not None
-            mlp = self.repeat_mlps[(k - 1) * (hi - lo) + p - lo] if untied else self.blocks[p].mlp
+            delta = self.stream_input(at, values, outputs)
+            lanes = lanes if delta is None else [lane + delta for lane in lanes]
+            if at.skip is not None:
+                lanes = self.add_skip(lanes, outputs, *at.skip)
+            v_extra = None if at.v_embed is None else self.v_embed.layer_scales[at.v_embed] * v_values
             kv = None if cache is None else functools.partial(cache.extend, i)
-            lanes = self.layer(lanes, x0, p, slot, mlp, rope, i >= first_xsa, v_extra, kv)
-            previous[p] = out = lanes[0] if len(lanes) == 1 else (lanes[0] + lanes[1]) / 2
-            if self.skip_weights is not None and i < encoder:
-                skips.append(out)
+            lanes = self.parallel_layer(lanes, x0, at, rope, v_extra, kv) if at.parallel \
+                else [self.layer(lanes[0], x0, at, rope, v_extra, kv)]
+            outputs.append(lanes[0] if len(lanes) == 1 else (lanes[0] + lanes[1]) / 2)
         if cache is not None:
             cache.ids = ids if cache.ids is None else torch.cat((cache.ids, ids), 1)
-        return self.head(rms_norm(out), targets)
+        return self.head(rms_norm(outputs[-1]), targets)
 
-    def layer(self, lanes: list[Tensor], x0: Tensor, p: int, slot: int, mlp: MLP, rope: tuple[Tensor, Tensor],
-              use_xsa: bool, v_extra: Tensor | None, kv: Callable | None = None) -> list[Tensor]:
-        """One effective layer on one stream, or on #1204's two lanes: attention reads lane 0, the MLP reads lane 1
-        after attention wrote to it, and each sublayer writes both lanes with learned routing weights."""
-        cfg, block, si = self.cfg, self.blocks[p], slot if self.cfg.untie_scalars else p
-        attn_on, mix = not (p == 0 and cfg.disable_layer0_attn), self.resid_mix[si]
+    def stream_input(self, at: EffectiveLayer, values: list[Tensor], outputs: list[Tensor]) -> Tensor | None:
+        """The loop embedding, the value embeddings and the cross-repeat copy, added before a layer."""
+        delta = self.loop_embed[at.slot] if self.loop_embed is not None else 0.0
+        for j, value in enumerate(values):
+            delta = delta + self.value_scales[at.slot, j] * value
+        if at.cross_repeat is not None:
+            delta = delta + self.cross_repeat_scales[at.cross_repeat] * outputs[at.previous]
+        return delta if torch.is_tensor(delta) else None
 
-        def norm(x: Tensor) -> Tensor:  # LN_SCALE damps the sublayer inputs of deeper layers
-            return rms_norm(x) * (slot + 1) ** -0.5 if cfg.ln_scale else rms_norm(x)
+    def add_skip(self, lanes: list[Tensor], outputs: list[Tensor], row: int, source: int) -> list[Tensor]:
+        """U-Net: the mirrored encoder layer's output, added or gated in ((1 - g) skip + g x)."""
+        skip = self.skip_weights[row] * outputs[source]
+        if self.skip_gates is None:
+            return [lane + skip for lane in lanes]
+        return [torch.lerp(skip, lane, torch.sigmoid(self.skip_gates[row])) for lane in lanes]
 
-        def attn(x: Tensor) -> Tensor:
-            return self.attn_scale[si] * block.attn(norm(x), rope, self.q_gain[si], use_xsa, v_extra, kv)
+    def norm(self, x: Tensor, at: EffectiveLayer) -> Tensor:
+        return rms_norm(x) if at.norm_scale == 1.0 else rms_norm(x) * at.norm_scale
 
-        if len(lanes) == 1:
-            x = mix[0] * lanes[0] + mix[1] * x0
-            x = x + attn(x) if attn_on else x
-            return [x + self.mlp_scale[si] * mlp(norm(x))]
-        (a_to_a, a_to_m), (m_to_a, m_to_m) = self.lane_post[p]
-        r_attn, r_mlp = self.lane_resid[p]
-        l0, l1 = lanes
-        if attn_on:
-            a = attn(mix[0] * l0 + mix[1] * x0)
-            l0, l1 = r_attn * l0 + a_to_a * a, r_attn * l1 + a_to_m * a
-        m = self.mlp_scale[si] * mlp(norm(mix[0] * l1 + mix[1] * x0))
-        return [r_mlp * l0 + m_to_a * m, r_mlp * l1 + m_to_m * m]
+    def attention(self, x: Tensor, at: EffectiveLayer, rope: Rope, v_extra: Tensor | None,
+                  kv: Callable | None) -> Tensor:
+        y = self.blocks[at.block].attn(self.norm(x, at), rope, self.q_gain[at.scalars], at.xsa, v_extra, kv)
+        return self.attn_scale[at.scalars] * y
+
+    def mlp(self, x: Tensor, at: EffectiveLayer) -> Tensor:
+        untied = at.repeat_mlp is not None and self.repeat_mlps is not None
+        mlp = self.repeat_mlps[at.repeat_mlp] if untied else self.blocks[at.block].mlp
+        return self.mlp_scale[at.scalars] * mlp(self.norm(x, at))
+
+    def layer(self, x: Tensor, x0: Tensor, at: EffectiveLayer, rope: Rope, v_extra: Tensor | None = None,
+              kv: Callable | None = None) -> Tensor:
+        """One effective layer: the x0 mix, attention, MLP."""
+        mix = self.resid_mix[at.scalars]
+        x = mix[0] * x + mix[1] * x0
+        if at.attention:
+            x = x + self.attention(x, at, rope, v_extra, kv)
+        return x + self.mlp(x, at)
+
+    def parallel_layer(self, lanes: list[Tensor], x0: Tensor, at: EffectiveLayer, rope: Rope,
+                       v_extra: Tensor | None = None, kv: Callable | None = None) -> list[Tensor]:
+        """One effective layer on two lanes: attention reads lane 0, the MLP lane 1 after attention wrote it;
+        each scales both lanes by its residual weight and writes both with its routing weights."""
+        mix = self.resid_mix[at.scalars]
+        attn_post, mlp_post = self.lane_post[at.block]
+        attn_resid, mlp_resid = self.lane_resid[at.block]
+        if at.attention:
+            a = self.attention(mix[0] * lanes[0] + mix[1] * x0, at, rope, v_extra, kv)
+            lanes = [attn_resid * lane + w * a for lane, w in zip(lanes, attn_post)]
+        m = self.mlp(mix[0] * lanes[1] + mix[1] * x0, at)
+        return [mlp_resid * lane + w * m for lane, w in zip(lanes, mlp_post)]
 
     def head(self, h: Tensor, targets: Tensor | None) -> Tensor:
         """Tied head and tanh softcap in fp32: bf16 logits near the cap have 0.125-nat resolution."""
@@ -1198,8 +1210,7 @@ class GPT(nn.Module):
             logits = self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
             if targets is None:
                 return logits
-            nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
-            return nll.view_as(targets)
+            return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
 
 
 # === 8. PARAMETERS ===
@@ -1218,12 +1229,12 @@ class ParamRule:
 
 
 PARAM_RULES = (
-    ParamRule(r"(tok_emb|value_embeds\.\d+|bigram\.embed|ve\.embed)\.weight", "embed", torch.float32, "q_attn"),
-    ParamRule(r"blocks\.\d+\.attn\.(c_q|c_k|c_v|proj)\.weight|(bigram|ve)\.proj\.weight", "muon", torch.float32,
+    ParamRule(r"(tok_emb|value_embeds\.\d+|bigram\.embed|v_embed\.embed)\.weight", "embed", torch.float32, "q_attn"),
+    ParamRule(r"blocks\.\d+\.attn\.(c_q|c_k|c_v|proj)\.weight|(bigram|v_embed)\.proj\.weight", "muon", torch.float32,
               "q_attn"),
     ParamRule(r"(blocks\.\d+\.mlp|repeat_mlps\.\d+)\.(fc|proj)\.weight", "muon", torch.float32, "q_mlp"),
     ParamRule(r"q_gain|attn_scale|mlp_scale|resid_mix|skip_(weights|gates)|smear_gate|lane_(post|resid)|"
-              r"(bigram|ve)\.scale|ve\.layer_scales", "scalar", torch.float32, "fp32"),
+              r"(bigram|v_embed)\.scale|v_embed\.layer_scales", "scalar", torch.float32, "fp32"),
     # Recurrence scalars: fp32 in training (the reference trained them in bf16), fp16 in the artifact.
     ParamRule(r"loop_embed|value_scales|cross_repeat_scales", "scalar", torch.float32, "fp16"),
 )

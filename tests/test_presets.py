@@ -51,8 +51,8 @@ def test_pr1204_breakdown_matches_the_spec_table():
     assert shapes["q_gain"] == (13, 8) and shapes["resid_mix"] == (13, 2, 512)  # one set per effective layer
     assert shapes["skip_weights"] == shapes["skip_gates"] == (6, 512)
     assert shapes["lane_post"] == (11, 2, 2) and shapes["lane_resid"] == (11, 2)
-    assert shapes["ve.embed.weight"] == (1024, 128) and shapes["ve.proj.weight"] == (256, 128)
-    assert shapes["ve.layer_scales"] == (2,)
+    assert shapes["v_embed.embed.weight"] == (1024, 128) and shapes["v_embed.proj.weight"] == (256, 128)
+    assert shapes["v_embed.layer_scales"] == (2,)
 
 
 def test_pr1204_forces_its_16_recurrent_matrices_to_the_high_levels_first():
@@ -225,7 +225,8 @@ def test_parallel_lanes_follow_the_1204_routing_formula():
     x0 = model.embed(ids)
     l0, l1 = x0 + 0.1, x0 - 0.1
     rope = train_gpt.rope_tables(ids.size(1), model.cfg.head_dim, 10000.0, ids.device)
-    got0, got1 = model.layer([l0, l1], x0, 2, 2, model.blocks[2].mlp, rope, False, None)
+    at = dataclasses.replace(model.plans[1][2], xsa=False)
+    got0, got1 = model.parallel_layer([l0, l1], x0, at, rope)
     mix, block, norm = model.resid_mix[2], model.blocks[2], train_gpt.rms_norm
     a = model.attn_scale[2] * block.attn(norm(mix[0] * l0 + mix[1] * x0), rope, model.q_gain[2], False)
     l0, l1 = 1.1 * l0 + 1.0 * a, 1.1 * l1 + 0.3 * a
@@ -240,10 +241,10 @@ def test_unet_skips_pair_mirrored_layers(unet):
     model = build(unet=unet, num_layers=4, num_repeats=1, prog_depth="1.0:1", loop_embed=False)
     ins, outs, real_layer = [], [], model.layer
 
-    def spy(lanes, *rest):
-        ins.append(lanes[0])
-        outs.append(real_layer(lanes, *rest)[0])
-        return [outs[-1]]
+    def spy(x, *rest):
+        ins.append(x)
+        outs.append(real_layer(x, *rest))
+        return outs[-1]
 
     model.layer = spy
     with torch.no_grad():
