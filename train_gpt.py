@@ -2155,9 +2155,8 @@ def estimate_fit(cfg: Config, model: nn.Module, code_bytes: int) -> tuple[int | 
 
 
 # === 12. TRAINING ===
-# The clock covers only optimizer steps: compile priming for every depth happens before it starts, periodic
-# validation pauses it, and all ranks take decisions (depth, LR, stop) from the max of their elapsed times, read
-# every few steps (a sync and a collective), so the host can queue the next step while the device runs this one.
+# The clock covers only optimizer steps. Every rank takes depth, LR, checkpoint and stop decisions from the max over
+# ranks of the elapsed time, read every few steps, so the host can queue the next step while the device runs this one.
 
 
 @dataclass
@@ -2167,18 +2166,19 @@ class TrainState:
     repeats: int = 0
     swa_sum: dict[str, Tensor] | None = None
     swa_count: int = 0
-    ema: dict[str, Tensor] | None = None  # EMA_DECAY's fp32 average, on the training device
-    history: list[dict] = field(default_factory=list)
+    ema: dict[str, Tensor] | None = None
     checkpoint_ms: float = 0.0  # train_ms at the last checkpoint
     interrupted: bool = False  # stopped by SIGTERM/SIGINT after writing a checkpoint
 
 
 class TrainClock:
-    """Training milliseconds so far, paused around validation and checkpoints. Its edges and synced reads wait for
-    the device; a plain read costs nothing and may run ahead of the device by the work still queued."""
+    """Training ms, paused around validation and checkpoints. Edges and synced reads wait for the device; a plain
+    read costs nothing and may run ahead of the device by the work still queued."""
 
     def __init__(self, rt: Runtime):
-        self.rt, self.banked_ms, self.started = rt, 0.0, None
+        self.rt = rt
+        self.banked_ms = 0.0
+        self.started = None
 
     def start(self) -> None:
         self.rt.sync()
@@ -2200,8 +2200,7 @@ CLOCK_CHECK_STEPS = 16  # most steps between two clock checks (a device sync and
 
 
 def steps_to_next_check(step_ms: float, ms_to_deadlines: list[float]) -> int:
-    """Steps until the loop reads the clock again: half of those predicted to fit before the nearest deadline (the
-    budget, the next periodic checkpoint), so it reads every step near one; every step while no step time is known."""
+    """Half the steps predicted to fit before the nearest deadline (budget, next periodic checkpoint), at least 1."""
     if not ms_to_deadlines:
         return CLOCK_CHECK_STEPS
     if step_ms <= 0:
@@ -2209,186 +2208,53 @@ def steps_to_next_check(step_ms: float, ms_to_deadlines: list[float]) -> int:
     return int(min(CLOCK_CHECK_STEPS, max(min(ms_to_deadlines) / step_ms / 2, 1)))
 
 
-@dataclass
-class Trainer:
-    cfg: Config
-    rt: Runtime
-    model: GPT
-    model_fn: ModelFn
-    optimizers: dict[str, torch.optim.Optimizer]
-    batches: TrainBatches
-    val_tokens: Tensor
-    tables: ByteTables
-
-    def __post_init__(self) -> None:
-        self.clock = TrainClock(self.rt)
-        self.signalled = False
-
-    def prime_compiled_graphs(self) -> float:
-        """Run one forward+backward and one eval forward per scheduled depth on dummy tokens; returns ms."""
-        if not self.rt.use_compile:
-            return 0.0
-        start = time.perf_counter()
-        seq, device = self.cfg.train_seq_len, self.rt.device
-        rows = self.batches.local_tokens // seq
-        for reps in sorted({r for _, r in self.cfg.depth_schedule}):
-            # Distinct input and target tensors, and eval tensors made under inference_mode: dynamo guards on
-            # aliasing and on the inference flag, so anything else would recompile inside the timed loop.
-            x, y = (torch.zeros(rows, seq, dtype=torch.int64, device=device) for _ in range(2))
-            with self.rt.autocast():
-                self.model_fn(x, reps, y).mean().backward()
-            with torch.inference_mode(), self.rt.autocast():
-                self.model_fn(torch.zeros(eval_rows(self.cfg), seq, dtype=torch.int64,
-                                          device=device), reps)
-        if self.cfg.eval_stride:  # the final sliding eval's shape, at full depth
-            length = min(self.cfg.eval_seq_len, len(self.val_tokens) - 1)
-            with torch.inference_mode(), self.rt.autocast():
-                self.model_fn(torch.zeros(self.cfg.eval_batch_seqs, length, dtype=torch.int64, device=device),
-                              self.cfg.num_repeats)
-        self.model.zero_grad(set_to_none=True)
-        self.optimizers["muon"].prime()
-        self.rt.sync()
-        return 1000 * (time.perf_counter() - start)
-
-    def train_step(self, state: TrainState, scale: float, accum: int) -> Tensor:
-        """Forward/backward over `accum` micro-batches, average across ranks, clip, step every optimizer."""
-        params = list(self.model.parameters())
-        loss_sum = torch.zeros((), device=self.rt.device)
-        for _ in range(accum):
-            x, y = self.batches.next()
-            with self.rt.autocast():
-                loss = self.model_fn(x, state.repeats, y).mean()
-            (loss / accum).backward()
-            loss_sum += loss.detach()
-        self.rt.average_gradients(params)
-        momentum = muon_momentum_at(self.cfg, state.step)
-        # One LR scale for every group (scheduled, identical on all ranks since it comes from the max elapsed).
-        for opt in self.optimizers.values():
-            for group in opt.param_groups:
-                group["lr"] = group["base_lr"] * scale
-                if "momentum" in group:
-                    group["momentum"] = momentum
-        if self.cfg.grad_clip_norm > 0:
-            nn.utils.clip_grad_norm_(params, self.cfg.grad_clip_norm)
-        for opt in self.optimizers.values():
-            opt.step()
-        self.model.zero_grad(set_to_none=True)
-        return loss_sum / accum
-
-    def validate(self, state: TrainState) -> tuple[float, float]:
-        """The periodic eval at the current depth, recorded in the JSON log and the run's history."""
-        start = time.perf_counter()
-        loss, bpb = eval_blocks(self.cfg, self.rt, self.model_fn, self.val_tokens, self.tables, state.repeats)
-        eval_ms = 1000 * (time.perf_counter() - start)
-        record = dict(event="eval", name="val", step=state.step, repeats=state.repeats, val_loss=loss, val_bpb=bpb,
-                      train_time_ms=state.train_ms, eval_time_ms=eval_ms)
-        self.rt.log_json(record)
-        state.history.append(record)
-        return loss, bpb
-
-    def run(self, state: TrainState | None = None) -> TrainState:
-        """The timed loop: validate on cadence, pick depth and LR from progress, step, collect SWA, stop."""
-        cfg, rt = self.cfg, self.rt
-        accum = grad_accum_for(cfg, rt.world_size)
-        state = state or TrainState(repeats=repeats_at(cfg, 0.0))
-        budget_ms, every_ms = 1000.0 * cfg.max_wallclock_seconds, 1000.0 * cfg.checkpoint_every_seconds
-        for sig in (signal.SIGTERM, signal.SIGINT):  # torchrun forwards these to every rank
-            signal.signal(sig, lambda *_: setattr(self, "signalled", True))
-        self.clock.banked_ms = state.train_ms
-        self.clock.start()
-        checked_step, checked_ms, step_ms, next_check = state.step, state.train_ms, 0.0, state.step
-        while True:
-            validate = cfg.val_loss_every and state.step % cfg.val_loss_every == 0
-            out_of_time = False
-            if state.step >= min(next_check, cfg.iterations) or validate:
-                # The loop's only device sync and collective: the max over ranks of the elapsed time and of "a
-                # signal came", so every rank takes the same depth, LR, checkpoint and stop decisions at one step.
-                state.train_ms, signalled = rt.all_max(self.clock.elapsed_ms(synced=True), float(self.signalled))
-                if state.step > checked_step:
-                    step_ms = (state.train_ms - checked_ms) / (state.step - checked_step)
-                checked_step, checked_ms = state.step, state.train_ms
-                if signalled or (every_ms and state.train_ms - state.checkpoint_ms >= every_ms):
-                    self.save_checkpoint(state)
-                    if signalled:
-                        rt.log(f"stopped: signal step:{state.step} (continue with RESUME={self.checkpoint_path()})")
-                        state.interrupted = True
-                        return state
-                # Stop before a step that would end past the budget (the mean step since the last check predicts it).
-                out_of_time = budget_ms > 0 and state.train_ms + step_ms > budget_ms
-                deadlines = (budget_ms, every_ms and state.checkpoint_ms + every_ms)
-                next_check = state.step + steps_to_next_check(step_ms, [ms - state.train_ms for ms in deadlines if ms])
-            else:  # between checks the schedules read a time extrapolated from the last one: the same on every rank
-                state.train_ms = checked_ms + (state.step - checked_step) * step_ms
-            done = out_of_time or state.step >= cfg.iterations
-            if out_of_time:
-                rt.log(f"stopping_early: wallclock_cap train_time:{state.train_ms:.0f}ms "
-                       f"step:{state.step}/{cfg.iterations}")
-            if done or validate:
-                self.clock.pause()
-                loss, bpb = self.validate(state)
-                rt.log(f"step:{state.step}/{cfg.iterations} val_loss:{loss:.4f} val_bpb:{bpb:.4f} "
-                       f"train_time:{state.train_ms:.0f}ms step_avg:{state.train_ms / max(state.step, 1):.2f}ms")
-                self.clock.start()
-            if done:
-                return state
-            self.advance(state, accum)
-
-    def checkpoint_path(self) -> Path:
-        return self.rt.log_path.with_suffix(".ckpt")
-
-    def save_checkpoint(self, state: TrainState) -> None:
-        """Everything a bit-identical continuation needs, written by rank 0 (temp file + rename: never torn).
-        Model, optimizer moments and stream position are identical on every rank, so one copy serves all."""
-        self.clock.pause()
-        state.checkpoint_ms, path = state.train_ms, self.checkpoint_path()
-        if self.rt.is_main:
-            payload = dict(config=resume_key(self.cfg), model=self.model.state_dict(), swa_sum=state.swa_sum,
-                           ema=state.ema, optimizers={k: opt.state_dict() for k, opt in self.optimizers.items()},
-                           stream=list(self.batches.position), rng=torch.get_rng_state(),
-                           state=json.dumps({k: getattr(state, k) for k in RESUMED_STATE}))
-            torch.save(payload, path.with_name(path.name + ".tmp"))
-            os.replace(path.with_name(path.name + ".tmp"), path)
-        self.rt.barrier()
-        self.rt.log(f"checkpoint:saved path:{path} step:{state.step} train_time:{state.train_ms:.0f}ms")
-        self.clock.start()
-
-    def load_checkpoint(self, path: Path) -> TrainState:
-        """Restore a checkpoint of this same configuration (read_checkpoint: no code in the file runs)."""
-        payload = read_checkpoint(self.cfg, path, self.rt.device)
-        self.model.load_state_dict(payload["model"])
-        for name, opt in self.optimizers.items():
-            opt.load_state_dict(payload["optimizers"][name])
-        self.batches.seek(*payload["stream"])
-        torch.set_rng_state(payload["rng"].cpu())
-        self.rt.log(f"checkpoint:resumed path:{path}")
-        return TrainState(swa_sum=payload["swa_sum"], ema=payload["ema"], **json.loads(payload["state"]))
-
-    def advance(self, state: TrainState, accum: int) -> None:
-        """One optimizer step plus its bookkeeping (depth switch, EMA, SWA, train log)."""
-        cfg, rt = self.cfg, self.rt
-        progress = run_progress(cfg, state.step, state.train_ms)
-        repeats = repeats_at(cfg, progress)
-        if repeats != state.repeats:
-            self.model.clone_repeat_mlps(state.repeats, repeats)
-            state.repeats = repeats
-            rt.log(f"prog_depth:switch repeats:{repeats} step:{state.step} frac:{progress:.3f}")
-        scale = lr_scale(cfg, state.step, state.train_ms)
-        loss = self.train_step(state, scale, accum)
-        state.step += 1
-        if cfg.ema_decay:
-            ema_update(state, self.model, cfg.ema_decay)
-        if swa_due(cfg, state.step, state.repeats, warmdown_scale(cfg, state.step - 1, state.train_ms)):
-            if state.swa_sum is None:
-                rt.log(f"swa:start step:{state.step}")
-            swa_collect(state, self.model)
-        if state.step <= 10 or state.step % max(cfg.train_log_every, 1) == 0:
-            loss = rt.all_reduce(loss.detach().clone()) / rt.world_size
-            now_ms = self.clock.elapsed_ms()
-            rt.log(f"step:{state.step}/{cfg.iterations} train_loss:{loss.item():.4f} lr_scale:{scale:.4f} "
-                   f"repeats:{state.repeats} train_time:{now_ms:.0f}ms step_avg:{now_ms / state.step:.2f}ms")
+@torch.no_grad()
+def fold_weights(average: dict[str, Tensor] | None, model: nn.Module, keep: float = 1.0,
+                 add: float = 1.0) -> dict[str, Tensor]:
+    """keep * average + add * weights per parameter, in fp32 on its device; the first call copies the weights."""
+    if average is None:
+        return {n: p.detach().float().clone() for n, p in model.named_parameters()}
+    for n, p in model.named_parameters():
+        average[n].mul_(keep).add_(p.detach().float(), alpha=add)
+    return average
 
 
-RESUMED_STATE = ("step", "train_ms", "repeats", "swa_count", "history", "checkpoint_ms")
+@torch.no_grad()
+def load_weights(model: nn.Module, weights: dict[str, Tensor]) -> None:
+    for n, p in model.named_parameters():
+        p.copy_(weights[n].to(p.dtype))
+
+
+def swa_collect(state: TrainState, model: nn.Module) -> None:
+    state.swa_sum = fold_weights(state.swa_sum, model)
+    state.swa_count += 1
+
+
+def swa_apply(state: TrainState, model: nn.Module) -> int:
+    """Load the mean of the collected weights and the final ones; returns how many were averaged."""
+    if state.swa_sum is not None:
+        swa_collect(state, model)
+        load_weights(model, {n: total / state.swa_count for n, total in state.swa_sum.items()})
+    return state.swa_count
+
+
+def ema_update(state: TrainState, model: nn.Module, decay: float) -> None:
+    """After every step, from step 1's weights; the decay warms up to EMA_DECAY as (1 + step) / (10 + step), so
+    short runs do not export mostly early weights."""
+    keep = min(decay, (1 + state.step) / (10 + state.step))
+    state.ema = fold_weights(state.ema, model, keep, 1 - keep)
+
+
+def apply_weight_average(cfg: Config, state: TrainState, model: nn.Module) -> str:
+    """Load the exported average (EMA_DECAY's, else SWA's) into the model; returns its log line."""
+    if not cfg.ema_decay:
+        return f"swa:apply checkpoints:{swa_apply(state, model)}"
+    if state.ema is not None:  # None only when no step was taken
+        load_weights(model, state.ema)
+    return f"ema:apply decay:{cfg.ema_decay:g}"
+
+
+RESUMED_STATE = ("step", "train_ms", "repeats", "swa_count", "checkpoint_ms")
 CHECKPOINT_KEYS = ("config", "model", "swa_sum", "ema", "optimizers", "stream", "rng", "state")
 
 
@@ -2404,8 +2270,7 @@ def resume_key(cfg: Config) -> str:
 
 
 def read_checkpoint(cfg: Config, path: Path, device: torch.device | str, mmap: bool = False) -> dict:
-    """The payload of a checkpoint of this configuration, read as safely as an artifact: only a torch.save zip of
-    tensors and plain data is unpickled (weights_only: nothing in the file can run); any problem is one ConfigError."""
+    """A checkpoint of this configuration, unpickled with weights_only (no code in it runs); else one ConfigError."""
     what = f"RESUME={cfg.resume}" + (f" ({path})" if str(path) != cfg.resume else "")
     if not path.is_file():
         raise ConfigError(f"RESUME={cfg.resume}: no checkpoint at {path}")
@@ -2438,8 +2303,7 @@ def weights_sha256(model: nn.Module) -> str:
 
 
 def check_same_weights(rt: Runtime, digest: str) -> None:
-    """Log the weights' digest and whether every rank holds the same one; ranks that diverged (a nondeterministic
-    kernel, a bad collective) would score and export different models, so the run ends with exit code 1."""
+    """Log the digest and whether every rank holds it; diverged ranks would export different models: exit 1."""
     rt.log(f"weights_sha256:{digest}")
     digests = rt.all_gather(torch.tensor(list(bytes.fromhex(digest)), dtype=torch.uint8, device=rt.device))
     differing = [rank for rank in range(rt.world_size) if not torch.equal(digests[rank], digests[0])]
@@ -2449,61 +2313,196 @@ def check_same_weights(rt: Runtime, digest: str) -> None:
         rt.shutdown(1)
 
 
-@torch.no_grad()
-def swa_collect(state: TrainState, model: nn.Module) -> None:
-    """Add the current weights to the fp32 running sum, on the training device (no per-step host copies)."""
-    if state.swa_sum is None:
-        state.swa_sum = {n: p.detach().float().clone() for n, p in model.named_parameters()}
-    else:
-        for n, p in model.named_parameters():
-            state.swa_sum[n] += p.detach().float()
-    state.swa_count += 1
+@dataclass
+class Trainer:
+    cfg: Config
+    rt: Runtime
+    model: GPT
+    model_fn: ModelFn
+    optimizers: dict[str, torch.optim.Optimizer]
+    batches: TrainBatches
+    val_tokens: Tensor
+    tables: ByteTables
 
+    def __post_init__(self) -> None:
+        self.clock = TrainClock(self.rt)
+        self.signalled = False
 
-@torch.no_grad()
-def swa_apply(state: TrainState, model: nn.Module) -> int:
-    """Average the collected checkpoints plus the final weights into the model; returns how many were averaged."""
-    if state.swa_sum is None:
-        return 0
-    swa_collect(state, model)
-    for n, p in model.named_parameters():
-        p.copy_((state.swa_sum[n] / state.swa_count).to(p.dtype))
-    return state.swa_count
+    def prime_compiled_graphs(self) -> float:
+        """One forward+backward and one eval forward per scheduled depth, before the clock starts; returns ms."""
+        if not self.rt.use_compile:
+            return 0.0
+        start = time.perf_counter()
+        cfg = self.cfg
 
+        def tokens(rows: int, length: int = cfg.train_seq_len) -> Tensor:
+            return torch.zeros(rows, length, dtype=torch.int64, device=self.rt.device)
 
-@torch.no_grad()
-def ema_update(state: TrainState, model: nn.Module, decay: float) -> None:
-    """ema = d ema + (1 - d) w in fp32 after every step, from the weights after step 1 (#1204 starts one step earlier,
-    from the init weights; the state then needs no set-up before the loop or on resume). d = min(EMA_DECAY,
-    (1 + step) / (10 + step)): a fixed 0.997 would still hold ~60% of step-1 weights after 150 steps, which made
-    short runs (CPU proxies) export a much worse model; from step ~3000 on it is #1204's constant decay."""
-    if state.ema is None:
-        state.ema = {n: p.detach().float().clone() for n, p in model.named_parameters()}
-    else:
-        d = min(decay, (1 + state.step) / (10 + state.step))
-        for n, p in model.named_parameters():
-            state.ema[n].mul_(d).add_(p.detach().float(), alpha=1 - d)
+        rows = self.batches.local_tokens // cfg.train_seq_len
+        for reps in sorted({r for _, r in cfg.depth_schedule}):
+            # Distinct input and target tensors, and eval tensors made under inference_mode: dynamo guards on
+            # aliasing and on the inference flag, so anything else would recompile inside the timed loop.
+            with self.rt.autocast():
+                self.model_fn(tokens(rows), reps, tokens(rows)).mean().backward()
+            with torch.inference_mode(), self.rt.autocast():
+                self.model_fn(tokens(eval_rows(cfg)), reps)
+        if cfg.eval_stride:  # the final sliding eval's shape, at full depth
+            with torch.inference_mode(), self.rt.autocast():
+                length = min(cfg.eval_seq_len, len(self.val_tokens) - 1)
+                self.model_fn(tokens(cfg.eval_batch_seqs, length), cfg.num_repeats)
+        self.model.zero_grad(set_to_none=True)
+        self.optimizers["muon"].prime()
+        self.rt.sync()
+        return 1000 * (time.perf_counter() - start)
 
+    def train_step(self, state: TrainState, scale: float, accum: int) -> Tensor:
+        """Forward/backward over `accum` micro-batches, average across ranks, clip, step every optimizer."""
+        params = list(self.model.parameters())
+        loss_sum = torch.zeros((), device=self.rt.device)
+        for _ in range(accum):
+            x, y = self.batches.next()
+            with self.rt.autocast():
+                loss = self.model_fn(x, state.repeats, y).mean()
+            (loss / accum).backward()
+            loss_sum += loss.detach()
+        self.rt.average_gradients(params)
+        momentum = muon_momentum_at(self.cfg, state.step)
+        for opt in self.optimizers.values():
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * scale
+                if "momentum" in group:
+                    group["momentum"] = momentum
+        if self.cfg.grad_clip_norm > 0:
+            nn.utils.clip_grad_norm_(params, self.cfg.grad_clip_norm)
+        for opt in self.optimizers.values():
+            opt.step()
+        self.model.zero_grad(set_to_none=True)
+        return loss_sum / accum
 
-@torch.no_grad()
-def apply_weight_average(cfg: Config, state: TrainState, model: nn.Module) -> str:
-    """Load the exported average (the EMA cast to each parameter's dtype, else SWA) into the model; its log line."""
-    if not cfg.ema_decay:
-        return f"swa:apply checkpoints:{swa_apply(state, model)}"
-    for n, p in model.named_parameters():
-        if state.ema is not None:  # None only when no step was taken
-            p.copy_(state.ema[n].to(p.dtype))
-    return f"ema:apply decay:{cfg.ema_decay:g}"
+    def advance(self, state: TrainState, accum: int) -> None:
+        """One optimizer step plus its bookkeeping (depth switch, EMA, SWA, train log)."""
+        cfg, rt = self.cfg, self.rt
+        progress = run_progress(cfg, state.step, state.train_ms)
+        repeats = repeats_at(cfg, progress)
+        if repeats != state.repeats:
+            self.model.clone_repeat_mlps(state.repeats, repeats)
+            state.repeats = repeats
+            rt.log(f"prog_depth:switch repeats:{repeats} step:{state.step} frac:{progress:.3f}")
+        scale = lr_scale(cfg, state.step, state.train_ms)
+        loss = self.train_step(state, scale, accum)
+        state.step += 1
+        if cfg.ema_decay:
+            ema_update(state, self.model, cfg.ema_decay)
+        if swa_due(cfg, state.step, state.repeats, warmdown_scale(cfg, state.step - 1, state.train_ms)):
+            if state.swa_sum is None:
+                rt.log(f"swa:start step:{state.step}")
+            swa_collect(state, self.model)
+        if state.step <= 10 or state.step % max(cfg.train_log_every, 1) == 0:
+            loss = rt.all_reduce(loss.detach().clone()) / rt.world_size
+            now_ms = self.clock.elapsed_ms()
+            rt.log(f"step:{state.step}/{cfg.iterations} train_loss:{loss.item():.4f} lr_scale:{scale:.4f} "
+                   f"repeats:{state.repeats} train_time:{now_ms:.0f}ms step_avg:{now_ms / state.step:.2f}ms")
+
+    def validate(self, state: TrainState) -> None:
+        """The eval at the current depth, outside the clock, in the console and the JSON log."""
+        self.clock.pause()
+        start = time.perf_counter()
+        loss, bpb = eval_blocks(self.cfg, self.rt, self.model_fn, self.val_tokens, self.tables, state.repeats)
+        self.rt.log_json(dict(event="eval", name="val", step=state.step, repeats=state.repeats, val_loss=loss,
+                              val_bpb=bpb, train_time_ms=state.train_ms,
+                              eval_time_ms=1000 * (time.perf_counter() - start)))
+        self.rt.log(f"step:{state.step}/{self.cfg.iterations} val_loss:{loss:.4f} val_bpb:{bpb:.4f} "
+                    f"train_time:{state.train_ms:.0f}ms step_avg:{state.train_ms / max(state.step, 1):.2f}ms")
+        self.clock.start()
+
+    def check_clock(self, state: TrainState) -> bool:
+        """The loop's only sync and collective: the max over ranks of the elapsed time and of "a signal came".
+        Checkpoints when due, stops on a signal; True when the next step (the mean since the last check) would end
+        past the budget."""
+        every_ms = 1000.0 * self.cfg.checkpoint_every_seconds
+        budget_ms = 1000.0 * self.cfg.max_wallclock_seconds
+        state.train_ms, signalled = self.rt.all_max(self.clock.elapsed_ms(synced=True), float(self.signalled))
+        if state.step > self.checked_step:
+            self.step_ms = (state.train_ms - self.checked_ms) / (state.step - self.checked_step)
+        self.checked_step = state.step
+        self.checked_ms = state.train_ms
+        if signalled or (every_ms and state.train_ms - state.checkpoint_ms >= every_ms):
+            self.save_checkpoint(state)
+        if signalled:
+            self.rt.log(f"stopped: signal step:{state.step} (continue with RESUME={self.checkpoint_path()})")
+            state.interrupted = True
+        deadlines = [ms - state.train_ms for ms in (budget_ms, every_ms and state.checkpoint_ms + every_ms) if ms]
+        self.next_check = state.step + steps_to_next_check(self.step_ms, deadlines)
+        return budget_ms > 0 and state.train_ms + self.step_ms > budget_ms
+
+    def run(self, state: TrainState | None = None) -> TrainState:
+        """The timed loop: validate on cadence, step; stop at ITERATIONS, before the budget runs out, or on a signal."""
+        cfg = self.cfg
+        accum = grad_accum_for(cfg, self.rt.world_size)
+        state = state or TrainState(repeats=repeats_at(cfg, 0.0))
+        for sig in (signal.SIGTERM, signal.SIGINT):  # torchrun forwards these to every rank
+            signal.signal(sig, lambda *_: setattr(self, "signalled", True))
+        self.checked_step = state.step
+        self.next_check = state.step
+        self.step_ms = 0.0  # mean step time between the last two clock checks
+        self.clock.banked_ms = state.train_ms
+        self.clock.start()
+        while True:
+            validate = cfg.val_loss_every and state.step % cfg.val_loss_every == 0
+            out_of_time = False
+            if state.step >= min(self.next_check, cfg.iterations) or validate:
+                out_of_time = self.check_clock(state)
+            else:  # between checks, a time extrapolated from the last one: the same on every rank
+                state.train_ms = self.checked_ms + (state.step - self.checked_step) * self.step_ms
+            if state.interrupted:
+                return state
+            if out_of_time:
+                self.rt.log(f"stopping_early: wallclock_cap train_time:{state.train_ms:.0f}ms "
+                            f"step:{state.step}/{cfg.iterations}")
+            done = out_of_time or state.step >= cfg.iterations
+            if done or validate:
+                self.validate(state)
+            if done:
+                return state
+            self.advance(state, accum)
+
+    def checkpoint_path(self) -> Path:
+        return self.rt.log_path.with_suffix(".ckpt")
+
+    def save_checkpoint(self, state: TrainState) -> None:
+        """All a bit-identical continuation needs (identical on every rank), by rank 0 via temp file and rename."""
+        self.clock.pause()
+        state.checkpoint_ms = state.train_ms
+        path = self.checkpoint_path()
+        if self.rt.is_main:
+            payload = dict(config=resume_key(self.cfg), model=self.model.state_dict(), swa_sum=state.swa_sum,
+                           ema=state.ema, optimizers={k: opt.state_dict() for k, opt in self.optimizers.items()},
+                           stream=list(self.batches.position), rng=torch.get_rng_state(),
+                           state=json.dumps({k: getattr(state, k) for k in RESUMED_STATE}))
+            torch.save(payload, path.with_name(path.name + ".tmp"))
+            os.replace(path.with_name(path.name + ".tmp"), path)
+        self.rt.barrier()
+        self.rt.log(f"checkpoint:saved path:{path} step:{state.step} train_time:{state.train_ms:.0f}ms")
+        self.clock.start()
+
+    def load_checkpoint(self, path: Path) -> TrainState:
+        payload = read_checkpoint(self.cfg, path, self.rt.device)
+        self.model.load_state_dict(payload["model"])
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(payload["optimizers"][name])
+        self.batches.seek(*payload["stream"])
+        torch.set_rng_state(payload["rng"].cpu())
+        self.rt.log(f"checkpoint:resumed path:{path}")
+        return TrainState(swa_sum=payload["swa_sum"], ema=payload["ema"], **json.loads(payload["state"]))
 
 
 # === 13. MAIN ===
-# Train, calibrate inside the budget, evaluate the float model; every rank quantizes its share and runs its codec,
-# rank 0 writes the artifact, and after a barrier every rank reads that file back into a fresh model and evaluates
-# it, so every rank scores the very bytes that are submitted. EVAL_ONLY=<artifact> does only the last part.
+# Train, calibrate inside the budget, evaluate the float model; rank 0 writes the artifact, and every rank reads that
+# file back into a fresh model and scores it: the very bytes that are submitted. EVAL_ONLY=<artifact> does the last.
 
 
 def meta_model(cfg: Config) -> GPT:
-    """The model's structure without memory or init work: for the parameter table and for loading an artifact."""
+    """The model's structure without memory or init work."""
     with torch.device("meta"):
         return GPT(cfg)
 
@@ -2532,10 +2531,77 @@ def dry_run(cfg: Config) -> None:
 
 
 def build_model(cfg: Config, rt: Runtime) -> GPT:
-    """Initialise on CPU from the seeded RNG (identical on every rank), then move and apply the dtype policy."""
+    """Initialised on CPU from the seeded RNG (identical on every rank), then moved and given its dtypes."""
     model = GPT(cfg).to(rt.device)
     apply_param_dtypes(model)
     return model
+
+
+def exit_with_error(line: str, rt: Runtime | None = None, rank: int = 0) -> None:
+    """`line` once on stderr, exit code 2 on every rank (they all check the same inputs). Before the runtime starts,
+    `rank` is the node-local one, so a problem only one node has is still printed."""
+    if (rt.rank if rt else rank) == 0:
+        print(line, file=sys.stderr, flush=True)
+    if rt is None:
+        sys.exit(2)
+    rt.shutdown(2)
+
+
+def load_tokenizer(cfg: Config) -> ByteTables:
+    import sentencepiece
+
+    try:
+        sp = sentencepiece.SentencePieceProcessor(model_file=cfg.tokenizer_path)
+    except Exception as err:
+        raise ConfigError(f"TOKENIZER_PATH={cfg.tokenizer_path} is not a SentencePiece model ({err})") from None
+    if sp.vocab_size() != cfg.vocab_size:
+        raise ConfigError(f"TOKENIZER_PATH={cfg.tokenizer_path} has {sp.vocab_size()} pieces, VOCAB_SIZE="
+                          f"{cfg.vocab_size}: set VOCAB_SIZE={sp.vocab_size()} or use the data's own tokenizer")
+    return build_byte_tables(sp, cfg.vocab_size)
+
+
+def check_inputs(cfg: Config, environ: Mapping[str, str]) -> None:
+    """Every device, path and file problem found before any work (no process group, no file written)."""
+    problem = Runtime.device_problem(cfg, environ)
+    if problem:
+        raise ConfigError(problem)
+    if not cfg.eval_only:
+        local_batch_tokens(cfg, int(environ.get("WORLD_SIZE", 1)))
+    if not Path(cfg.data_path).is_dir():
+        raise ConfigError(f"DATA_PATH={cfg.data_path} is not a folder; build or download a dataset (data/README.md)"
+                          " or point DATA_PATH at one")
+    val = check_shards(cfg.data_path, "val")
+    if min(val - 1, cfg.val_max_tokens or val) < cfg.train_seq_len:
+        raise ConfigError(f"the val split of {cfg.data_path} has {val} tokens, too few for TRAIN_SEQ_LEN="
+                          f"{cfg.train_seq_len} + 1; build more validation documents")
+    if cfg.eval_only and not Path(cfg.eval_only).is_file():
+        raise ConfigError(f"EVAL_ONLY={cfg.eval_only}: no such file (give the .ptz artifact a training run wrote)")
+    if not Path(cfg.tokenizer_path).is_file():
+        raise ConfigError(f"TOKENIZER_PATH={cfg.tokenizer_path}: no such file")
+    if not cfg.eval_only:  # EVAL_ONLY takes VOCAB_SIZE from the artifact: its tokenizer is checked after reading it
+        check_shards(cfg.data_path, "train")
+        load_tokenizer(cfg)
+    if cfg.resume:
+        read_checkpoint(cfg, Path(cfg.resume if cfg.resume != "auto" else f"logs/{cfg.run_id}.ckpt"), "cpu", True)
+    logs = Path("logs")
+    if logs.exists() and not logs.is_dir():
+        raise ConfigError(f"{logs.resolve()} is not a folder; the run writes logs/<RUN_ID>.txt: move it or run elsewhere")
+    if not os.access(logs if logs.is_dir() else Path.cwd(), os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write {logs.resolve()}/ (the log, artifact and checkpoints go there); run from a "
+                          "writable directory")
+
+
+def load_inputs(cfg: Config, rt: Runtime) -> tuple[ByteTables, Tensor]:
+    """Byte tables and validation tokens, checked against VOCAB_SIZE; a mismatch ends the run with one line."""
+    try:
+        tables = load_tokenizer(cfg).to(rt.device)
+        val_tokens = load_val_tokens(cfg)
+        if int(val_tokens.max()) >= cfg.vocab_size:
+            raise ConfigError(f"the val shards of {cfg.data_path} hold token id {int(val_tokens.max())} >= VOCAB_SIZE="
+                              f"{cfg.vocab_size}: they were built with another tokenizer than TOKENIZER_PATH")
+    except ConfigError as err:
+        exit_with_error(f"config_error: {err}", rt)
+    return tables, val_tokens
 
 
 def log_header(cfg: Config, rt: Runtime, model: GPT, n_val: int) -> None:
@@ -2544,27 +2610,36 @@ def log_header(cfg: Config, rt: Runtime, model: GPT, n_val: int) -> None:
     rt.log(f"logs:{rt.log_path} run_id:{cfg.run_id} started:{time.strftime('%Y-%m-%dT%H:%M:%S%z')}")
     rt.log("config:" + json.dumps(dataclasses.asdict(cfg), sort_keys=True))
     rt.log(describe_params(cfg, model)[0])
-    rt.log(f"world_size:{rt.world_size} device:{rt.device_name()} "
-           f"grad_accum_steps:{grad_accum_for(cfg, rt.world_size)} "
-           f"compile:{int(rt.use_compile)} autocast:{int(rt.use_autocast)}")
+    rt.log(f"world_size:{rt.world_size} device:{rt.device_name()} grad_accum_steps:{grad_accum_for(cfg, rt.world_size)}"
+           f" compile:{int(rt.use_compile)} autocast:{int(rt.use_autocast)}")
     rt.log(f"precision:{rt.precision} reason:{rt.precision_reason}")
-    missing = codecs_for(cfg.compressor)[1]
+    usable, missing = codecs_for(cfg.compressor)
     if missing and not cfg.eval_only:
         rt.log(f"codec_fallback: {' '.join(missing)} not installed (pip install {' '.join(missing)}); the artifact "
-               f"uses {' '.join(codecs_for(cfg.compressor)[0])} only")
+               f"uses {' '.join(usable)} only")
     shards = "" if cfg.eval_only else f"train_shards:{len(shard_paths(cfg.data_path, 'train'))} "
     rt.log(f"{shards}val_tokens:{n_val} seed:{cfg.seed}")
     # What records/make_record.py needs to tell the challenge's full FineWeb val split from other data.
     rt.log(f"val_split tokens:{check_shards(cfg.data_path, 'val')} val_max_tokens:{cfg.val_max_tokens}")
 
 
+def resume_from(cfg: Config, rt: Runtime, trainer: Trainer) -> TrainState | None:
+    """RESUME=<path>|auto: the checkpoint's state, or exit 2 with one line when it cannot be used."""
+    if not cfg.resume:
+        return None
+    path = trainer.checkpoint_path() if cfg.resume == "auto" else Path(cfg.resume)
+    try:
+        return trainer.load_checkpoint(path)
+    except ConfigError as err:
+        exit_with_error(f"config_error: {err}", rt)
+
+
 def train_and_export(cfg: Config, rt: Runtime, tables: ByteTables, val_tokens: Tensor) -> tuple[Path, float]:
     """Train, calibrate, evaluate the float model, and on rank 0 write the artifact; returns its path and float bpb."""
-    local_tokens = local_batch_tokens(cfg, rt.world_size)  # check_inputs has validated the split
     model = build_model(cfg, rt)
     log_header(cfg, rt, model, len(val_tokens) - 1)
-    batches = TrainBatches(TokenStream(shard_paths(cfg.data_path, "train")), rt.rank, rt.world_size, local_tokens,
-                           cfg.train_seq_len, rt.device)
+    batches = TrainBatches(TokenStream(shard_paths(cfg.data_path, "train")), rt.rank, rt.world_size,
+                           local_batch_tokens(cfg, rt.world_size), cfg.train_seq_len, rt.device)
     reserve = cfg.gptq_reserve_seconds if cfg.reserves_calibration_time else 0.0
     train_cfg = dataclasses.replace(cfg, max_wallclock_seconds=cfg.max_wallclock_seconds - reserve,
                                     gptq_reserve_seconds=0.0)  # the schedules fit the shorter training budget
@@ -2610,8 +2685,7 @@ def train_and_export(cfg: Config, rt: Runtime, tables: ByteTables, val_tokens: T
 
 
 def open_artifact(cfg: Config, rt: Runtime, path: Path, environ: Mapping[str, str]) -> tuple[Config, dict]:
-    """The config an artifact implies and its dequantized state dict. A missing or bad file, or a clashing shape
-    knob, ends the run with one artifact_error line and exit code 2."""
+    """The config an artifact implies and its dequantized weights; a bad file or shape knob: artifact_error, exit 2."""
     try:
         header, stored = unpack_artifact(path.read_bytes())
         return artifact_config(cfg, header, environ), {t.name: t.dequantize() for t in stored}
@@ -2621,8 +2695,7 @@ def open_artifact(cfg: Config, rt: Runtime, path: Path, environ: Mapping[str, st
 
 def roundtrip_eval(cfg: Config, rt: Runtime, state: dict, val_tokens: Tensor,
                    tables: ByteTables) -> tuple[GPT, ModelFn, float]:
-    """Evaluate a fresh model whose every parameter, dtype included, comes from the artifact; returns it, its forward
-    (for the final evals) and val_bpb."""
+    """A fresh model whose every parameter, dtype included, comes from the artifact: it, its forward and val_bpb."""
     model = meta_model(cfg)
     state = {**{name: torch.zeros(model.get_parameter(name).shape) for name in model.unexported()}, **state}
     model.load_state_dict({k: v.to(rt.device) for k, v in state.items()}, strict=True, assign=True)
@@ -2630,75 +2703,14 @@ def roundtrip_eval(cfg: Config, rt: Runtime, state: dict, val_tokens: Tensor,
     return model, model_fn, final_block_eval(cfg, rt, "final_roundtrip", model_fn, val_tokens, tables)
 
 
-def exit_with_error(line: str, rt: Runtime | None = None, rank: int = 0) -> None:
-    """The end of a run that cannot start: `line` once on stderr (rank 0), exit code 2 on every rank. Every rank
-    checks the same inputs, so under torchrun all of them stop here together (torchrun then reports exitcode 2);
-    before the runtime starts, `rank` is the node-local one, so a problem only one node has is still printed."""
-    if (rt.rank if rt else rank) == 0:
-        print(line, file=sys.stderr, flush=True)
-    if rt is None:
-        sys.exit(2)
-    rt.shutdown(2)
-
-
-def check_inputs(cfg: Config, environ: Mapping[str, str]) -> None:
-    """Every device, path and file problem that can be found before any work (no process group, no file written);
-    each is one ConfigError that names the problem and its fix."""
-    problem = Runtime.device_problem(cfg, environ)
-    if problem:
-        raise ConfigError(problem)
-    if not cfg.eval_only:
-        local_batch_tokens(cfg, int(environ.get("WORLD_SIZE", 1)))
-    if not Path(cfg.data_path).is_dir():
-        raise ConfigError(f"DATA_PATH={cfg.data_path} is not a folder; build or download a dataset (data/README.md)"
-                          " or point DATA_PATH at one")
-    val = check_shards(cfg.data_path, "val")
-    if min(val - 1, cfg.val_max_tokens or val) < cfg.train_seq_len:
-        raise ConfigError(f"the val split of {cfg.data_path} has {val} tokens, too few for TRAIN_SEQ_LEN="
-                          f"{cfg.train_seq_len} + 1; build more validation documents")
-    if cfg.eval_only and not Path(cfg.eval_only).is_file():
-        raise ConfigError(f"EVAL_ONLY={cfg.eval_only}: no such file (give the .ptz artifact a training run wrote)")
-    if not cfg.eval_only:  # EVAL_ONLY takes VOCAB_SIZE from the artifact: its tokenizer is checked after reading it
-        check_shards(cfg.data_path, "train")
-        load_tokenizer(cfg)
-    elif not Path(cfg.tokenizer_path).is_file():
-        raise ConfigError(f"TOKENIZER_PATH={cfg.tokenizer_path}: no such file")
-    if cfg.resume:
-        read_checkpoint(cfg, Path(cfg.resume if cfg.resume != "auto" else f"logs/{cfg.run_id}.ckpt"), "cpu", True)
-    logs = Path("logs")
-    if logs.exists() and not logs.is_dir():
-        raise ConfigError(f"{logs.resolve()} is not a folder; the run writes logs/<RUN_ID>.txt: move it or run elsewhere")
-    if not os.access(logs if logs.is_dir() else Path.cwd(), os.W_OK | os.X_OK):
-        raise ConfigError(f"cannot write {logs.resolve()}/ (the log, artifact and checkpoints go there); run from a "
-                          "writable directory")
-
-
-def load_tokenizer(cfg: Config) -> ByteTables:
-    """The byte tables of TOKENIZER_PATH, which must hold VOCAB_SIZE pieces; ConfigError otherwise."""
-    import sentencepiece
-
-    if not Path(cfg.tokenizer_path).is_file():
-        raise ConfigError(f"TOKENIZER_PATH={cfg.tokenizer_path}: no such file")
-    try:
-        sp = sentencepiece.SentencePieceProcessor(model_file=cfg.tokenizer_path)
-    except Exception as err:
-        raise ConfigError(f"TOKENIZER_PATH={cfg.tokenizer_path} is not a SentencePiece model ({err})") from None
-    if sp.vocab_size() != cfg.vocab_size:
-        raise ConfigError(f"TOKENIZER_PATH={cfg.tokenizer_path} has {sp.vocab_size()} pieces, VOCAB_SIZE="
-                          f"{cfg.vocab_size}: set VOCAB_SIZE={sp.vocab_size()} or use the data's own tokenizer")
-    return build_byte_tables(sp, cfg.vocab_size)
-
-
-def load_inputs(cfg: Config, rt: Runtime) -> tuple[ByteTables, Tensor]:
-    """Byte tables and validation tokens, checked against VOCAB_SIZE; a mismatch ends the run with one line."""
-    try:
-        tables, val_tokens = load_tokenizer(cfg).to(rt.device), load_val_tokens(cfg)
-        if int(val_tokens.max()) >= cfg.vocab_size:
-            raise ConfigError(f"the val shards of {cfg.data_path} hold token id {int(val_tokens.max())} >= VOCAB_SIZE="
-                              f"{cfg.vocab_size}: they were built with another tokenizer than TOKENIZER_PATH")
-    except ConfigError as err:
-        exit_with_error(f"config_error: {err}", rt)
-    return tables, val_tokens
+def write_record(rt: Runtime) -> None:
+    """Run records/make_record.py on this run's log (outside this file because these bytes are counted)."""
+    tool = Path(__file__).parent / "records" / "make_record.py"
+    if not tool.is_file():  # e.g. the copy of this script inside a records folder
+        return rt.log("record:skipped reason:no records/make_record.py next to train_gpt.py")
+    out = subprocess.run([sys.executable, str(tool), "--log", str(rt.log_path), "--script", __file__],
+                         stdout=subprocess.PIPE, text=True, check=False).stdout.strip().splitlines()
+    rt.log(out[-1] if out else "record:skipped reason:make_record.py failed (its error is above)")
 
 
 def main() -> None:
@@ -2712,7 +2724,9 @@ def main() -> None:
         dry_run(cfg)
         return
     rt = Runtime(cfg, os.environ)
-    cfg, path, float_bpb = rt.cfg, Path(cfg.eval_only), None
+    cfg = rt.cfg
+    path = Path(cfg.eval_only)
+    float_bpb = None
     if cfg.eval_only:
         cfg, state = open_artifact(cfg, rt, path, os.environ)
     tables, val_tokens = load_inputs(cfg, rt)
@@ -2735,27 +2749,6 @@ def main() -> None:
     if cfg.record and rt.is_main and not cfg.eval_only:
         write_record(rt)
     rt.shutdown(1 if excess > 0 else 0)
-
-
-def write_record(rt: Runtime) -> None:
-    """Run records/make_record.py on this run's log; it lives outside this file because these bytes are counted."""
-    tool = Path(__file__).parent / "records" / "make_record.py"
-    if not tool.is_file():  # e.g. the copy of this script inside a records folder
-        return rt.log("record:skipped reason:no records/make_record.py next to train_gpt.py")
-    out = subprocess.run([sys.executable, str(tool), "--log", str(rt.log_path), "--script", __file__],
-                         stdout=subprocess.PIPE, text=True, check=False).stdout.strip().splitlines()
-    rt.log(out[-1] if out else "record:skipped reason:make_record.py failed (its error is above)")
-
-
-def resume_from(cfg: Config, rt: Runtime, trainer: Trainer) -> TrainState | None:
-    """RESUME=<path>|auto: the checkpoint's state, or exit 2 with one line when it cannot be used."""
-    if not cfg.resume:
-        return None
-    path = trainer.checkpoint_path() if cfg.resume == "auto" else Path(cfg.resume)
-    try:
-        return trainer.load_checkpoint(path)
-    except ConfigError as err:
-        exit_with_error(f"config_error: {err}", rt)
 
 
 if __name__ == "__main__":
