@@ -2155,8 +2155,8 @@ def estimate_fit(cfg: Config, model: nn.Module, code_bytes: int) -> tuple[int | 
 
 
 # === 12. TRAINING ===
-# The clock covers only optimizer steps. Every rank takes depth, LR, checkpoint and stop decisions from the max over
-# ranks of the elapsed time, read every few steps, so the host can queue the next step while the device runs this one.
+# The clock covers only optimizer steps. All ranks take depth, LR, checkpoint and stop decisions from the max
+# over ranks of the elapsed time, read every few steps so the host can queue a step while the device runs one.
 
 
 @dataclass
@@ -2172,8 +2172,8 @@ class TrainState:
 
 
 class TrainClock:
-    """Training ms, paused around validation and checkpoints. Edges and synced reads wait for the device; a plain
-    read costs nothing and may run ahead of the device by the work still queued."""
+    """Training ms, paused around validation and checkpoints. Edges and synced reads wait for the device; a
+    plain read may run ahead of it by the queued work."""
 
     def __init__(self, rt: Runtime):
         self.rt = rt
@@ -2196,11 +2196,11 @@ class TrainClock:
         return self.banked_ms + 1000 * (time.perf_counter() - self.started)
 
 
-CLOCK_CHECK_STEPS = 16  # most steps between two clock checks (a device sync and a collective; ~0.5 ms on 8 GPUs)
+CLOCK_CHECK_STEPS = 16  # most steps between two clock checks (a sync and a collective; ~0.5 ms on 8 GPUs)
 
 
 def steps_to_next_check(step_ms: float, ms_to_deadlines: list[float]) -> int:
-    """Half the steps predicted to fit before the nearest deadline (budget, next periodic checkpoint), at least 1."""
+    """Half the steps predicted to fit before the nearest deadline (budget, next checkpoint), at least 1."""
     if not ms_to_deadlines:
         return CLOCK_CHECK_STEPS
     if step_ms <= 0:
@@ -2211,7 +2211,7 @@ def steps_to_next_check(step_ms: float, ms_to_deadlines: list[float]) -> int:
 @torch.no_grad()
 def fold_weights(average: dict[str, Tensor] | None, model: nn.Module, keep: float = 1.0,
                  add: float = 1.0) -> dict[str, Tensor]:
-    """keep * average + add * weights per parameter, in fp32 on its device; the first call copies the weights."""
+    """keep * average + add * weights, per parameter in fp32 on its device; the first call copies them."""
     if average is None:
         return {n: p.detach().float().clone() for n, p in model.named_parameters()}
     for n, p in model.named_parameters():
@@ -2219,38 +2219,29 @@ def fold_weights(average: dict[str, Tensor] | None, model: nn.Module, keep: floa
     return average
 
 
-@torch.no_grad()
-def load_weights(model: nn.Module, weights: dict[str, Tensor]) -> None:
-    for n, p in model.named_parameters():
-        p.copy_(weights[n].to(p.dtype))
-
-
 def swa_collect(state: TrainState, model: nn.Module) -> None:
     state.swa_sum = fold_weights(state.swa_sum, model)
     state.swa_count += 1
 
 
+@torch.no_grad()
 def swa_apply(state: TrainState, model: nn.Module) -> int:
     """Load the mean of the collected weights and the final ones; returns how many were averaged."""
     if state.swa_sum is not None:
         swa_collect(state, model)
-        load_weights(model, {n: total / state.swa_count for n, total in state.swa_sum.items()})
+        for n, p in model.named_parameters():
+            p.copy_((state.swa_sum[n] / state.swa_count).to(p.dtype))
     return state.swa_count
 
 
-def ema_update(state: TrainState, model: nn.Module, decay: float) -> None:
-    """After every step, from step 1's weights; the decay warms up to EMA_DECAY as (1 + step) / (10 + step), so
-    short runs do not export mostly early weights."""
-    keep = min(decay, (1 + state.step) / (10 + state.step))
-    state.ema = fold_weights(state.ema, model, keep, 1 - keep)
-
-
+@torch.no_grad()
 def apply_weight_average(cfg: Config, state: TrainState, model: nn.Module) -> str:
     """Load the exported average (EMA_DECAY's, else SWA's) into the model; returns its log line."""
     if not cfg.ema_decay:
         return f"swa:apply checkpoints:{swa_apply(state, model)}"
-    if state.ema is not None:  # None only when no step was taken
-        load_weights(model, state.ema)
+    for n, p in model.named_parameters():
+        if state.ema is not None:  # None only when no step was taken
+            p.copy_(state.ema[n].to(p.dtype))
     return f"ema:apply decay:{cfg.ema_decay:g}"
 
 
@@ -2270,28 +2261,30 @@ def resume_key(cfg: Config) -> str:
 
 
 def read_checkpoint(cfg: Config, path: Path, device: torch.device | str, mmap: bool = False) -> dict:
-    """A checkpoint of this configuration, unpickled with weights_only (no code in it runs); else one ConfigError."""
+    """A checkpoint of this config, unpickled with weights_only (no code in it runs); else one ConfigError."""
     what = f"RESUME={cfg.resume}" + (f" ({path})" if str(path) != cfg.resume else "")
     if not path.is_file():
         raise ConfigError(f"RESUME={cfg.resume}: no checkpoint at {path}")
     with path.open("rb") as fh:
         if fh.read(4) != b"PK\x03\x04":
-            raise ConfigError(f"{what} is not a checkpoint of this script (not a torch.save zip); nothing was loaded")
+            raise ConfigError(f"{what} is not a checkpoint of this script (not a torch.save zip); not loaded")
     try:
         with warnings.catch_warnings():  # torch warns about the pickle protocol before it refuses a file
             warnings.simplefilter("ignore")
             payload = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
         saved = json.loads(payload["config"]) if set(payload) == set(CHECKPOINT_KEYS) else None
     except pickle.UnpicklingError:
-        raise ConfigError(f"{what} holds objects that need code to load: refused unread, no code ran") from None
+        refusal = f"{what} holds objects that need code to load: refused unread, no code ran"
+        raise ConfigError(refusal) from None
     except Exception as err:
-        raise ConfigError(f"{what} is damaged ({type(err).__name__}); resume from another checkpoint") from None
+        raise ConfigError(f"{what} is damaged ({type(err).__name__}); resume from another one") from None
     if not isinstance(saved, dict):
-        raise ConfigError(f"{what} is not a checkpoint of this script (other contents); nothing was loaded")
+        raise ConfigError(f"{what} is not a checkpoint of this script (other contents); nothing loaded")
     ours = json.loads(resume_key(cfg))
     changed = sorted(k for k in ours if saved.get(k) != ours[k])
     if changed:
-        raise ConfigError(f"{path} is a checkpoint of another configuration (differs in: {', '.join(changed)})")
+        changed = ", ".join(changed)
+        raise ConfigError(f"{path} is a checkpoint of another configuration (differs in: {changed})")
     return payload
 
 
@@ -2303,7 +2296,7 @@ def weights_sha256(model: nn.Module) -> str:
 
 
 def check_same_weights(rt: Runtime, digest: str) -> None:
-    """Log the digest and whether every rank holds it; diverged ranks would export different models: exit 1."""
+    """Log the digest and whether every rank holds it; ranks that diverged end the run with exit code 1."""
     rt.log(f"weights_sha256:{digest}")
     digests = rt.all_gather(torch.tensor(list(bytes.fromhex(digest)), dtype=torch.uint8, device=rt.device))
     differing = [rank for rank in range(rt.world_size) if not torch.equal(digests[rank], digests[0])]
@@ -2329,7 +2322,7 @@ class Trainer:
         self.signalled = False
 
     def prime_compiled_graphs(self) -> float:
-        """One forward+backward and one eval forward per scheduled depth, before the clock starts; returns ms."""
+        """One forward+backward and one eval forward per scheduled depth, before the clock; returns ms."""
         if not self.rt.use_compile:
             return 0.0
         start = time.perf_counter()
@@ -2381,7 +2374,8 @@ class Trainer:
 
     def advance(self, state: TrainState, accum: int) -> None:
         """One optimizer step plus its bookkeeping (depth switch, EMA, SWA, train log)."""
-        cfg, rt = self.cfg, self.rt
+        cfg = self.cfg
+        rt = self.rt
         progress = run_progress(cfg, state.step, state.train_ms)
         repeats = repeats_at(cfg, progress)
         if repeats != state.repeats:
@@ -2391,8 +2385,9 @@ class Trainer:
         scale = lr_scale(cfg, state.step, state.train_ms)
         loss = self.train_step(state, scale, accum)
         state.step += 1
-        if cfg.ema_decay:
-            ema_update(state, self.model, cfg.ema_decay)
+        if cfg.ema_decay:  # from step 1's weights, decay warmed up: short runs do not export early weights
+            keep = min(cfg.ema_decay, (1 + state.step) / (10 + state.step))
+            state.ema = fold_weights(state.ema, self.model, keep, 1 - keep)
         if swa_due(cfg, state.step, state.repeats, warmdown_scale(cfg, state.step - 1, state.train_ms)):
             if state.swa_sum is None:
                 rt.log(f"swa:start step:{state.step}")
@@ -2417,8 +2412,7 @@ class Trainer:
 
     def check_clock(self, state: TrainState) -> bool:
         """The loop's only sync and collective: the max over ranks of the elapsed time and of "a signal came".
-        Checkpoints when due, stops on a signal; True when the next step (the mean since the last check) would end
-        past the budget."""
+        Saves a due checkpoint, stops on a signal; True when the next step would end past the budget."""
         every_ms = 1000.0 * self.cfg.checkpoint_every_seconds
         budget_ms = 1000.0 * self.cfg.max_wallclock_seconds
         state.train_ms, signalled = self.rt.all_max(self.clock.elapsed_ms(synced=True), float(self.signalled))
@@ -2431,12 +2425,13 @@ class Trainer:
         if signalled:
             self.rt.log(f"stopped: signal step:{state.step} (continue with RESUME={self.checkpoint_path()})")
             state.interrupted = True
-        deadlines = [ms - state.train_ms for ms in (budget_ms, every_ms and state.checkpoint_ms + every_ms) if ms]
-        self.next_check = state.step + steps_to_next_check(self.step_ms, deadlines)
+        deadlines = (budget_ms, every_ms and state.checkpoint_ms + every_ms)
+        ms_left = [ms - state.train_ms for ms in deadlines if ms]
+        self.next_check = state.step + steps_to_next_check(self.step_ms, ms_left)
         return budget_ms > 0 and state.train_ms + self.step_ms > budget_ms
 
     def run(self, state: TrainState | None = None) -> TrainState:
-        """The timed loop: validate on cadence, step; stop at ITERATIONS, before the budget runs out, or on a signal."""
+        """The timed loop: validate on cadence, step; stop at ITERATIONS, at the budget or on a signal."""
         cfg = self.cfg
         accum = grad_accum_for(cfg, self.rt.world_size)
         state = state or TrainState(repeats=repeats_at(cfg, 0.0))
@@ -2470,17 +2465,19 @@ class Trainer:
         return self.rt.log_path.with_suffix(".ckpt")
 
     def save_checkpoint(self, state: TrainState) -> None:
-        """All a bit-identical continuation needs (identical on every rank), by rank 0 via temp file and rename."""
+        """All a bit-identical continuation needs (the same on all ranks), by rank 0: temp file + rename."""
         self.clock.pause()
         state.checkpoint_ms = state.train_ms
         path = self.checkpoint_path()
         if self.rt.is_main:
+            optimizers = {name: opt.state_dict() for name, opt in self.optimizers.items()}
+            resumed = json.dumps({k: getattr(state, k) for k in RESUMED_STATE})
             payload = dict(config=resume_key(self.cfg), model=self.model.state_dict(), swa_sum=state.swa_sum,
-                           ema=state.ema, optimizers={k: opt.state_dict() for k, opt in self.optimizers.items()},
-                           stream=list(self.batches.position), rng=torch.get_rng_state(),
-                           state=json.dumps({k: getattr(state, k) for k in RESUMED_STATE}))
-            torch.save(payload, path.with_name(path.name + ".tmp"))
-            os.replace(path.with_name(path.name + ".tmp"), path)
+                           ema=state.ema, optimizers=optimizers, stream=list(self.batches.position),
+                           rng=torch.get_rng_state(), state=resumed)
+            temp = path.with_name(path.name + ".tmp")
+            torch.save(payload, temp)
+            os.replace(temp, path)
         self.rt.barrier()
         self.rt.log(f"checkpoint:saved path:{path} step:{state.step} train_time:{state.train_ms:.0f}ms")
         self.clock.start()
@@ -2497,12 +2494,11 @@ class Trainer:
 
 
 # === 13. MAIN ===
-# Train, calibrate inside the budget, evaluate the float model; rank 0 writes the artifact, and every rank reads that
-# file back into a fresh model and scores it: the very bytes that are submitted. EVAL_ONLY=<artifact> does the last.
+# Train, calibrate inside the budget, evaluate the float model; rank 0 writes the artifact, then every rank
+# reads that file into a fresh model and scores it: the very bytes submitted. EVAL_ONLY=<artifact>: the last.
 
 
 def meta_model(cfg: Config) -> GPT:
-    """The model's structure without memory or init work."""
     with torch.device("meta"):
         return GPT(cfg)
 
@@ -2511,8 +2507,9 @@ def describe_params(cfg: Config, model: nn.Module) -> list[str]:
     lines = [f"model_params:{sum(p.numel() for p in model.parameters())}"]
     for row in param_table(model):
         shape = "x".join(map(str, row.shape))
-        lines.append(f"param name:{row.name} shape:{shape} group:{row.rule.group} "
-                     f"dtype:{str(row.rule.dtype).removeprefix('torch.')} store:{store_label(cfg, row.rule.store)}")
+        dtype = str(row.rule.dtype).removeprefix("torch.")
+        lines.append(f"param name:{row.name} shape:{shape} group:{row.rule.group} dtype:{dtype} "
+                     f"store:{store_label(cfg, row.rule.store)}")
     return lines
 
 
@@ -2538,8 +2535,8 @@ def build_model(cfg: Config, rt: Runtime) -> GPT:
 
 
 def exit_with_error(line: str, rt: Runtime | None = None, rank: int = 0) -> None:
-    """`line` once on stderr, exit code 2 on every rank (they all check the same inputs). Before the runtime starts,
-    `rank` is the node-local one, so a problem only one node has is still printed."""
+    """`line` once on stderr, exit code 2 on every rank (all check the same inputs). Before the runtime
+    starts, `rank` is the node-local one, so a problem only one node has is still printed."""
     if (rt.rank if rt else rank) == 0:
         print(line, file=sys.stderr, flush=True)
     if rt is None:
@@ -2553,10 +2550,11 @@ def load_tokenizer(cfg: Config) -> ByteTables:
     try:
         sp = sentencepiece.SentencePieceProcessor(model_file=cfg.tokenizer_path)
     except Exception as err:
-        raise ConfigError(f"TOKENIZER_PATH={cfg.tokenizer_path} is not a SentencePiece model ({err})") from None
+        problem = f"TOKENIZER_PATH={cfg.tokenizer_path} is not a SentencePiece model ({err})"
+        raise ConfigError(problem) from None
     if sp.vocab_size() != cfg.vocab_size:
         raise ConfigError(f"TOKENIZER_PATH={cfg.tokenizer_path} has {sp.vocab_size()} pieces, VOCAB_SIZE="
-                          f"{cfg.vocab_size}: set VOCAB_SIZE={sp.vocab_size()} or use the data's own tokenizer")
+                          f"{cfg.vocab_size}: set VOCAB_SIZE={sp.vocab_size()} or use the data's tokenizer")
     return build_byte_tables(sp, cfg.vocab_size)
 
 
@@ -2565,42 +2563,38 @@ def check_inputs(cfg: Config, environ: Mapping[str, str]) -> None:
     problem = Runtime.device_problem(cfg, environ)
     if problem:
         raise ConfigError(problem)
-    if not cfg.eval_only:
-        local_batch_tokens(cfg, int(environ.get("WORLD_SIZE", 1)))
     if not Path(cfg.data_path).is_dir():
-        raise ConfigError(f"DATA_PATH={cfg.data_path} is not a folder; build or download a dataset (data/README.md)"
-                          " or point DATA_PATH at one")
+        raise ConfigError(f"DATA_PATH={cfg.data_path} is not a folder; build or download a dataset "
+                          "(data/README.md) or point DATA_PATH at one")
     val = check_shards(cfg.data_path, "val")
     if min(val - 1, cfg.val_max_tokens or val) < cfg.train_seq_len:
         raise ConfigError(f"the val split of {cfg.data_path} has {val} tokens, too few for TRAIN_SEQ_LEN="
                           f"{cfg.train_seq_len} + 1; build more validation documents")
-    if cfg.eval_only and not Path(cfg.eval_only).is_file():
-        raise ConfigError(f"EVAL_ONLY={cfg.eval_only}: no such file (give the .ptz artifact a training run wrote)")
     if not Path(cfg.tokenizer_path).is_file():
         raise ConfigError(f"TOKENIZER_PATH={cfg.tokenizer_path}: no such file")
-    if not cfg.eval_only:  # EVAL_ONLY takes VOCAB_SIZE from the artifact: its tokenizer is checked after reading it
+    if cfg.eval_only and not Path(cfg.eval_only).is_file():
+        raise ConfigError(f"EVAL_ONLY={cfg.eval_only}: no such file (give the .ptz a training run wrote)")
+    if not cfg.eval_only:  # EVAL_ONLY's VOCAB_SIZE is the artifact's: its tokenizer is checked after that
+        local_batch_tokens(cfg, int(environ.get("WORLD_SIZE", 1)))
         check_shards(cfg.data_path, "train")
         load_tokenizer(cfg)
     if cfg.resume:
-        read_checkpoint(cfg, Path(cfg.resume if cfg.resume != "auto" else f"logs/{cfg.run_id}.ckpt"), "cpu", True)
+        path = Path(cfg.resume if cfg.resume != "auto" else f"logs/{cfg.run_id}.ckpt")
+        read_checkpoint(cfg, path, "cpu", mmap=True)
     logs = Path("logs")
     if logs.exists() and not logs.is_dir():
-        raise ConfigError(f"{logs.resolve()} is not a folder; the run writes logs/<RUN_ID>.txt: move it or run elsewhere")
+        raise ConfigError(f"{logs.resolve()} is not a folder; the run writes logs/<RUN_ID>.txt: move it")
     if not os.access(logs if logs.is_dir() else Path.cwd(), os.W_OK | os.X_OK):
-        raise ConfigError(f"cannot write {logs.resolve()}/ (the log, artifact and checkpoints go there); run from a "
-                          "writable directory")
+        raise ConfigError(f"cannot write {logs.resolve()}/ (logs, artifact, checkpoints); run elsewhere")
 
 
 def load_inputs(cfg: Config, rt: Runtime) -> tuple[ByteTables, Tensor]:
-    """Byte tables and validation tokens, checked against VOCAB_SIZE; a mismatch ends the run with one line."""
-    try:
-        tables = load_tokenizer(cfg).to(rt.device)
-        val_tokens = load_val_tokens(cfg)
-        if int(val_tokens.max()) >= cfg.vocab_size:
-            raise ConfigError(f"the val shards of {cfg.data_path} hold token id {int(val_tokens.max())} >= VOCAB_SIZE="
-                              f"{cfg.vocab_size}: they were built with another tokenizer than TOKENIZER_PATH")
-    except ConfigError as err:
-        exit_with_error(f"config_error: {err}", rt)
+    """Byte tables and validation tokens, checked against VOCAB_SIZE."""
+    tables = load_tokenizer(cfg).to(rt.device)
+    val_tokens = load_val_tokens(cfg)
+    if int(val_tokens.max()) >= cfg.vocab_size:
+        raise ConfigError(f"the val shards of {cfg.data_path} hold token id {int(val_tokens.max())} >= "
+                          f"VOCAB_SIZE={cfg.vocab_size}: built with another tokenizer than TOKENIZER_PATH")
     return tables, val_tokens
 
 
@@ -2610,32 +2604,30 @@ def log_header(cfg: Config, rt: Runtime, model: GPT, n_val: int) -> None:
     rt.log(f"logs:{rt.log_path} run_id:{cfg.run_id} started:{time.strftime('%Y-%m-%dT%H:%M:%S%z')}")
     rt.log("config:" + json.dumps(dataclasses.asdict(cfg), sort_keys=True))
     rt.log(describe_params(cfg, model)[0])
-    rt.log(f"world_size:{rt.world_size} device:{rt.device_name()} grad_accum_steps:{grad_accum_for(cfg, rt.world_size)}"
-           f" compile:{int(rt.use_compile)} autocast:{int(rt.use_autocast)}")
+    rt.log(f"world_size:{rt.world_size} device:{rt.device_name()} "
+           f"grad_accum_steps:{grad_accum_for(cfg, rt.world_size)} "
+           f"compile:{int(rt.use_compile)} autocast:{int(rt.use_autocast)}")
     rt.log(f"precision:{rt.precision} reason:{rt.precision_reason}")
     usable, missing = codecs_for(cfg.compressor)
     if missing and not cfg.eval_only:
-        rt.log(f"codec_fallback: {' '.join(missing)} not installed (pip install {' '.join(missing)}); the artifact "
-               f"uses {' '.join(usable)} only")
+        names = " ".join(missing)
+        rt.log(f"codec_fallback: {names} not installed (pip install {names}); the artifact uses "
+               f"{' '.join(usable)} only")
     shards = "" if cfg.eval_only else f"train_shards:{len(shard_paths(cfg.data_path, 'train'))} "
     rt.log(f"{shards}val_tokens:{n_val} seed:{cfg.seed}")
     # What records/make_record.py needs to tell the challenge's full FineWeb val split from other data.
     rt.log(f"val_split tokens:{check_shards(cfg.data_path, 'val')} val_max_tokens:{cfg.val_max_tokens}")
 
 
-def resume_from(cfg: Config, rt: Runtime, trainer: Trainer) -> TrainState | None:
-    """RESUME=<path>|auto: the checkpoint's state, or exit 2 with one line when it cannot be used."""
+def resume_from(cfg: Config, trainer: Trainer) -> TrainState | None:
+    """RESUME=<path>|auto: the checkpoint's state."""
     if not cfg.resume:
         return None
-    path = trainer.checkpoint_path() if cfg.resume == "auto" else Path(cfg.resume)
-    try:
-        return trainer.load_checkpoint(path)
-    except ConfigError as err:
-        exit_with_error(f"config_error: {err}", rt)
+    return trainer.load_checkpoint(trainer.checkpoint_path() if cfg.resume == "auto" else Path(cfg.resume))
 
 
 def train_and_export(cfg: Config, rt: Runtime, tables: ByteTables, val_tokens: Tensor) -> tuple[Path, float]:
-    """Train, calibrate, evaluate the float model, and on rank 0 write the artifact; returns its path and float bpb."""
+    """Train, calibrate, evaluate the float model, write the artifact (rank 0); its path and float bpb."""
     model = build_model(cfg, rt)
     log_header(cfg, rt, model, len(val_tokens) - 1)
     batches = TrainBatches(TokenStream(shard_paths(cfg.data_path, "train")), rt.rank, rt.world_size,
@@ -2648,7 +2640,7 @@ def train_and_export(cfg: Config, rt: Runtime, tables: ByteTables, val_tokens: T
     trainer = Trainer(train_cfg, rt, model, rt.compile(model), build_optimizers(model, cfg, rt.is_cuda, rt),
                       batches, val_tokens, tables)
     rt.log(f"compile_warmup_ms:{trainer.prime_compiled_graphs():.0f} (outside the training clock)")
-    state = trainer.run(resume_from(cfg, rt, trainer))
+    state = trainer.run(resume_from(cfg, trainer))
     train_end = time.perf_counter()
     if state.interrupted:
         rt.shutdown(0)
@@ -2685,7 +2677,7 @@ def train_and_export(cfg: Config, rt: Runtime, tables: ByteTables, val_tokens: T
 
 
 def open_artifact(cfg: Config, rt: Runtime, path: Path, environ: Mapping[str, str]) -> tuple[Config, dict]:
-    """The config an artifact implies and its dequantized weights; a bad file or shape knob: artifact_error, exit 2."""
+    """The config an artifact implies and its dequantized weights; a bad file: artifact_error, exit 2."""
     try:
         header, stored = unpack_artifact(path.read_bytes())
         return artifact_config(cfg, header, environ), {t.name: t.dequantize() for t in stored}
@@ -2695,7 +2687,7 @@ def open_artifact(cfg: Config, rt: Runtime, path: Path, environ: Mapping[str, st
 
 def roundtrip_eval(cfg: Config, rt: Runtime, state: dict, val_tokens: Tensor,
                    tables: ByteTables) -> tuple[GPT, ModelFn, float]:
-    """A fresh model whose every parameter, dtype included, comes from the artifact: it, its forward and val_bpb."""
+    """A fresh model whose every parameter, dtype included, is the artifact's: it, its forward and val_bpb."""
     model = meta_model(cfg)
     state = {**{name: torch.zeros(model.get_parameter(name).shape) for name in model.unexported()}, **state}
     model.load_state_dict({k: v.to(rt.device) for k, v in state.items()}, strict=True, assign=True)
@@ -2721,22 +2713,25 @@ def main() -> None:
     except ConfigError as err:
         exit_with_error(f"config_error: {err}", rank=int(os.environ.get("LOCAL_RANK", 0)))  # once per node
     if cfg.dry_run:
-        dry_run(cfg)
-        return
+        return dry_run(cfg)
     rt = Runtime(cfg, os.environ)
     cfg = rt.cfg
     path = Path(cfg.eval_only)
     float_bpb = None
-    if cfg.eval_only:
-        cfg, state = open_artifact(cfg, rt, path, os.environ)
-    tables, val_tokens = load_inputs(cfg, rt)
-    if cfg.eval_only:
-        log_header(cfg, rt, meta_model(cfg), len(val_tokens) - 1)
-    else:
-        path, float_bpb = train_and_export(cfg, rt, tables, val_tokens)
-        rt.barrier()  # rank 0 has written the artifact
-        cfg, state = open_artifact(cfg, rt, path, os.environ)
-    line, excess = budget_line("artifact", len(Path(__file__).read_bytes()), path.stat().st_size, cfg.budget_bytes)
+    try:  # found after start-up (EVAL_ONLY's vocabulary, val token ids, RESUME): one line, every rank stops
+        if cfg.eval_only:
+            cfg, state = open_artifact(cfg, rt, path, os.environ)
+        tables, val_tokens = load_inputs(cfg, rt)
+        if cfg.eval_only:
+            log_header(cfg, rt, meta_model(cfg), len(val_tokens) - 1)
+        else:
+            path, float_bpb = train_and_export(cfg, rt, tables, val_tokens)
+            rt.barrier()  # rank 0 has written the artifact
+            cfg, state = open_artifact(cfg, rt, path, os.environ)
+    except ConfigError as err:
+        exit_with_error(f"config_error: {err}", rt)
+    code_bytes = len(Path(__file__).read_bytes())
+    line, excess = budget_line("artifact", code_bytes, path.stat().st_size, cfg.budget_bytes)
     rt.log(line)
     if excess > 0:
         rt.log(f"artifact_over_budget excess_bytes:{excess} (not a valid submission; the evals still run)")
