@@ -2490,7 +2490,9 @@ class Trainer:
         self.batches.seek(*payload["stream"])
         torch.set_rng_state(payload["rng"].cpu())
         self.rt.log(f"checkpoint:resumed path:{path}")
-        return TrainState(swa_sum=payload["swa_sum"], ema=payload["ema"], **json.loads(payload["state"]))
+        saved = json.loads(payload["state"])
+        resumed = {name: saved[name] for name in RESUMED_STATE}
+        return TrainState(swa_sum=payload["swa_sum"], ema=payload["ema"], **resumed)
 
 
 # === 13. MAIN ===
