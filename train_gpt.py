@@ -2443,9 +2443,9 @@ class Trainer:
         self.clock.banked_ms = state.train_ms
         self.clock.start()
         while True:
-            validate = cfg.val_loss_every and state.step % cfg.val_loss_every == 0
+            eval_due = cfg.val_loss_every and state.step % cfg.val_loss_every == 0
             out_of_time = False
-            if state.step >= min(self.next_check, cfg.iterations) or validate:
+            if state.step >= min(self.next_check, cfg.iterations) or eval_due:
                 out_of_time = self.check_clock(state)
             else:  # between checks, a time extrapolated from the last one: the same on every rank
                 state.train_ms = self.checked_ms + (state.step - self.checked_step) * self.step_ms
@@ -2455,7 +2455,7 @@ class Trainer:
                 self.rt.log(f"stopping_early: wallclock_cap train_time:{state.train_ms:.0f}ms "
                             f"step:{state.step}/{cfg.iterations}")
             done = out_of_time or state.step >= cfg.iterations
-            if done or validate:
+            if done or eval_due:
                 self.validate(state)
             if done:
                 return state
