@@ -2560,6 +2560,11 @@ def load_tokenizer(cfg: Config) -> ByteTables:
     return build_byte_tables(sp, cfg.vocab_size)
 
 
+def resume_path(cfg: Config) -> Path:
+    """The checkpoint RESUME names (auto: the run's own logs/<RUN_ID>.ckpt)."""
+    return Path(f"logs/{cfg.run_id}.ckpt" if cfg.resume == "auto" else cfg.resume)
+
+
 def check_inputs(cfg: Config, environ: Mapping[str, str]) -> None:
     """Every device, path and file problem found before any work (no process group, no file written)."""
     problem = Runtime.device_problem(cfg, environ)
@@ -2581,8 +2586,7 @@ def check_inputs(cfg: Config, environ: Mapping[str, str]) -> None:
         check_shards(cfg.data_path, "train")
         load_tokenizer(cfg)
     if cfg.resume:
-        path = Path(cfg.resume if cfg.resume != "auto" else f"logs/{cfg.run_id}.ckpt")
-        read_checkpoint(cfg, path, "cpu", mmap=True)
+        read_checkpoint(cfg, resume_path(cfg), "cpu", mmap=True)
     logs = Path("logs")
     if logs.exists() and not logs.is_dir():
         raise ConfigError(f"{logs.resolve()} is not a folder; the run writes logs/<RUN_ID>.txt: move it")
@@ -2621,13 +2625,6 @@ def log_header(cfg: Config, rt: Runtime, model: GPT, n_val: int) -> None:
     rt.log(f"val_split tokens:{check_shards(cfg.data_path, 'val')} val_max_tokens:{cfg.val_max_tokens}")
 
 
-def resume_from(cfg: Config, trainer: Trainer) -> TrainState | None:
-    """RESUME=<path>|auto: the checkpoint's state."""
-    if not cfg.resume:
-        return None
-    return trainer.load_checkpoint(trainer.checkpoint_path() if cfg.resume == "auto" else Path(cfg.resume))
-
-
 def train_and_export(cfg: Config, rt: Runtime, tables: ByteTables, val_tokens: Tensor) -> tuple[Path, float]:
     """Train, calibrate, evaluate the float model, write the artifact (rank 0); its path and float bpb."""
     model = build_model(cfg, rt)
@@ -2642,7 +2639,7 @@ def train_and_export(cfg: Config, rt: Runtime, tables: ByteTables, val_tokens: T
     trainer = Trainer(train_cfg, rt, model, rt.compile(model), build_optimizers(model, cfg, rt.is_cuda, rt),
                       batches, val_tokens, tables)
     rt.log(f"compile_warmup_ms:{trainer.prime_compiled_graphs():.0f} (outside the training clock)")
-    state = trainer.run(resume_from(cfg, trainer))
+    state = trainer.run(trainer.load_checkpoint(resume_path(cfg)) if cfg.resume else None)
     train_end = time.perf_counter()
     if state.interrupted:
         rt.shutdown(0)
