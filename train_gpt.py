@@ -2168,7 +2168,6 @@ class TrainState:
     swa_count: int = 0
     ema: dict[str, Tensor] | None = None
     checkpoint_ms: float = 0.0  # train_ms at the last checkpoint
-    interrupted: bool = False  # stopped by SIGTERM/SIGINT after writing a checkpoint
 
 
 class TrainClock:
@@ -2209,8 +2208,7 @@ def steps_to_next_check(step_ms: float, ms_to_deadlines: list[float]) -> int:
 
 
 @torch.no_grad()
-def fold_weights(average: dict[str, Tensor] | None, model: nn.Module, keep: float = 1.0,
-                 add: float = 1.0) -> dict[str, Tensor]:
+def fold_weights(average: dict | None, model: nn.Module, keep: float = 1.0, add: float = 1.0) -> dict:
     """keep * average + add * weights, per parameter in fp32 on its device; the first call copies them."""
     if average is None:
         return {n: p.detach().float().clone() for n, p in model.named_parameters()}
@@ -2298,8 +2296,8 @@ def weights_sha256(model: nn.Module) -> str:
 def check_same_weights(rt: Runtime, digest: str) -> None:
     """Log the digest and whether every rank holds it; ranks that diverged end the run with exit code 1."""
     rt.log(f"weights_sha256:{digest}")
-    digests = rt.all_gather(torch.tensor(list(bytes.fromhex(digest)), dtype=torch.uint8, device=rt.device))
-    differing = [rank for rank in range(rt.world_size) if not torch.equal(digests[rank], digests[0])]
+    digests = rt.gather_objects(digest)
+    differing = [rank for rank, other in enumerate(digests) if other != digests[0]]
     rt.log(f"weights_identical_across_ranks:{int(not differing)}")
     if differing:
         rt.log(f"weights_differ ranks:{','.join(map(str, differing))} (their weights differ from rank 0's)")
@@ -2412,7 +2410,7 @@ class Trainer:
 
     def check_clock(self, state: TrainState) -> bool:
         """The loop's only sync and collective: the max over ranks of the elapsed time and of "a signal came".
-        Saves a due checkpoint, stops on a signal; True when the next step would end past the budget."""
+        Saves a due checkpoint (then exits 0 on a signal); True if the next step would end past the budget."""
         every_ms = 1000.0 * self.cfg.checkpoint_every_seconds
         budget_ms = 1000.0 * self.cfg.max_wallclock_seconds
         state.train_ms, signalled = self.rt.all_max(self.clock.elapsed_ms(synced=True), float(self.signalled))
@@ -2424,7 +2422,7 @@ class Trainer:
             self.save_checkpoint(state)
         if signalled:
             self.rt.log(f"stopped: signal step:{state.step} (continue with RESUME={self.checkpoint_path()})")
-            state.interrupted = True
+            self.rt.shutdown(0)
         deadlines = (budget_ms, every_ms and state.checkpoint_ms + every_ms)
         ms_left = [ms - state.train_ms for ms in deadlines if ms]
         self.next_check = state.step + steps_to_next_check(self.step_ms, ms_left)
@@ -2449,8 +2447,6 @@ class Trainer:
                 out_of_time = self.check_clock(state)
             else:  # between checks, a time extrapolated from the last one: the same on every rank
                 state.train_ms = self.checked_ms + (state.step - self.checked_step) * self.step_ms
-            if state.interrupted:
-                return state
             if out_of_time:
                 self.rt.log(f"stopping_early: wallclock_cap train_time:{state.train_ms:.0f}ms "
                             f"step:{state.step}/{cfg.iterations}")
@@ -2641,8 +2637,6 @@ def train_and_export(cfg: Config, rt: Runtime, tables: ByteTables, val_tokens: T
     rt.log(f"compile_warmup_ms:{trainer.prime_compiled_graphs():.0f} (outside the training clock)")
     state = trainer.run(trainer.load_checkpoint(resume_path(cfg)) if cfg.resume else None)
     train_end = time.perf_counter()
-    if state.interrupted:
-        rt.shutdown(0)
     rt.log(rt.peak_memory_line())
     rt.log(apply_weight_average(cfg, state, model))
     check_same_weights(rt, weights_sha256(model))
