@@ -2435,9 +2435,10 @@ class Trainer:
         state = state or TrainState(repeats=repeats_at(cfg, 0.0))
         for sig in (signal.SIGTERM, signal.SIGINT):  # torchrun forwards these to every rank
             signal.signal(sig, lambda *_: setattr(self, "signalled", True))
-        self.checked_step = state.step
+        self.checked_step = state.step  # the last clock check: step, time, and the mean step time before it
+        self.checked_ms = state.train_ms
+        self.step_ms = 0.0
         self.next_check = state.step
-        self.step_ms = 0.0  # mean step time between the last two clock checks
         self.clock.banked_ms = state.train_ms
         self.clock.start()
         while True:
