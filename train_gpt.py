@@ -2325,18 +2325,16 @@ class Trainer:
             return 0.0
         start = time.perf_counter()
         cfg = self.cfg
-
-        def tokens(rows: int, length: int = cfg.train_seq_len) -> Tensor:
-            return torch.zeros(rows, length, dtype=torch.int64, device=self.rt.device)
-
-        rows = self.batches.local_tokens // cfg.train_seq_len
+        seq = cfg.train_seq_len
+        tokens = functools.partial(torch.zeros, dtype=torch.int64, device=self.rt.device)
+        rows = self.batches.local_tokens // seq
         for reps in sorted({r for _, r in cfg.depth_schedule}):
             # Distinct input and target tensors, and eval tensors made under inference_mode: dynamo guards on
             # aliasing and on the inference flag, so anything else would recompile inside the timed loop.
             with self.rt.autocast():
-                self.model_fn(tokens(rows), reps, tokens(rows)).mean().backward()
+                self.model_fn(tokens(rows, seq), reps, tokens(rows, seq)).mean().backward()
             with torch.inference_mode(), self.rt.autocast():
-                self.model_fn(tokens(eval_rows(cfg)), reps)
+                self.model_fn(tokens(eval_rows(cfg), seq), reps)
         if cfg.eval_stride:  # the final sliding eval's shape, at full depth
             with torch.inference_mode(), self.rt.autocast():
                 length = min(cfg.eval_seq_len, len(self.val_tokens) - 1)
