@@ -2153,9 +2153,8 @@ def estimate_fit(cfg: Config, model: nn.Module, code_bytes: int) -> tuple[int | 
 
 
 # === 12. TRAINING ===
-# The clock covers only optimizer steps: compile priming for every depth happens before it starts, periodic
-# validation pauses it, and all ranks take decisions (depth, LR, stop) from the max of their elapsed times, read
-# every few steps (a sync and a collective), so the host can queue the next step while the device runs this one.
+# The clock covers only optimizer steps. All ranks take depth, LR, checkpoint and stop decisions from the max
+# over ranks of the elapsed time, read every few steps so the host can queue a step while the device runs one.
 
 
 @dataclass
@@ -2165,18 +2164,18 @@ class TrainState:
     repeats: int = 0
     swa_sum: dict[str, Tensor] | None = None
     swa_count: int = 0
-    ema: dict[str, Tensor] | None = None  # EMA_DECAY's fp32 average, on the training device
-    history: list[dict] = field(default_factory=list)
+    ema: dict[str, Tensor] | None = None
     checkpoint_ms: float = 0.0  # train_ms at the last checkpoint
-    interrupted: bool = False  # stopped by SIGTERM/SIGINT after writing a checkpoint
 
 
 class TrainClock:
-    """Training milliseconds so far, paused around validation and checkpoints. Its edges and synced reads wait for
-    the device; a plain read costs nothing and may run ahead of the device by the work still queued."""
+    """Training ms, paused around validation and checkpoints. Edges and synced reads wait for the device; a
+    plain read may run ahead of it by the queued work."""
 
     def __init__(self, rt: Runtime):
-        self.rt, self.banked_ms, self.started = rt, 0.0, None
+        self.rt = rt
+        self.banked_ms = 0.0
+        self.started = None
 
     def start(self) -> None:
         self.rt.sync()
@@ -2194,17 +2193,110 @@ class TrainClock:
         return self.banked_ms + 1000 * (time.perf_counter() - self.started)
 
 
-CLOCK_CHECK_STEPS = 16  # most steps between two clock checks (a device sync and a collective; ~0.5 ms on 8 GPUs)
+CLOCK_CHECK_STEPS = 16  # most steps between two clock checks (a sync and a collective; ~0.5 ms on 8 GPUs)
 
 
 def steps_to_next_check(step_ms: float, ms_to_deadlines: list[float]) -> int:
-    """Steps until the loop reads the clock again: half of those predicted to fit before the nearest deadline (the
-    budget, the next periodic checkpoint), so it reads every step near one; every step while no step time is known."""
+    """Half the steps predicted to fit before the nearest deadline (budget, next checkpoint), at least 1."""
     if not ms_to_deadlines:
         return CLOCK_CHECK_STEPS
     if step_ms <= 0:
         return 1
     return int(min(CLOCK_CHECK_STEPS, max(min(ms_to_deadlines) / step_ms / 2, 1)))
+
+
+@torch.no_grad()
+def fold_weights(average: dict | None, model: nn.Module, keep: float = 1.0, add: float = 1.0) -> dict:
+    """keep * average + add * weights, per parameter in fp32 on its device; the first call copies them."""
+    if average is None:
+        return {n: p.detach().float().clone() for n, p in model.named_parameters()}
+    for n, p in model.named_parameters():
+        average[n].mul_(keep).add_(p.detach().float(), alpha=add)
+    return average
+
+
+def swa_collect(state: TrainState, model: nn.Module) -> None:
+    state.swa_sum = fold_weights(state.swa_sum, model)
+    state.swa_count += 1
+
+
+@torch.no_grad()
+def swa_apply(state: TrainState, model: nn.Module) -> int:
+    """Load the mean of the collected weights and the final ones; returns how many were averaged."""
+    if state.swa_sum is not None:
+        swa_collect(state, model)
+        for n, p in model.named_parameters():
+            p.copy_((state.swa_sum[n] / state.swa_count).to(p.dtype))
+    return state.swa_count
+
+
+@torch.no_grad()
+def apply_weight_average(cfg: Config, state: TrainState, model: nn.Module) -> str:
+    """Load the exported average (EMA_DECAY's, else SWA's) into the model; returns its log line."""
+    if not cfg.ema_decay:
+        return f"swa:apply checkpoints:{swa_apply(state, model)}"
+    for n, p in model.named_parameters():
+        if state.ema is not None:  # None only when no step was taken
+            p.copy_(state.ema[n].to(p.dtype))
+    return f"ema:apply decay:{cfg.ema_decay:g}"
+
+
+RESUMED_STATE = ("step", "train_ms", "repeats", "swa_count", "checkpoint_ms")
+CHECKPOINT_KEYS = ("config", "model", "swa_sum", "ema", "optimizers", "stream", "rng", "state")
+
+
+def resume_key(cfg: Config) -> str:
+    """The knobs a bit-identical continuation depends on (the model and train kinds). The budget is the training
+    one (GPTQ's reserve taken off), so the key is the same before and after that split."""
+    values = {name: getattr(cfg, name) for name in knob_names(MODEL, TRAIN)}
+    values["max_wallclock_seconds"] -= cfg.gptq_reserve_seconds if cfg.reserves_calibration_time else 0.0
+    return json.dumps(values, sort_keys=True)
+
+
+def read_checkpoint(cfg: Config, path: Path, device: torch.device | str, mmap: bool = False) -> dict:
+    """A checkpoint of this config, unpickled with weights_only (no code in it runs); else one ConfigError."""
+    what = f"RESUME={cfg.resume}" + (f" ({path})" if str(path) != cfg.resume else "")
+    if not path.is_file():
+        raise ConfigError(f"RESUME={cfg.resume}: no checkpoint at {path}")
+    with path.open("rb") as fh:
+        if fh.read(4) != b"PK\x03\x04":
+            raise ConfigError(f"{what} is not a checkpoint of this script (not a torch.save zip); not loaded")
+    try:
+        with warnings.catch_warnings():  # torch warns about the pickle protocol before it refuses a file
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
+        saved = json.loads(payload["config"]) if set(payload) == set(CHECKPOINT_KEYS) else None
+    except pickle.UnpicklingError:
+        refusal = f"{what} holds objects that need code to load: refused unread, no code ran"
+        raise ConfigError(refusal) from None
+    except Exception as err:
+        raise ConfigError(f"{what} is damaged ({type(err).__name__}); resume from another one") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{what} is not a checkpoint of this script (other contents); nothing loaded")
+    ours = json.loads(resume_key(cfg))
+    changed = sorted(k for k in ours if saved.get(k) != ours[k])
+    if changed:
+        changed = ", ".join(changed)
+        raise ConfigError(f"{path} is a checkpoint of another configuration (differs in: {changed})")
+    return payload
+
+
+def weights_sha256(model: nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, p in model.named_parameters():
+        digest.update(name.encode() + p.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_same_weights(rt: Runtime, digest: str) -> None:
+    """Log the digest and whether every rank holds it; ranks that diverged end the run with exit code 1."""
+    rt.log(f"weights_sha256:{digest}")
+    digests = rt.gather_objects(digest)
+    differing = [rank for rank, other in enumerate(digests) if other != digests[0]]
+    rt.log(f"weights_identical_across_ranks:{int(not differing)}")
+    if differing:
+        rt.log(f"weights_differ ranks:{','.join(map(str, differing))} (their weights differ from rank 0's)")
+        rt.shutdown(1)
 
 
 @dataclass
@@ -2223,26 +2315,25 @@ class Trainer:
         self.signalled = False
 
     def prime_compiled_graphs(self) -> float:
-        """Run one forward+backward and one eval forward per scheduled depth on dummy tokens; returns ms."""
+        """One forward+backward and one eval forward per scheduled depth, before the clock; returns ms."""
         if not self.rt.use_compile:
             return 0.0
         start = time.perf_counter()
-        seq, device = self.cfg.train_seq_len, self.rt.device
+        cfg = self.cfg
+        seq = cfg.train_seq_len
+        tokens = functools.partial(torch.zeros, dtype=torch.int64, device=self.rt.device)
         rows = self.batches.local_tokens // seq
-        for reps in sorted({r for _, r in self.cfg.depth_schedule}):
+        for reps in sorted({r for _, r in cfg.depth_schedule}):
             # Distinct input and target tensors, and eval tensors made under inference_mode: dynamo guards on
             # aliasing and on the inference flag, so anything else would recompile inside the timed loop.
-            x, y = (torch.zeros(rows, seq, dtype=torch.int64, device=device) for _ in range(2))
             with self.rt.autocast():
-                self.model_fn(x, reps, y).mean().backward()
+                self.model_fn(tokens(rows, seq), reps, tokens(rows, seq)).mean().backward()
             with torch.inference_mode(), self.rt.autocast():
-                self.model_fn(torch.zeros(eval_rows(self.cfg), seq, dtype=torch.int64,
-                                          device=device), reps)
-        if self.cfg.eval_stride:  # the final sliding eval's shape, at full depth
-            length = min(self.cfg.eval_seq_len, len(self.val_tokens) - 1)
+                self.model_fn(tokens(eval_rows(cfg), seq), reps)
+        if cfg.eval_stride:  # the final sliding eval's shape, at full depth
             with torch.inference_mode(), self.rt.autocast():
-                self.model_fn(torch.zeros(self.cfg.eval_batch_seqs, length, dtype=torch.int64, device=device),
-                              self.cfg.num_repeats)
+                length = min(cfg.eval_seq_len, len(self.val_tokens) - 1)
+                self.model_fn(tokens(cfg.eval_batch_seqs, length), cfg.num_repeats)
         self.model.zero_grad(set_to_none=True)
         self.optimizers["muon"].prime()
         self.rt.sync()
@@ -2260,7 +2351,6 @@ class Trainer:
             loss_sum += loss.detach()
         self.rt.average_gradients(params)
         momentum = muon_momentum_at(self.cfg, state.step)
-        # One LR scale for every group (scheduled, identical on all ranks since it comes from the max elapsed).
         for opt in self.optimizers.values():
             for group in opt.param_groups:
                 group["lr"] = group["base_lr"] * scale
@@ -2273,97 +2363,10 @@ class Trainer:
         self.model.zero_grad(set_to_none=True)
         return loss_sum / accum
 
-    def validate(self, state: TrainState) -> tuple[float, float]:
-        """The periodic eval at the current depth, recorded in the JSON log and the run's history."""
-        start = time.perf_counter()
-        loss, bpb = eval_blocks(self.cfg, self.rt, self.model_fn, self.val_tokens, self.tables, state.repeats)
-        eval_ms = 1000 * (time.perf_counter() - start)
-        record = dict(event="eval", name="val", step=state.step, repeats=state.repeats, val_loss=loss, val_bpb=bpb,
-                      train_time_ms=state.train_ms, eval_time_ms=eval_ms)
-        self.rt.log_json(record)
-        state.history.append(record)
-        return loss, bpb
-
-    def run(self, state: TrainState | None = None) -> TrainState:
-        """The timed loop: validate on cadence, pick depth and LR from progress, step, collect SWA, stop."""
-        cfg, rt = self.cfg, self.rt
-        accum = grad_accum_for(cfg, rt.world_size)
-        state = state or TrainState(repeats=repeats_at(cfg, 0.0))
-        budget_ms, every_ms = 1000.0 * cfg.max_wallclock_seconds, 1000.0 * cfg.checkpoint_every_seconds
-        for sig in (signal.SIGTERM, signal.SIGINT):  # torchrun forwards these to every rank
-            signal.signal(sig, lambda *_: setattr(self, "signalled", True))
-        self.clock.banked_ms = state.train_ms
-        self.clock.start()
-        checked_step, checked_ms, step_ms, next_check = state.step, state.train_ms, 0.0, state.step
-        while True:
-            validate = cfg.val_loss_every and state.step % cfg.val_loss_every == 0
-            out_of_time = False
-            if state.step >= min(next_check, cfg.iterations) or validate:
-                # The loop's only device sync and collective: the max over ranks of the elapsed time and of "a
-                # signal came", so every rank takes the same depth, LR, checkpoint and stop decisions at one step.
-                state.train_ms, signalled = rt.all_max(self.clock.elapsed_ms(synced=True), float(self.signalled))
-                if state.step > checked_step:
-                    step_ms = (state.train_ms - checked_ms) / (state.step - checked_step)
-                checked_step, checked_ms = state.step, state.train_ms
-                if signalled or (every_ms and state.train_ms - state.checkpoint_ms >= every_ms):
-                    self.save_checkpoint(state)
-                    if signalled:
-                        rt.log(f"stopped: signal step:{state.step} (continue with RESUME={self.checkpoint_path()})")
-                        state.interrupted = True
-                        return state
-                # Stop before a step that would end past the budget (the mean step since the last check predicts it).
-                out_of_time = budget_ms > 0 and state.train_ms + step_ms > budget_ms
-                deadlines = (budget_ms, every_ms and state.checkpoint_ms + every_ms)
-                next_check = state.step + steps_to_next_check(step_ms, [ms - state.train_ms for ms in deadlines if ms])
-            else:  # between checks the schedules read a time extrapolated from the last one: the same on every rank
-                state.train_ms = checked_ms + (state.step - checked_step) * step_ms
-            done = out_of_time or state.step >= cfg.iterations
-            if out_of_time:
-                rt.log(f"stopping_early: wallclock_cap train_time:{state.train_ms:.0f}ms "
-                       f"step:{state.step}/{cfg.iterations}")
-            if done or validate:
-                self.clock.pause()
-                loss, bpb = self.validate(state)
-                rt.log(f"step:{state.step}/{cfg.iterations} val_loss:{loss:.4f} val_bpb:{bpb:.4f} "
-                       f"train_time:{state.train_ms:.0f}ms step_avg:{state.train_ms / max(state.step, 1):.2f}ms")
-                self.clock.start()
-            if done:
-                return state
-            self.advance(state, accum)
-
-    def checkpoint_path(self) -> Path:
-        return self.rt.log_path.with_suffix(".ckpt")
-
-    def save_checkpoint(self, state: TrainState) -> None:
-        """Everything a bit-identical continuation needs, written by rank 0 (temp file + rename: never torn).
-        Model, optimizer moments and stream position are identical on every rank, so one copy serves all."""
-        self.clock.pause()
-        state.checkpoint_ms, path = state.train_ms, self.checkpoint_path()
-        if self.rt.is_main:
-            payload = dict(config=resume_key(self.cfg), model=self.model.state_dict(), swa_sum=state.swa_sum,
-                           ema=state.ema, optimizers={k: opt.state_dict() for k, opt in self.optimizers.items()},
-                           stream=list(self.batches.position), rng=torch.get_rng_state(),
-                           state=json.dumps({k: getattr(state, k) for k in RESUMED_STATE}))
-            torch.save(payload, path.with_name(path.name + ".tmp"))
-            os.replace(path.with_name(path.name + ".tmp"), path)
-        self.rt.barrier()
-        self.rt.log(f"checkpoint:saved path:{path} step:{state.step} train_time:{state.train_ms:.0f}ms")
-        self.clock.start()
-
-    def load_checkpoint(self, path: Path) -> TrainState:
-        """Restore a checkpoint of this same configuration (read_checkpoint: no code in the file runs)."""
-        payload = read_checkpoint(self.cfg, path, self.rt.device)
-        self.model.load_state_dict(payload["model"])
-        for name, opt in self.optimizers.items():
-            opt.load_state_dict(payload["optimizers"][name])
-        self.batches.seek(*payload["stream"])
-        torch.set_rng_state(payload["rng"].cpu())
-        self.rt.log(f"checkpoint:resumed path:{path}")
-        return TrainState(swa_sum=payload["swa_sum"], ema=payload["ema"], **json.loads(payload["state"]))
-
     def advance(self, state: TrainState, accum: int) -> None:
         """One optimizer step plus its bookkeeping (depth switch, EMA, SWA, train log)."""
-        cfg, rt = self.cfg, self.rt
+        cfg = self.cfg
+        rt = self.rt
         progress = run_progress(cfg, state.step, state.train_ms)
         repeats = repeats_at(cfg, progress)
         if repeats != state.repeats:
@@ -2373,8 +2376,9 @@ class Trainer:
         scale = lr_scale(cfg, state.step, state.train_ms)
         loss = self.train_step(state, scale, accum)
         state.step += 1
-        if cfg.ema_decay:
-            ema_update(state, self.model, cfg.ema_decay)
+        if cfg.ema_decay:  # from step 1's weights, decay warmed up: short runs do not export early weights
+            keep = min(cfg.ema_decay, (1 + state.step) / (10 + state.step))
+            state.ema = fold_weights(state.ema, self.model, keep, 1 - keep)
         if swa_due(cfg, state.step, state.repeats, warmdown_scale(cfg, state.step - 1, state.train_ms)):
             if state.swa_sum is None:
                 rt.log(f"swa:start step:{state.step}")
@@ -2385,120 +2389,108 @@ class Trainer:
             rt.log(f"step:{state.step}/{cfg.iterations} train_loss:{loss.item():.4f} lr_scale:{scale:.4f} "
                    f"repeats:{state.repeats} train_time:{now_ms:.0f}ms step_avg:{now_ms / state.step:.2f}ms")
 
+    def validate(self, state: TrainState) -> None:
+        """The eval at the current depth, outside the clock, in the console and the JSON log."""
+        self.clock.pause()
+        start = time.perf_counter()
+        loss, bpb = eval_blocks(self.cfg, self.rt, self.model_fn, self.val_tokens, self.tables, state.repeats)
+        self.rt.log_json(dict(event="eval", name="val", step=state.step, repeats=state.repeats, val_loss=loss,
+                              val_bpb=bpb, train_time_ms=state.train_ms,
+                              eval_time_ms=1000 * (time.perf_counter() - start)))
+        self.rt.log(f"step:{state.step}/{self.cfg.iterations} val_loss:{loss:.4f} val_bpb:{bpb:.4f} "
+                    f"train_time:{state.train_ms:.0f}ms step_avg:{state.train_ms / max(state.step, 1):.2f}ms")
+        self.clock.start()
 
-RESUMED_STATE = ("step", "train_ms", "repeats", "swa_count", "history", "checkpoint_ms")
-CHECKPOINT_KEYS = ("config", "model", "swa_sum", "ema", "optimizers", "stream", "rng", "state")
+    def check_clock(self, state: TrainState) -> bool:
+        """The loop's only sync and collective: the max over ranks of the elapsed time and of "a signal came".
+        Saves a due checkpoint (then exits 0 on a signal); True if the next step would end past the budget."""
+        every_ms = 1000.0 * self.cfg.checkpoint_every_seconds
+        budget_ms = 1000.0 * self.cfg.max_wallclock_seconds
+        state.train_ms, signalled = self.rt.all_max(self.clock.elapsed_ms(synced=True), float(self.signalled))
+        if state.step > self.checked_step:
+            self.step_ms = (state.train_ms - self.checked_ms) / (state.step - self.checked_step)
+        self.checked_step = state.step
+        self.checked_ms = state.train_ms
+        if signalled or (every_ms and state.train_ms - state.checkpoint_ms >= every_ms):
+            self.save_checkpoint(state)
+        if signalled:
+            self.rt.log(f"stopped: signal step:{state.step} (continue with RESUME={self.checkpoint_path()})")
+            self.rt.shutdown(0)
+        deadlines = (budget_ms, every_ms and state.checkpoint_ms + every_ms)
+        ms_left = [ms - state.train_ms for ms in deadlines if ms]
+        self.next_check = state.step + steps_to_next_check(self.step_ms, ms_left)
+        return budget_ms > 0 and state.train_ms + self.step_ms > budget_ms
 
+    def run(self, state: TrainState | None = None) -> TrainState:
+        """The timed loop: validate on cadence, step; stop at ITERATIONS, at the budget or on a signal."""
+        cfg = self.cfg
+        accum = grad_accum_for(cfg, self.rt.world_size)
+        state = state or TrainState(repeats=repeats_at(cfg, 0.0))
+        for sig in (signal.SIGTERM, signal.SIGINT):  # torchrun forwards these to every rank
+            signal.signal(sig, lambda *_: setattr(self, "signalled", True))
+        self.checked_step = state.step  # the last clock check: step, time, and the mean step time before it
+        self.checked_ms = state.train_ms
+        self.step_ms = 0.0
+        self.next_check = state.step
+        self.clock.banked_ms = state.train_ms
+        self.clock.start()
+        while True:
+            eval_due = cfg.val_loss_every and state.step % cfg.val_loss_every == 0
+            out_of_time = False
+            if state.step >= min(self.next_check, cfg.iterations) or eval_due:
+                out_of_time = self.check_clock(state)
+            else:  # between checks, a time extrapolated from the last one: the same on every rank
+                state.train_ms = self.checked_ms + (state.step - self.checked_step) * self.step_ms
+            if out_of_time:
+                self.rt.log(f"stopping_early: wallclock_cap train_time:{state.train_ms:.0f}ms "
+                            f"step:{state.step}/{cfg.iterations}")
+            done = out_of_time or state.step >= cfg.iterations
+            if done or eval_due:
+                self.validate(state)
+            if done:
+                return state
+            self.advance(state, accum)
 
-def resume_key(cfg: Config) -> str:
-    """The knobs a bit-identical continuation depends on (the model and train kinds). The budget is the training
-    one (GPTQ's reserve taken off), so the key is the same before and after that split."""
-    values = {name: getattr(cfg, name) for name in knob_names(MODEL, TRAIN)}
-    values["max_wallclock_seconds"] -= cfg.gptq_reserve_seconds if cfg.reserves_calibration_time else 0.0
-    return json.dumps(values, sort_keys=True)
+    def checkpoint_path(self) -> Path:
+        return self.rt.log_path.with_suffix(".ckpt")
 
+    def save_checkpoint(self, state: TrainState) -> None:
+        """All a bit-identical continuation needs (the same on all ranks), by rank 0: temp file + rename."""
+        self.clock.pause()
+        state.checkpoint_ms = state.train_ms
+        path = self.checkpoint_path()
+        if self.rt.is_main:
+            optimizers = {name: opt.state_dict() for name, opt in self.optimizers.items()}
+            resumed = json.dumps({k: getattr(state, k) for k in RESUMED_STATE})
+            payload = dict(config=resume_key(self.cfg), model=self.model.state_dict(), swa_sum=state.swa_sum,
+                           ema=state.ema, optimizers=optimizers, stream=list(self.batches.position),
+                           rng=torch.get_rng_state(), state=resumed)
+            temp = path.with_name(path.name + ".tmp")
+            torch.save(payload, temp)
+            os.replace(temp, path)
+        self.rt.barrier()
+        self.rt.log(f"checkpoint:saved path:{path} step:{state.step} train_time:{state.train_ms:.0f}ms")
+        self.clock.start()
 
-def read_checkpoint(cfg: Config, path: Path, device: torch.device | str, mmap: bool = False) -> dict:
-    """The payload of a checkpoint of this configuration, read as safely as an artifact: only a torch.save zip of
-    tensors and plain data is unpickled (weights_only: nothing in the file can run); any problem is one ConfigError."""
-    what = f"RESUME={cfg.resume}" + (f" ({path})" if str(path) != cfg.resume else "")
-    if not path.is_file():
-        raise ConfigError(f"RESUME={cfg.resume}: no checkpoint at {path}")
-    with path.open("rb") as fh:
-        if fh.read(4) != b"PK\x03\x04":
-            raise ConfigError(f"{what} is not a checkpoint of this script (not a torch.save zip); nothing was loaded")
-    try:
-        with warnings.catch_warnings():  # torch warns about the pickle protocol before it refuses a file
-            warnings.simplefilter("ignore")
-            payload = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
-        saved = json.loads(payload["config"]) if set(payload) == set(CHECKPOINT_KEYS) else None
-    except pickle.UnpicklingError:
-        raise ConfigError(f"{what} holds objects that need code to load: refused unread, no code ran") from None
-    except Exception as err:
-        raise ConfigError(f"{what} is damaged ({type(err).__name__}); resume from another checkpoint") from None
-    if not isinstance(saved, dict):
-        raise ConfigError(f"{what} is not a checkpoint of this script (other contents); nothing was loaded")
-    ours = json.loads(resume_key(cfg))
-    changed = sorted(k for k in ours if saved.get(k) != ours[k])
-    if changed:
-        raise ConfigError(f"{path} is a checkpoint of another configuration (differs in: {', '.join(changed)})")
-    return payload
-
-
-def weights_sha256(model: nn.Module) -> str:
-    digest = hashlib.sha256()
-    for name, p in model.named_parameters():
-        digest.update(name.encode() + p.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def check_same_weights(rt: Runtime, digest: str) -> None:
-    """Log the weights' digest and whether every rank holds the same one; ranks that diverged (a nondeterministic
-    kernel, a bad collective) would score and export different models, so the run ends with exit code 1."""
-    rt.log(f"weights_sha256:{digest}")
-    digests = rt.all_gather(torch.tensor(list(bytes.fromhex(digest)), dtype=torch.uint8, device=rt.device))
-    differing = [rank for rank in range(rt.world_size) if not torch.equal(digests[rank], digests[0])]
-    rt.log(f"weights_identical_across_ranks:{int(not differing)}")
-    if differing:
-        rt.log(f"weights_differ ranks:{','.join(map(str, differing))} (their weights differ from rank 0's)")
-        rt.shutdown(1)
-
-
-@torch.no_grad()
-def swa_collect(state: TrainState, model: nn.Module) -> None:
-    """Add the current weights to the fp32 running sum, on the training device (no per-step host copies)."""
-    if state.swa_sum is None:
-        state.swa_sum = {n: p.detach().float().clone() for n, p in model.named_parameters()}
-    else:
-        for n, p in model.named_parameters():
-            state.swa_sum[n] += p.detach().float()
-    state.swa_count += 1
-
-
-@torch.no_grad()
-def swa_apply(state: TrainState, model: nn.Module) -> int:
-    """Average the collected checkpoints plus the final weights into the model; returns how many were averaged."""
-    if state.swa_sum is None:
-        return 0
-    swa_collect(state, model)
-    for n, p in model.named_parameters():
-        p.copy_((state.swa_sum[n] / state.swa_count).to(p.dtype))
-    return state.swa_count
-
-
-@torch.no_grad()
-def ema_update(state: TrainState, model: nn.Module, decay: float) -> None:
-    """ema = d ema + (1 - d) w in fp32 after every step, from the weights after step 1 (#1204 starts one step earlier,
-    from the init weights; the state then needs no set-up before the loop or on resume). d = min(EMA_DECAY,
-    (1 + step) / (10 + step)): a fixed 0.997 would still hold ~60% of step-1 weights after 150 steps, which made
-    short runs (CPU proxies) export a much worse model; from step ~3000 on it is #1204's constant decay."""
-    if state.ema is None:
-        state.ema = {n: p.detach().float().clone() for n, p in model.named_parameters()}
-    else:
-        d = min(decay, (1 + state.step) / (10 + state.step))
-        for n, p in model.named_parameters():
-            state.ema[n].mul_(d).add_(p.detach().float(), alpha=1 - d)
-
-
-@torch.no_grad()
-def apply_weight_average(cfg: Config, state: TrainState, model: nn.Module) -> str:
-    """Load the exported average (the EMA cast to each parameter's dtype, else SWA) into the model; its log line."""
-    if not cfg.ema_decay:
-        return f"swa:apply checkpoints:{swa_apply(state, model)}"
-    for n, p in model.named_parameters():
-        if state.ema is not None:  # None only when no step was taken
-            p.copy_(state.ema[n].to(p.dtype))
-    return f"ema:apply decay:{cfg.ema_decay:g}"
+    def load_checkpoint(self, path: Path) -> TrainState:
+        payload = read_checkpoint(self.cfg, path, self.rt.device)
+        self.model.load_state_dict(payload["model"])
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(payload["optimizers"][name])
+        self.batches.seek(*payload["stream"])
+        torch.set_rng_state(payload["rng"].cpu())
+        self.rt.log(f"checkpoint:resumed path:{path}")
+        saved = json.loads(payload["state"])
+        resumed = {name: saved[name] for name in RESUMED_STATE}
+        return TrainState(swa_sum=payload["swa_sum"], ema=payload["ema"], **resumed)
 
 
 # === 13. MAIN ===
-# Train, calibrate inside the budget, evaluate the float model; every rank quantizes its share and runs its codec,
-# rank 0 writes the artifact, and after a barrier every rank reads that file back into a fresh model and evaluates
-# it, so every rank scores the very bytes that are submitted. EVAL_ONLY=<artifact> does only the last part.
+# Train, calibrate inside the budget, evaluate the float model; rank 0 writes the artifact, then every rank
+# reads that file into a fresh model and scores it: the very bytes submitted. EVAL_ONLY=<artifact>: the last.
 
 
 def meta_model(cfg: Config) -> GPT:
-    """The model's structure without memory or init work: for the parameter table and for loading an artifact."""
     with torch.device("meta"):
         return GPT(cfg)
 
@@ -2507,8 +2499,9 @@ def describe_params(cfg: Config, model: nn.Module) -> list[str]:
     lines = [f"model_params:{sum(p.numel() for p in model.parameters())}"]
     for row in param_table(model):
         shape = "x".join(map(str, row.shape))
-        lines.append(f"param name:{row.name} shape:{shape} group:{row.rule.group} "
-                     f"dtype:{str(row.rule.dtype).removeprefix('torch.')} store:{store_label(cfg, row.rule.store)}")
+        dtype = str(row.rule.dtype).removeprefix("torch.")
+        lines.append(f"param name:{row.name} shape:{shape} group:{row.rule.group} dtype:{dtype} "
+                     f"store:{store_label(cfg, row.rule.store)}")
     return lines
 
 
@@ -2527,10 +2520,78 @@ def dry_run(cfg: Config) -> None:
 
 
 def build_model(cfg: Config, rt: Runtime) -> GPT:
-    """Initialise on CPU from the seeded RNG (identical on every rank), then move and apply the dtype policy."""
+    """Initialised on CPU from the seeded RNG (identical on every rank), then moved and given its dtypes."""
     model = GPT(cfg).to(rt.device)
     apply_param_dtypes(model)
     return model
+
+
+def exit_with_error(line: str, rt: Runtime | None = None, rank: int = 0) -> None:
+    """`line` once on stderr, exit code 2 on every rank (all check the same inputs). Before the runtime
+    starts, `rank` is the node-local one, so a problem only one node has is still printed."""
+    if (rt.rank if rt else rank) == 0:
+        print(line, file=sys.stderr, flush=True)
+    if rt is None:
+        sys.exit(2)
+    rt.shutdown(2)
+
+
+def load_tokenizer(cfg: Config) -> ByteTables:
+    import sentencepiece
+
+    try:
+        sp = sentencepiece.SentencePieceProcessor(model_file=cfg.tokenizer_path)
+    except Exception as err:
+        problem = f"TOKENIZER_PATH={cfg.tokenizer_path} is not a SentencePiece model ({err})"
+        raise ConfigError(problem) from None
+    if sp.vocab_size() != cfg.vocab_size:
+        raise ConfigError(f"TOKENIZER_PATH={cfg.tokenizer_path} has {sp.vocab_size()} pieces, VOCAB_SIZE="
+                          f"{cfg.vocab_size}: set VOCAB_SIZE={sp.vocab_size()} or use the data's tokenizer")
+    return build_byte_tables(sp, cfg.vocab_size)
+
+
+def resume_path(cfg: Config) -> Path:
+    """The checkpoint RESUME names (auto: the run's own logs/<RUN_ID>.ckpt)."""
+    return Path(f"logs/{cfg.run_id}.ckpt" if cfg.resume == "auto" else cfg.resume)
+
+
+def check_inputs(cfg: Config, environ: Mapping[str, str]) -> None:
+    """Every device, path and file problem found before any work (no process group, no file written)."""
+    problem = Runtime.device_problem(cfg, environ)
+    if problem:
+        raise ConfigError(problem)
+    if not Path(cfg.data_path).is_dir():
+        raise ConfigError(f"DATA_PATH={cfg.data_path} is not a folder; build or download a dataset "
+                          "(data/README.md) or point DATA_PATH at one")
+    val = check_shards(cfg.data_path, "val")
+    if min(val - 1, cfg.val_max_tokens or val) < cfg.train_seq_len:
+        raise ConfigError(f"the val split of {cfg.data_path} has {val} tokens, too few for TRAIN_SEQ_LEN="
+                          f"{cfg.train_seq_len} + 1; build more validation documents")
+    if not Path(cfg.tokenizer_path).is_file():
+        raise ConfigError(f"TOKENIZER_PATH={cfg.tokenizer_path}: no such file")
+    if cfg.eval_only and not Path(cfg.eval_only).is_file():
+        raise ConfigError(f"EVAL_ONLY={cfg.eval_only}: no such file (give the .ptz a training run wrote)")
+    if not cfg.eval_only:  # EVAL_ONLY's VOCAB_SIZE is the artifact's: its tokenizer is checked after that
+        local_batch_tokens(cfg, int(environ.get("WORLD_SIZE", 1)))
+        check_shards(cfg.data_path, "train")
+        load_tokenizer(cfg)
+    if cfg.resume:
+        read_checkpoint(cfg, resume_path(cfg), "cpu", mmap=True)
+    logs = Path("logs")
+    if logs.exists() and not logs.is_dir():
+        raise ConfigError(f"{logs.resolve()} is not a folder; the run writes logs/<RUN_ID>.txt: move it")
+    if not os.access(logs if logs.is_dir() else Path.cwd(), os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write {logs.resolve()}/ (logs, artifact, checkpoints); run elsewhere")
+
+
+def load_inputs(cfg: Config, rt: Runtime) -> tuple[ByteTables, Tensor]:
+    """Byte tables and validation tokens, checked against VOCAB_SIZE."""
+    tables = load_tokenizer(cfg).to(rt.device)
+    val_tokens = load_val_tokens(cfg)
+    if int(val_tokens.max()) >= cfg.vocab_size:
+        raise ConfigError(f"the val shards of {cfg.data_path} hold token id {int(val_tokens.max())} >= "
+                          f"VOCAB_SIZE={cfg.vocab_size}: built with another tokenizer than TOKENIZER_PATH")
+    return tables, val_tokens
 
 
 def log_header(cfg: Config, rt: Runtime, model: GPT, n_val: int) -> None:
@@ -2543,10 +2604,11 @@ def log_header(cfg: Config, rt: Runtime, model: GPT, n_val: int) -> None:
            f"grad_accum_steps:{grad_accum_for(cfg, rt.world_size)} "
            f"compile:{int(rt.use_compile)} autocast:{int(rt.use_autocast)}")
     rt.log(f"precision:{rt.precision} reason:{rt.precision_reason}")
-    missing = codecs_for(cfg.compressor)[1]
+    usable, missing = codecs_for(cfg.compressor)
     if missing and not cfg.eval_only:
-        rt.log(f"codec_fallback: {' '.join(missing)} not installed (pip install {' '.join(missing)}); the artifact "
-               f"uses {' '.join(codecs_for(cfg.compressor)[0])} only")
+        names = " ".join(missing)
+        rt.log(f"codec_fallback: {names} not installed (pip install {names}); the artifact uses "
+               f"{' '.join(usable)} only")
     shards = "" if cfg.eval_only else f"train_shards:{len(shard_paths(cfg.data_path, 'train'))} "
     rt.log(f"{shards}val_tokens:{n_val} seed:{cfg.seed}")
     # What records/make_record.py needs to tell the challenge's full FineWeb val split from other data.
@@ -2554,12 +2616,11 @@ def log_header(cfg: Config, rt: Runtime, model: GPT, n_val: int) -> None:
 
 
 def train_and_export(cfg: Config, rt: Runtime, tables: ByteTables, val_tokens: Tensor) -> tuple[Path, float]:
-    """Train, calibrate, evaluate the float model, and on rank 0 write the artifact; returns its path and float bpb."""
-    local_tokens = local_batch_tokens(cfg, rt.world_size)  # check_inputs has validated the split
+    """Train, calibrate, evaluate the float model, write the artifact (rank 0); its path and float bpb."""
     model = build_model(cfg, rt)
     log_header(cfg, rt, model, len(val_tokens) - 1)
-    batches = TrainBatches(TokenStream(shard_paths(cfg.data_path, "train")), rt.rank, rt.world_size, local_tokens,
-                           cfg.train_seq_len, rt.device)
+    batches = TrainBatches(TokenStream(shard_paths(cfg.data_path, "train")), rt.rank, rt.world_size,
+                           local_batch_tokens(cfg, rt.world_size), cfg.train_seq_len, rt.device)
     reserve = cfg.gptq_reserve_seconds if cfg.reserves_calibration_time else 0.0
     train_cfg = dataclasses.replace(cfg, max_wallclock_seconds=cfg.max_wallclock_seconds - reserve,
                                     gptq_reserve_seconds=0.0)  # the schedules fit the shorter training budget
@@ -2568,10 +2629,8 @@ def train_and_export(cfg: Config, rt: Runtime, tables: ByteTables, val_tokens: T
     trainer = Trainer(train_cfg, rt, model, rt.compile(model), build_optimizers(model, cfg, rt.is_cuda, rt),
                       batches, val_tokens, tables)
     rt.log(f"compile_warmup_ms:{trainer.prime_compiled_graphs():.0f} (outside the training clock)")
-    state = trainer.run(resume_from(cfg, rt, trainer))
+    state = trainer.run(trainer.load_checkpoint(resume_path(cfg)) if cfg.resume else None)
     train_end = time.perf_counter()
-    if state.interrupted:
-        rt.shutdown(0)
     rt.log(rt.peak_memory_line())
     rt.log(apply_weight_average(cfg, state, model))
     check_same_weights(rt, weights_sha256(model))
@@ -2596,8 +2655,7 @@ def train_and_export(cfg: Config, rt: Runtime, tables: ByteTables, val_tokens: T
 
 
 def open_artifact(cfg: Config, rt: Runtime, path: Path, environ: Mapping[str, str]) -> tuple[Config, dict]:
-    """The config an artifact implies and its dequantized state dict. A missing or bad file, or a clashing shape
-    knob, ends the run with one artifact_error line and exit code 2."""
+    """The config an artifact implies and its dequantized weights; a bad file: artifact_error, exit 2."""
     try:
         header, stored = unpack_artifact(path.read_bytes())
         return artifact_config(cfg, header, environ), {t.name: t.dequantize() for t in stored}
@@ -2607,8 +2665,7 @@ def open_artifact(cfg: Config, rt: Runtime, path: Path, environ: Mapping[str, st
 
 def roundtrip_eval(cfg: Config, rt: Runtime, state: dict, val_tokens: Tensor,
                    tables: ByteTables) -> tuple[GPT, ModelFn, float]:
-    """Evaluate a fresh model whose every parameter, dtype included, comes from the artifact; returns it, its forward
-    (for the final evals) and val_bpb."""
+    """A fresh model whose every parameter, dtype included, is the artifact's: it, its forward and val_bpb."""
     model = meta_model(cfg)
     state = {**{name: torch.zeros(model.get_parameter(name).shape) for name in model.unexported()}, **state}
     model.load_state_dict({k: v.to(rt.device) for k, v in state.items()}, strict=True, assign=True)
@@ -2616,75 +2673,14 @@ def roundtrip_eval(cfg: Config, rt: Runtime, state: dict, val_tokens: Tensor,
     return model, model_fn, final_block_eval(cfg, rt, "final_roundtrip", model_fn, val_tokens, tables)
 
 
-def exit_with_error(line: str, rt: Runtime | None = None, rank: int = 0) -> None:
-    """The end of a run that cannot start: `line` once on stderr (rank 0), exit code 2 on every rank. Every rank
-    checks the same inputs, so under torchrun all of them stop here together (torchrun then reports exitcode 2);
-    before the runtime starts, `rank` is the node-local one, so a problem only one node has is still printed."""
-    if (rt.rank if rt else rank) == 0:
-        print(line, file=sys.stderr, flush=True)
-    if rt is None:
-        sys.exit(2)
-    rt.shutdown(2)
-
-
-def check_inputs(cfg: Config, environ: Mapping[str, str]) -> None:
-    """Every device, path and file problem that can be found before any work (no process group, no file written);
-    each is one ConfigError that names the problem and its fix."""
-    problem = Runtime.device_problem(cfg, environ)
-    if problem:
-        raise ConfigError(problem)
-    if not cfg.eval_only:
-        local_batch_tokens(cfg, int(environ.get("WORLD_SIZE", 1)))
-    if not Path(cfg.data_path).is_dir():
-        raise ConfigError(f"DATA_PATH={cfg.data_path} is not a folder; build or download a dataset (data/README.md)"
-                          " or point DATA_PATH at one")
-    val = check_shards(cfg.data_path, "val")
-    if min(val - 1, cfg.val_max_tokens or val) < cfg.train_seq_len:
-        raise ConfigError(f"the val split of {cfg.data_path} has {val} tokens, too few for TRAIN_SEQ_LEN="
-                          f"{cfg.train_seq_len} + 1; build more validation documents")
-    if cfg.eval_only and not Path(cfg.eval_only).is_file():
-        raise ConfigError(f"EVAL_ONLY={cfg.eval_only}: no such file (give the .ptz artifact a training run wrote)")
-    if not cfg.eval_only:  # EVAL_ONLY takes VOCAB_SIZE from the artifact: its tokenizer is checked after reading it
-        check_shards(cfg.data_path, "train")
-        load_tokenizer(cfg)
-    elif not Path(cfg.tokenizer_path).is_file():
-        raise ConfigError(f"TOKENIZER_PATH={cfg.tokenizer_path}: no such file")
-    if cfg.resume:
-        read_checkpoint(cfg, Path(cfg.resume if cfg.resume != "auto" else f"logs/{cfg.run_id}.ckpt"), "cpu", True)
-    logs = Path("logs")
-    if logs.exists() and not logs.is_dir():
-        raise ConfigError(f"{logs.resolve()} is not a folder; the run writes logs/<RUN_ID>.txt: move it or run elsewhere")
-    if not os.access(logs if logs.is_dir() else Path.cwd(), os.W_OK | os.X_OK):
-        raise ConfigError(f"cannot write {logs.resolve()}/ (the log, artifact and checkpoints go there); run from a "
-                          "writable directory")
-
-
-def load_tokenizer(cfg: Config) -> ByteTables:
-    """The byte tables of TOKENIZER_PATH, which must hold VOCAB_SIZE pieces; ConfigError otherwise."""
-    import sentencepiece
-
-    if not Path(cfg.tokenizer_path).is_file():
-        raise ConfigError(f"TOKENIZER_PATH={cfg.tokenizer_path}: no such file")
-    try:
-        sp = sentencepiece.SentencePieceProcessor(model_file=cfg.tokenizer_path)
-    except Exception as err:
-        raise ConfigError(f"TOKENIZER_PATH={cfg.tokenizer_path} is not a SentencePiece model ({err})") from None
-    if sp.vocab_size() != cfg.vocab_size:
-        raise ConfigError(f"TOKENIZER_PATH={cfg.tokenizer_path} has {sp.vocab_size()} pieces, VOCAB_SIZE="
-                          f"{cfg.vocab_size}: set VOCAB_SIZE={sp.vocab_size()} or use the data's own tokenizer")
-    return build_byte_tables(sp, cfg.vocab_size)
-
-
-def load_inputs(cfg: Config, rt: Runtime) -> tuple[ByteTables, Tensor]:
-    """Byte tables and validation tokens, checked against VOCAB_SIZE; a mismatch ends the run with one line."""
-    try:
-        tables, val_tokens = load_tokenizer(cfg).to(rt.device), load_val_tokens(cfg)
-        if int(val_tokens.max()) >= cfg.vocab_size:
-            raise ConfigError(f"the val shards of {cfg.data_path} hold token id {int(val_tokens.max())} >= VOCAB_SIZE="
-                              f"{cfg.vocab_size}: they were built with another tokenizer than TOKENIZER_PATH")
-    except ConfigError as err:
-        exit_with_error(f"config_error: {err}", rt)
-    return tables, val_tokens
+def write_record(rt: Runtime) -> None:
+    """Run records/make_record.py on this run's log (outside this file because these bytes are counted)."""
+    tool = Path(__file__).parent / "records" / "make_record.py"
+    if not tool.is_file():  # e.g. the copy of this script inside a records folder
+        return rt.log("record:skipped reason:no records/make_record.py next to train_gpt.py")
+    out = subprocess.run([sys.executable, str(tool), "--log", str(rt.log_path), "--script", __file__],
+                         stdout=subprocess.PIPE, text=True, check=False).stdout.strip().splitlines()
+    rt.log(out[-1] if out else "record:skipped reason:make_record.py failed (its error is above)")
 
 
 def main() -> None:
@@ -2695,20 +2691,25 @@ def main() -> None:
     except ConfigError as err:
         exit_with_error(f"config_error: {err}", rank=int(os.environ.get("LOCAL_RANK", 0)))  # once per node
     if cfg.dry_run:
-        dry_run(cfg)
-        return
+        return dry_run(cfg)
     rt = Runtime(cfg, os.environ)
-    cfg, path, float_bpb = rt.cfg, Path(cfg.eval_only), None
-    if cfg.eval_only:
-        cfg, state = open_artifact(cfg, rt, path, os.environ)
-    tables, val_tokens = load_inputs(cfg, rt)
-    if cfg.eval_only:
-        log_header(cfg, rt, meta_model(cfg), len(val_tokens) - 1)
-    else:
-        path, float_bpb = train_and_export(cfg, rt, tables, val_tokens)
-        rt.barrier()  # rank 0 has written the artifact
-        cfg, state = open_artifact(cfg, rt, path, os.environ)
-    line, excess = budget_line("artifact", len(Path(__file__).read_bytes()), path.stat().st_size, cfg.budget_bytes)
+    cfg = rt.cfg
+    path = Path(cfg.eval_only)
+    float_bpb = None
+    try:  # found after start-up (EVAL_ONLY's vocabulary, val token ids, RESUME): one line, every rank stops
+        if cfg.eval_only:
+            cfg, state = open_artifact(cfg, rt, path, os.environ)
+        tables, val_tokens = load_inputs(cfg, rt)
+        if cfg.eval_only:
+            log_header(cfg, rt, meta_model(cfg), len(val_tokens) - 1)
+        else:
+            path, float_bpb = train_and_export(cfg, rt, tables, val_tokens)
+            rt.barrier()  # rank 0 has written the artifact
+            cfg, state = open_artifact(cfg, rt, path, os.environ)
+    except ConfigError as err:
+        exit_with_error(f"config_error: {err}", rt)
+    code_bytes = len(Path(__file__).read_bytes())
+    line, excess = budget_line("artifact", code_bytes, path.stat().st_size, cfg.budget_bytes)
     rt.log(line)
     if excess > 0:
         rt.log(f"artifact_over_budget excess_bytes:{excess} (not a valid submission; the evals still run)")
@@ -2721,27 +2722,6 @@ def main() -> None:
     if cfg.record and rt.is_main and not cfg.eval_only:
         write_record(rt)
     rt.shutdown(1 if excess > 0 else 0)
-
-
-def write_record(rt: Runtime) -> None:
-    """Run records/make_record.py on this run's log; it lives outside this file because these bytes are counted."""
-    tool = Path(__file__).parent / "records" / "make_record.py"
-    if not tool.is_file():  # e.g. the copy of this script inside a records folder
-        return rt.log("record:skipped reason:no records/make_record.py next to train_gpt.py")
-    out = subprocess.run([sys.executable, str(tool), "--log", str(rt.log_path), "--script", __file__],
-                         stdout=subprocess.PIPE, text=True, check=False).stdout.strip().splitlines()
-    rt.log(out[-1] if out else "record:skipped reason:make_record.py failed (its error is above)")
-
-
-def resume_from(cfg: Config, rt: Runtime, trainer: Trainer) -> TrainState | None:
-    """RESUME=<path>|auto: the checkpoint's state, or exit 2 with one line when it cannot be used."""
-    if not cfg.resume:
-        return None
-    path = trainer.checkpoint_path() if cfg.resume == "auto" else Path(cfg.resume)
-    try:
-        return trainer.load_checkpoint(path)
-    except ConfigError as err:
-        exit_with_error(f"config_error: {err}", rt)
 
 
 if __name__ == "__main__":
