@@ -1,31 +1,39 @@
 """Depth-recurrent GPT for the OpenAI Parameter Golf challenge (16,000,000-byte artifact, 10 min on 8xH100).
 
-A re-implementation of the PR #1453 line (3 shared blocks x 4 repeats, cross-repeat skips, value embeddings,
-XSA on the last layers, LeakyReLU(0.5)^2, Muon with progressive depth and SWA) that runs the same on CUDA and
-on CPU, in one process or under torchrun, and fixes the reference's defects (fp32 RoPE and recurrence scalars,
-compile work outside the timed budget, an explicit LR warmup, clean exit on every rank).
+The PR #1453 line: 3 shared blocks x 4 repeats with cross-repeat skips, loop and value embeddings (#148),
+XSA on the last layers and LeakyReLU(0.5)^2 (#784), Muon with progressive depth (#835) and SWA (#1384),
+mixed int7/int5 quantization (#1453). It runs the same on CUDA and CPU, in one process or under
+torchrun; README.md "What is different" lists what it changes from the reference and from #1204/#456.
 
 Run (record config, 8 GPUs):   torchrun --standalone --nproc_per_node=8 train_gpt.py
 Run (CPU demo, 2 processes):   PRESET=demo torchrun --standalone --nproc_per_node=2 train_gpt.py
 Inspect a config, no work:     DRY_RUN=1 MODEL_DIM=768 python3 train_gpt.py
-Every knob is an environment variable named like the reference's (MODEL_DIM, PROG_DEPTH, ...); see Config.
-Lineage: #148 recurrence, #784 XSA + LeakyReLU^2, #835 progressive depth, #1384 SWA, #1453 mixed quantization.
-The other seed systems run by name: PRESET=pr895 | pr784 | pr1204 (parallel lanes, mini recurrence) | pr456 (TTT).
+The other seed systems run by name: PRESET=pr895 | pr784 | pr1204 | pr456.
+
+One home per concept
+  a knob (env var, default, range, kind)  its knob() line in Config; validation, MODEL_FIELDS, resume_key and
+                                          README's knob table derive from it
+  a parameter's optimizer, dtype, store   PARAM_RULES (every parameter matches exactly one rule)
+  a layer's structural choices            EffectiveLayer, built once per depth by effective_layers
+  a quantization method                   QUANT_METHODS (its row scales and codes; calibrate reads it)
+  a parameter's levels                    store_levels (tensor_levels adds the Hessian ranking)
+  a mixer expert                          one Evidence formula and one EXPERTS entry
 
 Contents
-  1. IMPORTS
-  2. CONFIG         frozen typed config from env vars, presets (#1453 and the seed systems), validation
-  3. RUNTIME        device, torchrun, autocast, compile, logging, shutdown (the only impure section with 11-12)
-  4. SCHEDULES      LR warmup/warmdown, Muon momentum, progressive depth (or mini recurrence), SWA cadence
-  5. DATA           challenge shards, the sequential train stream, validation tokens
+  1. IMPORTS        optional codecs (zstandard, brotli)
+  2. CONFIG         knob declarations, presets, validation
+  3. RUNTIME        device, precision, torchrun collectives, compile, logging, shutdown: the only code that
+                    touches them; later sections reach them through the `rt` argument
+  4. SCHEDULES      LR warmup and warmdown, Muon momentum, progressive depth, SWA cadence
+  5. DATA           challenge shards, the train stream and its read-ahead, validation tokens
   6. BYTES          SentencePiece byte tables and the bits-per-byte meter
-  7. MODEL          the layer plan, attention with XSA, MLP, the recurrent GPT and its #1204/#456 options
-  8. PARAMETERS     the parameter policy table and the optimizers built from it
-  9. MIXER          the online expert mixture of the final eval (normalized, or the reference's Hedge)
- 10. EVALUATION     the window plan, non-overlapping and sliding-window validation, the final evals, TTT
- 11. QUANTIZATION   clip search, GPTQ and its calibration, levels by Hessian, the artifact format, the budget
- 12. TRAINING       compile priming, the train step, the timed loop, SWA or EMA, checkpoints
- 13. MAIN           train, calibrate, export, read the artifact back on every rank and evaluate it
+  7. MODEL          layer plan, attention with XSA, MLP, the recurrent GPT and its optional pieces, KV cache
+  8. PARAMETERS     the parameter table, Muon (batched, rank-sharded) and the optimizers
+  9. MIXER          the online expert mixture of the final eval
+ 10. EVALUATION     window plans, block and sliding-window evals, the mixer eval, score-first TTT
+ 11. QUANTIZATION   methods, GPTQ and calibration, levels, the artifact format, the budget fit, the estimate
+ 12. TRAINING       clock, compile priming, the timed loop, SWA/EMA, checkpoints
+ 13. MAIN           inputs check, train, export, read the artifact back on every rank, evaluate, record
 """
 
 # === 1. IMPORTS ===

