@@ -2144,8 +2144,8 @@ def estimate_fit(cfg: Config, model: nn.Module, code_bytes: int) -> tuple[int | 
 
 def estimate_from_weights(cfg: Config, model: nn.Module) -> int:
     """Real weights' configured bytes without calibration data: identity Hessians (GPTQ rounds to nearest)."""
-    eye = {f"{n}.weight": torch.eye(m.in_features) for n, m in model.named_modules()
-           if isinstance(m, nn.Linear) and cfg.quant_method == "gptq"}
+    eye = {r.name: torch.eye(r.shape[1]) for r in export_rows(model)  # the GPTQ matrices (nn.Linear weights)
+           if r.rule.group == "muon" and cfg.quant_method == "gptq"}
     return len(pack_artifact(cfg, quantize_model(cfg, model, eye, model.recurrent_matrices())[0])[0])
 
 
