@@ -1997,15 +1997,15 @@ def code_cost(t: StoredTensor, p: Tensor, hessian: Tensor) -> tuple[float, float
 
 def rungs_of(cfg: Config, levels: int) -> list[int]:
     """`levels`, FIT_RUNGS_DOWN rungs below it and, to spend, the rungs up to QUANT_FIT_MAX_LEVELS."""
-    top = cfg.quant_fit_max_levels if cfg.quant_fit == "spend" else 0
-    down = [r for r in LEVEL_LADDER if r < levels][-FIT_RUNGS_DOWN:]
-    return [*down, levels, *(r for r in LEVEL_LADDER if levels < r <= top)]
+    up = [r for r in LEVEL_LADDER if levels < r <= cfg.quant_fit_max_levels and cfg.quant_fit == "spend"]
+    return [r for r in LEVEL_LADDER if r < levels][-FIT_RUNGS_DOWN:] + [levels] + up
 
 
 def choose_levels(costs: dict[str, dict[int, tuple[float, float]]], start: Mapping[str, int], limit: float,
                   spend: bool) -> tuple[dict[str, int] | None, list[str]]:
     """costs: name -> levels -> (error, bytes). Over `limit`, lower a rung of the tensor whose error grows
-    least per byte saved; within it, raise the one whose error falls most per byte, to its start or top."""
+    least per byte saved; within it, raise the one whose error falls most per byte (to its start; to spend,
+    to its top rung). Returns the levels (None: the lowest rungs are over) and one log line per change."""
     levels = dict(start)
     lines = []
     total = sum(costs[n][levels[n]][1] for n in costs)
@@ -2061,7 +2061,7 @@ def compress_shared(cfg: Config, rt: Runtime, stored: list[StoredTensor]) -> tup
 
 def export_artifact(cfg: Config, rt: Runtime, model: nn.Module, hessians: Mapping[str, Tensor],
                     forced: frozenset[str], code_bytes: int) -> tuple[bytes, dict[str, int], int]:
-    """The file, its codec sizes and GPTQ fallbacks: at the configured levels or, past the budget, fitted."""
+    """The file, its codec sizes and GPTQ fallbacks; past the budget (or to spend) levels by choose_levels."""
     params = {name: p.detach() for name, p in model.named_parameters()}
     rows = export_rows(model)
     start = tensor_levels(cfg, model, hessians, forced)
