@@ -1989,81 +1989,75 @@ def budget_line(tag: str, code_bytes: int, model_bytes: int, budget: int = BUDGE
 
 # --- the export shared by the ranks, sized to the budget (QUANT_FIT) ---
 
-LEVEL_LADDER = (3, 5, 7, 11, 15, 23, 31, 47, 63, 95, 127)  # ~1/2 bit per weight apart: the fit's level choices
+LEVEL_LADDER = (3, 5, 7, 11, 15, 23, 31, 47, 63, 95, 127)  # ~1/2 bit per weight apart: the fit's choices
 FIT_RUNGS_DOWN = 4  # ladder rungs below its configured levels a tensor may go: ~2 bits per weight less
 FIT_ROUNDS = 6  # real-size checks (each a full compression) before the fit gives up
-Costs = dict[str, dict[int, tuple[float, float]]]  # name -> levels -> (output error, size-model bytes)
 
 
 def code_cost(t: StoredTensor, p: Tensor, hessian: Tensor) -> tuple[float, float]:
-    """The expected output error sum |dW x|^2 over the calibration inputs, tr(dW H dW^T), of a stored matrix and
-    its size-model bytes: the order-0 entropy of its codes plus its fp16 row scales."""
+    """A stored matrix's output error tr(dW H dW^T) and size-model bytes (order-0 entropy + fp16 scales)."""
     d = p.float().reshape(len(t.scales), -1) - t.dequantize().float().reshape(len(t.scales), -1).to(p.device)
-    counts = np.bincount(t.values.astype(np.int64) + 127, minlength=255)
-    probs = counts[counts > 0] / t.values.size
-    return float(((d @ hessian.float()) * d).sum()), float(-(probs * np.log2(probs)).sum() * t.values.size / 8
-                                                           + 2 * len(t.scales))
+    code_bytes = sum(n * math.log2(t.values.size / n) for n in np.unique(t.values, return_counts=True)[1]) / 8
+    return float(((d @ hessian.float()) * d).sum()), float(code_bytes + 2 * len(t.scales))
 
 
 def rungs_of(cfg: Config, levels: int) -> list[int]:
-    """The levels a fitted tensor may take: its configured ones, FIT_RUNGS_DOWN ladder rungs below and, to spend,
-    every rung above up to QUANT_FIT_MAX_LEVELS."""
-    down = [r for r in LEVEL_LADDER if r < levels][-FIT_RUNGS_DOWN:]
-    up = [r for r in LEVEL_LADDER if levels < r <= cfg.quant_fit_max_levels] if cfg.quant_fit == "spend" else []
-    return [*down, levels, *up]
+    """`levels`, FIT_RUNGS_DOWN rungs below it and, to spend, the rungs up to QUANT_FIT_MAX_LEVELS."""
+    up = [r for r in LEVEL_LADDER if levels < r <= cfg.quant_fit_max_levels and cfg.quant_fit == "spend"]
+    return [r for r in LEVEL_LADDER if r < levels][-FIT_RUNGS_DOWN:] + [levels] + up
 
 
-def choose_levels(costs: Costs, start: Mapping[str, int], limit: float,
+def choose_levels(costs: dict[str, dict[int, tuple[float, float]]], start: Mapping[str, int], limit: float,
                   spend: bool) -> tuple[dict[str, int] | None, list[str]]:
-    """A pure function of the cost table, hence the same on every rank. While the size-model bytes exceed `limit`,
-    lower one rung the tensor whose error grows least per byte saved; then raise one rung the tensor whose error
-    falls most per byte while the bytes stay within `limit`: up to its start levels (the last lowering may have
-    overshot), or with `spend` up to its top rung. Returns the levels (None: even the lowest rungs do not fit) and
-    one log line per change."""
-    levels, lines = dict(start), []
+    """costs: name -> levels -> (error, bytes). Over `limit`, lower a rung of the tensor whose error grows
+    least per byte saved; within it, raise the one whose error falls most per byte (to its start; to spend,
+    to its top rung). Returns the levels (None: the lowest rungs are over) and one log line per change."""
+    levels = dict(start)
+    lines = []
     total = sum(costs[n][levels[n]][1] for n in costs)
-    for up in (False, True):
-        while total > limit or up:
-            options = []  # (error change per byte saved: lowering minimizes it, raising maximizes it), ...
-            for name in sorted(costs):
-                rungs = sorted(costs[name])
-                i = rungs.index(levels[name]) + (1 if up else -1)
-                if 0 <= i < len(rungs) and (spend or not up or rungs[i] <= start[name]):
-                    (err, size), (new_err, new_size) = costs[name][levels[name]], costs[name][rungs[i]]
-                    if (new_size > size if up else new_size < size) and (not up or total - size + new_size <= limit):
-                        per_byte = (new_err - err) / (size - new_size)
-                        options.append((-per_byte if up else per_byte, name, rungs[i], new_size - size, new_err - err))
-            if not options:
-                if up:
-                    break
-                return None, lines
-            _, name, new, d_size, d_err = min(options)
-            lines.append(f"fit:{'raise' if up else 'lower'} name:{name} levels:{levels[name]}->{new} "
-                         f"bytes:{d_size:+.0f} err:{d_err:+.6g}")
-            levels[name], total = new, total + d_size
-    return levels, lines
+    while True:
+        up = total <= limit  # lowering ends within the limit, and raising never leaves it
+        options = []  # (error change per byte saved: lowering minimizes it, raising maximizes it), ...
+        for name in sorted(costs):
+            rungs = sorted(costs[name])
+            i = rungs.index(levels[name]) + (1 if up else -1)
+            if not 0 <= i < len(rungs) or (up and not spend and rungs[i] > start[name]):
+                continue
+            err, size = costs[name][levels[name]]
+            new_err, new_size = costs[name][rungs[i]]
+            saved = size - new_size
+            if (saved < 0 and total - saved <= limit) if up else saved > 0:
+                per_byte = (new_err - err) / saved
+                options.append((-per_byte if up else per_byte, name, rungs[i], -saved, new_err - err))
+        if not options:
+            return (levels if up else None), lines
+        _, name, new, d_size, d_err = min(options)
+        lines.append(f"fit:{'raise' if up else 'lower'} name:{name} levels:{levels[name]}->{new} "
+                     f"bytes:{d_size:+.0f} err:{d_err:+.6g}")
+        levels[name] = new
+        total += d_size
 
 
 def quantize_shared(cfg: Config, rt: Runtime, params: Mapping[str, Tensor], hessians: Mapping[str, Tensor],
-                    items: list[tuple[str, str, int]]) -> dict[tuple[str, int], tuple[StoredTensor, bool, tuple]]:
-    """Quantize the (name, store, levels) items, each on one rank (largest GPTQ work first, to the least loaded
-    rank), and give every rank all results: (stored tensor, fell back, (error, size-model bytes) or ())."""
+                    items: list[tuple[str, str, int]]) -> dict[tuple[str, int], tuple]:
+    """Each (name, store, levels) item quantized by the least loaded rank: (stored, fell back, code_cost)."""
     work = {it: params[it[0]].numel() * params[it[0]].shape[-1] for it in items}  # GPTQ: rows x cols^2
-    loads, local = [0] * rt.world_size, {}
-    for name, store, levels in sorted(work, key=lambda it: (-work[it], it)):
+    loads = [0] * rt.world_size
+    local = {}
+    for name, store, L in sorted(work, key=lambda it: (-work[it], it)):
         owner = loads.index(min(loads))
-        loads[owner] += work[(name, store, levels)]
+        loads[owner] += work[(name, store, L)]
         if owner == rt.rank:
-            p, hessian = params[name].detach(), hessians.get(name)
-            t, fell_back = quantize_tensor(cfg, name, p, store, levels, hessian)
-            local[(name, levels)] = (t, fell_back, code_cost(t, p, hessian) if hessian is not None else ())
+            hessian = hessians.get(name)
+            t, fell_back = quantize_tensor(cfg, name, params[name], store, L, hessian)
+            local[(name, L)] = (t, fell_back, () if hessian is None else code_cost(t, params[name], hessian))
     return {key: value for part in rt.gather_objects(local) for key, value in part.items()}
 
 
 def compress_shared(cfg: Config, rt: Runtime, stored: list[StoredTensor]) -> tuple[bytes, dict[str, int]]:
-    """pack_artifact with the codecs spread over the ranks (round robin), each codec in its own thread: zstandard
-    and brotli release the GIL, so one process runs both at once too. Every rank gets the same file."""
-    body, codecs = artifact_body(cfg, stored), codecs_for(cfg.compressor)[0]
+    """pack_artifact, its codecs spread over the ranks, each in a thread (both codecs release the GIL)."""
+    body = artifact_body(cfg, stored)
+    codecs = codecs_for(cfg.compressor)[0]
     mine = codecs[rt.rank::rt.world_size]
     with ThreadPoolExecutor(max(len(mine), 1)) as pool:
         local = dict(zip(mine, pool.map(lambda c: CODECS[c][0](body), mine)))
@@ -2071,93 +2065,94 @@ def compress_shared(cfg: Config, rt: Runtime, stored: list[StoredTensor]) -> tup
     return seal_artifact({c: merged[c] for c in codecs})
 
 
-@torch.no_grad()
 def export_artifact(cfg: Config, rt: Runtime, model: nn.Module, hessians: Mapping[str, Tensor],
                     forced: frozenset[str], code_bytes: int) -> tuple[bytes, dict[str, int], int]:
-    """The artifact every rank helps to build: the configured levels first; over the budget (or to spend the
-    headroom) the cost table of every rung of every tensor with a Hessian, levels from choose_levels, and a real
-    compression to check, whose miss corrects the size model (a secant through the measured sizes) and goes again.
-    Returns the file, each codec's size and the GPTQ fallbacks of the chosen codes."""
-    params, rows = dict(model.named_parameters()), export_rows(model)
+    """The file, its codec sizes and GPTQ fallbacks; past the budget (or to spend) levels by choose_levels."""
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    rows = export_rows(model)
     start = tensor_levels(cfg, model, hessians, forced)
     done = quantize_shared(cfg, rt, params, hessians, [(r.name, r.rule.store, start[r.name]) for r in rows])
-    pick = lambda levels: [done[(r.name, levels[r.name])] for r in rows]  # noqa: E731
-    blob, sizes = compress_shared(cfg, rt, [t for t, _, _ in pick(start)])
+
+    def build(levels: Mapping[str, int]) -> tuple[bytes, dict[str, int], int]:
+        chosen = [done[(r.name, levels[r.name])] for r in rows]
+        blob, sizes = compress_shared(cfg, rt, [t for t, _, _ in chosen])
+        return blob, sizes, sum(fell_back for _, fell_back, _ in chosen)
+    artifact = build(start)
+    configured = len(artifact[0])
     target = cfg.budget_bytes - code_bytes - (cfg.quant_fit_margin if cfg.quant_fit == "spend" else 0)
-    fitted = [n for n in sorted(hessians) if start.get(n)]
-    if cfg.quant_fit == "off" or not fitted or (cfg.quant_fit == "fit" and len(blob) <= target):
-        return blob, sizes, sum(f for _, f, _ in pick(start))
-    store = {r.name: r.rule.store for r in rows}
-    done |= quantize_shared(cfg, rt, params, hessians, [(n, store[n], L) for n in fitted
-                                                        for L in rungs_of(cfg, start[n]) if L != start[n]])
-    costs = {n: {L: done[(n, L)][2] for L in rungs_of(cfg, start[n])} for n in fitted}
-    model_bytes = lambda levels: sum(costs[n][levels[n]][1] for n in fitted)  # noqa: E731
-    configured, slope, tighten, written = len(blob), 1.0, 0.0, start  # real ~ configured + slope * model bytes moved
+    rungs = {n: rungs_of(cfg, start[n]) for n in sorted(hessians) if start.get(n)}
+    if cfg.quant_fit == "off" or not rungs or (cfg.quant_fit == "fit" and configured <= target):
+        return artifact
+    more = [(r.name, r.rule.store, L) for r in rows for L in rungs.get(r.name, ()) if L != start[r.name]]
+    done |= quantize_shared(cfg, rt, params, hessians, more)
+    costs = {n: {L: done[(n, L)][2] for L in rungs[n]} for n in rungs}
+    start_bytes = sum(costs[n][start[n]][1] for n in costs)
+    slope = 1.0  # real bytes ~ configured + slope * size-model bytes moved
+    tighten = 0.0
     for round_ in range(1, FIT_ROUNDS + 1):
-        limit = model_bytes(start) + (target - tighten - configured) / slope
+        limit = start_bytes + (target - tighten - configured) / slope
         levels, lines = choose_levels(costs, start, limit, cfg.quant_fit == "spend")
         if levels is None:
             rt.log(f"fit:impossible lowest_rungs_over_target target_bytes:{target}")
-            return blob, sizes, sum(f for _, f, _ in pick(written))
-        written = levels
-        blob, sizes = compress_shared(cfg, rt, [t for t, _, _ in pick(levels)])
-        moved = model_bytes(levels) - model_bytes(start)
+            return artifact
+        artifact = build(levels)
+        real = len(artifact[0])
+        moved = sum(costs[n][levels[n]][1] for n in costs) - start_bytes
         predicted = configured + slope * moved
-        rt.log(f"fit:check round:{round_} predicted_bytes:{predicted:.0f} real_bytes:{len(blob)} "
-               f"target_bytes:{target} size_model_error:{predicted / len(blob) - 1:+.4%}")
-        if len(blob) <= target:
+        rt.log(f"fit:check round:{round_} predicted_bytes:{predicted:.0f} real_bytes:{real} "
+               f"target_bytes:{target} size_model_error:{predicted / real - 1:+.4%}")
+        if real <= target:
             for line in lines:
                 rt.log(line)
-            return blob, sizes, sum(f for _, f, _ in pick(levels))
-        if round_ == 1 and abs(moved) > 0.01 * configured:  # the codec's bytes per size-model byte, measured once
-            slope = min(max((len(blob) - configured) / moved, 0.5), 2.0)
-        tighten += max(len(blob) - target, 0.001 * target)  # each miss asks for at least 0.1 % more
-    rt.log(f"fit:gave_up rounds:{FIT_ROUNDS} real_bytes:{len(blob)} target_bytes:{target}")
-    return blob, sizes, sum(f for _, f, _ in pick(levels))
+            return artifact
+        if round_ == 1 and abs(moved) > 0.01 * configured:  # codec bytes per size-model byte, measured once
+            slope = min(max((real - configured) / moved, 0.5), 2.0)
+        tighten += max(real - target, 0.001 * target)  # each miss asks for at least 0.1 % more
+    rt.log(f"fit:gave_up rounds:{FIT_ROUNDS} real_bytes:{real} target_bytes:{target}")
+    return artifact
 
 
-def code_bits(levels: int, cols: int) -> float:
-    """Entropy of a code of a Gaussian row of C weights on a grid of step (expected max sigma sqrt(2 ln C)) / L:
-    log2(L sqrt(pi e / ln C)) bits, capped at log2(2L+1)."""
-    bits = math.log2(levels * math.sqrt(math.pi * math.e / math.log(max(cols, 2))))
-    return min(max(bits, 0.0), math.log2(2 * levels + 1))
+def stored_bytes(row: ParamRow, levels: int) -> float:
+    """Floats, or fp16 scales + log2(L sqrt(pi e / ln C)) bits per code (Gaussian rows, clipped grid)."""
+    if not levels:
+        return math.prod(row.shape) * np.dtype(FLOAT_STORES[row.rule.store]).itemsize
+    bits = math.log2(levels * math.sqrt(math.pi * math.e / math.log(max(row.shape[-1], 2))))
+    return math.prod(row.shape) * min(max(bits, 0.0), math.log2(2 * levels + 1)) / 8 + 2 * row.shape[0]
 
 
 def estimate_model_bytes(cfg: Config, model: nn.Module) -> int:
-    """DRY_RUN's guess at the configured levels: floats verbatim, fp16 row scales, code_bits per code.
-    QUANT_HIGH_TENSORS ranks matrices by Hessians, unknown here: each matrix gets the high levels with probability
-    N / (number of matrices), i.e. the expected size if the choice did not depend on size."""
-    rows = [r for r in param_table(model) if r.name not in model.unexported()]
-    n_matrices = sum(r.rule.group == "muon" for r in rows)
-    high = min(cfg.quant_high_tensors / max(n_matrices, 1), 1.0)
-    total = 0.0
-    for row in rows:
-        numel, levels, cols = math.prod(row.shape), store_levels(cfg, row.rule.store), row.shape[-1]
-        if levels and cfg.quant_high_tensors and row.rule.group == "muon":
-            bits = high * code_bits(cfg.quant_levels, cols) + (1 - high) * code_bits(cfg.mlp_quant_levels, cols)
-            total += numel * bits / 8 + 2 * row.shape[0]
-        elif levels:
-            total += numel * code_bits(levels, cols) / 8 + 2 * row.shape[0]
-        else:
-            total += numel * (2 if row.rule.store == "fp16" else 4)
-    return round(total)
+    """Configured bytes from shapes; QUANT_HIGH_TENSORS=N of M: each matrix high with probability N / M."""
+    rows = export_rows(model)
+    levels = tensor_levels(cfg, model, {})
+    ranked = [r for r in rows if cfg.quant_high_tensors and r.rule.group == "muon"]
+    high = min(cfg.quant_high_tensors / max(len(ranked), 1), 1.0)
+    mixed = sum(high * stored_bytes(r, cfg.quant_levels) + (1 - high) * stored_bytes(r, cfg.mlp_quant_levels)
+                for r in ranked)
+    return round(mixed + sum(stored_bytes(r, levels[r.name]) for r in rows if r not in ranked))
 
 
 def estimate_fit(cfg: Config, model: nn.Module, code_bytes: int) -> tuple[int | None, dict[str, int]]:
-    """What QUANT_FIT would do at init: choose_levels on estimated bytes (code_bits) and an error of numel / L^2 per
-    matrix (at init only the shapes tell the matrices apart). Returns the estimated model bytes (None: it would not
-    fit) and the levels of the matrices GPTQ would fit."""
+    """QUANT_FIT at init, error numel / L^2 (shapes only): bytes (None: no fit), GPTQ matrices' levels."""
     configured = estimate_model_bytes(cfg, model)
     target = cfg.budget_bytes - code_bytes - (cfg.quant_fit_margin if cfg.quant_fit == "spend" else 0)
-    rows = [r for r in export_rows(model) if r.rule.group == "muon" and store_levels(cfg, r.rule.store)]
-    start = {r.name: store_levels(cfg, r.rule.store) for r in rows}
-    if cfg.quant_fit == "off" or cfg.quant_method != "gptq" or (cfg.quant_fit == "fit" and configured <= target):
-        return (configured if configured <= target else None), start
-    costs = {r.name: {L: (math.prod(r.shape) / L**2, math.prod(r.shape) * code_bits(L, r.shape[-1]) / 8)
+    levels = tensor_levels(cfg, model, {})
+    rows = [r for r in export_rows(model) if r.rule.group == "muon" and levels[r.name]]
+    start = {r.name: levels[r.name] for r in rows}
+    fits = configured <= target
+    if cfg.quant_fit == "off" or cfg.quant_method != "gptq" or (cfg.quant_fit == "fit" and fits):
+        return (configured if fits else None), start
+    costs = {r.name: {L: (math.prod(r.shape) / L**2, stored_bytes(r, L))
                       for L in rungs_of(cfg, start[r.name])} for r in rows}
     fixed = configured - sum(costs[n][start[n]][1] for n in costs)
-    levels, _ = choose_levels(costs, start, target - fixed, cfg.quant_fit == "spend")
-    return (None, start) if levels is None else (round(fixed + sum(costs[n][levels[n]][1] for n in costs)), levels)
+    fit, _ = choose_levels(costs, start, target - fixed, cfg.quant_fit == "spend")
+    return (None, start) if fit is None else (round(fixed + sum(costs[n][fit[n]][1] for n in costs)), fit)
+
+
+def estimate_from_weights(cfg: Config, model: nn.Module) -> int:
+    """Real weights' configured bytes without calibration data: identity Hessians (GPTQ rounds to nearest)."""
+    eye = {r.name: torch.eye(r.shape[1]) for r in export_rows(model)  # the GPTQ matrices (nn.Linear weights)
+           if r.rule.group == "muon" and cfg.quant_method == "gptq"}
+    return len(pack_artifact(cfg, quantize_model(cfg, model, eye, model.recurrent_matrices())[0])[0])
 
 
 # === 12. TRAINING ===
@@ -2514,15 +2509,20 @@ def describe_params(cfg: Config, model: nn.Module) -> list[str]:
 
 
 def dry_run(cfg: Config) -> None:
-    """Print the resolved config, parameter count, table and artifact size estimate; no memory, data or device."""
+    """The config, the parameter table and the artifact estimate, from the shapes or RESUME's weights."""
     print("config:" + json.dumps(dataclasses.asdict(cfg), sort_keys=True))
     model = meta_model(cfg)
     print("\n".join(describe_params(cfg, model)))
     code_bytes = len(Path(__file__).read_bytes())
     model_bytes, levels = estimate_fit(cfg, model, code_bytes)
-    counts = {L: sum(v == L for v in levels.values()) for L in sorted(set(levels.values()), reverse=True)}
-    print(f"fit_estimate mode:{cfg.quant_fit} fits:{int(model_bytes is not None)} matrix_levels:"
-          + (",".join(f"{L}x{n}" for L, n in counts.items()) or "-"))
+    counts = ",".join(f"{L}x{list(levels.values()).count(L)}" for L in sorted(set(levels.values()))[::-1])
+    print(f"fit_estimate mode:{cfg.quant_fit} fits:{int(model_bytes is not None)} matrix_levels:{counts}")
+    if cfg.resume:  # the weights the run would export had it ended at this checkpoint
+        payload = read_checkpoint(dataclasses.replace(cfg, dry_run=False), Path(cfg.resume), "cpu")
+        model.load_state_dict(payload["model"], assign=True)
+        state = TrainState(swa_sum=payload["swa_sum"], ema=payload["ema"], **json.loads(payload["state"]))
+        apply_weight_average(cfg, state, model)
+        model_bytes = estimate_from_weights(cfg, model)
     print(budget_line("artifact_estimate", code_bytes, model_bytes or estimate_model_bytes(cfg, model),
                       cfg.budget_bytes)[0])
 

@@ -146,12 +146,18 @@ def test_two_gloo_ranks_write_the_bytes_of_one_process(tmp_path, demo_subset):
 
 
 def test_a_run_fits_its_budget_and_logs_the_export_time(tmp_path, demo_subset):
-    """A real tiny training run, first at the configured levels, then with BUDGET_BYTES 2 % below that size."""
+    """A real tiny training run, first at the configured levels (and DRY_RUN's estimate from its last checkpoint),
+    then with BUDGET_BYTES 2 % below that size."""
     from test_main import SCRIPT, run, tiny_env
     env = tiny_env(demo_subset, ITERATIONS="4", VAL_LOSS_EVERY="0", EVAL_STRIDE="0", MIXER="off")
-    first = run([sys.executable, SCRIPT], {**env, "QUANT_FIT": "off"}, tmp_path)
+    configured = {**env, "QUANT_FIT": "off", "CHECKPOINT_EVERY_SECONDS": "0.001"}  # the last one: the end state
+    first = run([sys.executable, SCRIPT], configured, tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
-    total = int(re.search(r"^artifact code_bytes:\d+ model_bytes:\d+ total_bytes:(\d+) ", first.stdout, re.M)[1])
+    line = re.search(r"^artifact code_bytes:\d+ model_bytes:(\d+) total_bytes:(\d+) ", first.stdout, re.M)
+    total = int(line[2])
+    dry = run([sys.executable, SCRIPT], {**configured, "DRY_RUN": "1", "RESUME": "logs/tiny.ckpt"}, tmp_path)
+    estimate = re.search(r"^artifact_estimate code_bytes:\d+ model_bytes:(\d+) ", dry.stdout, re.M)
+    assert dry.returncode == 0 and abs(int(estimate[1]) / int(line[1]) - 1) < 0.02, dry.stderr[-3000:]
     assert re.search(r"^export_time train_end_to_artifact_ms:\d+$", first.stdout, re.M)
     budget = total - int(0.02 * (total - len((REPO / "train_gpt.py").read_bytes())))
     out = run([sys.executable, SCRIPT], {**env, "BUDGET_BYTES": str(budget), "RUN_ID": "fit"}, tmp_path)
@@ -160,6 +166,16 @@ def test_a_run_fits_its_budget_and_logs_the_export_time(tmp_path, demo_subset):
                      r"headroom_bytes:(\d+)$", out.stdout, re.M)
     assert line and int(line[1]) <= budget and "fit:lower" in out.stdout and "artifact_over_budget" not in out.stdout
     assert re.search(r"^final_roundtrip_exact ", out.stdout, re.M)
+
+
+@pytest.mark.parametrize("knobs", [dict(quant_levels=7, mlp_quant_levels=5), dict(quant_high_tensors=5)])
+def test_the_estimate_from_weights_is_within_2_percent_of_the_gptq_artifact(knobs):
+    """DRY_RUN=1 RESUME=<checkpoint>'s estimate has no calibration data: it rounds to nearest where GPTQ runs."""
+    from conftest import tiny_config
+    cfg = tiny_config(quant_fit="off", **knobs)
+    model, hessians = calibrated(cfg)
+    blob, _, _ = export_artifact(cfg, CpuRuntime(), model, hessians, model.recurrent_matrices(), CODE_BYTES)
+    assert abs(train_gpt.estimate_from_weights(cfg, model) / len(blob) - 1) < 0.02
 
 
 def test_dry_run_estimate_reports_the_levels_the_fit_would_choose():
