@@ -220,7 +220,7 @@ def _config_problems(c: Config) -> Iterator[str]:
         yield f"TOKENIZER_PATH must be a SentencePiece .model file, got {c.tokenizer_path!r}"
     if c.ema_decay > 0 and c.swa_enabled:
         yield f"EMA_DECAY={c.ema_decay} replaces SWA as the exported average; set SWA_ENABLED=0"
-    if c.quant_high_tensors and c.quant_method != "gptq":
+    if c.quant_high_tensors and not c.uses_gptq:
         yield (f"QUANT_HIGH_TENSORS={c.quant_high_tensors} ranks tensors by GPTQ Hessians; "
                "it needs QUANT_METHOD=gptq")
     if c.reserves_calibration_time and c.gptq_reserve_seconds >= c.max_wallclock_seconds:
@@ -252,6 +252,11 @@ def _config_problems(c: Config) -> Iterator[str]:
         yield (f"VE_DIM > 0 needs VE_LAYERS (effective layers in 0..{c.depth - 1}) and VE_LAYERS needs "
                f"VE_DIM > 0; got VE_DIM={c.ve_dim} VE_LAYERS={c.ve_layers!r}")
 
+
+# QUANT_METHOD's one home (section 11 reads it): row scales from CLIP_RATIOS or REF_QUANTILES, codes by GPTQ
+# on calibration Hessians or by rounding.
+QUANT_METHODS = {"gptq": {"scales": "clip", "codes": "gptq"}, "clip": {"scales": "clip", "codes": "round"},
+                 "ref": {"scales": "quantiles", "codes": "round"}}
 
 # Env vars that are not knobs but may sit near a knob's name (torchrun's, our preset selector).
 NON_KNOB_ENV = frozenset({"PRESET", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK"})
@@ -388,7 +393,7 @@ class Config:
     quant_levels: int = knob(63, EVAL, "[1, 127]")  # levels L give 2L+1 codes: 63 is "int7", 16 "int5"
     mlp_quant_levels: int = knob(16, EVAL, "[1, 127]")
     quant_high_tensors: int = knob(0, EVAL, ">= 0")
-    quant_method: str = knob("gptq", EVAL, ("gptq", "clip", "ref"))
+    quant_method: str = knob("gptq", EVAL, tuple(QUANT_METHODS))
     gptq_calib: str = knob("train", EVAL, ("train", "selfgen"))
     gptq_calib_batches: int = knob(16, EVAL, "> 0")
     gptq_calib_seqs: int = knob(64, EVAL, "> 0")
@@ -425,9 +430,18 @@ class Config:
         return parse_prog_depth(self.prog_depth)
 
     @property
+    def uses_gptq(self) -> bool:
+        return QUANT_METHODS[self.quant_method]["codes"] == "gptq"
+
+    @property
     def reserves_calibration_time(self) -> bool:
         """GPTQ on training data reads its batches inside MAX_WALLCLOCK_SECONDS, so training stops early."""
-        return self.quant_method == "gptq" and self.gptq_calib == "train" and self.max_wallclock_seconds > 0
+        return self.uses_gptq and self.gptq_calib == "train" and self.max_wallclock_seconds > 0
+
+    @property
+    def calibration_reserve(self) -> float:
+        """The seconds training leaves to that calibration (0 when it reads no training data in the budget)."""
+        return self.gptq_reserve_seconds if self.reserves_calibration_time else 0.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Config:
@@ -1759,11 +1773,6 @@ class StoredTensor:
         return values.reshape(self.shape).to(DTYPES[self.dtype])
 
 
-# QUANT_METHOD's one home: row scales from CLIP_RATIOS or REF_QUANTILES, codes by GPTQ (Hessians) or rounding
-QUANT_METHODS = {"gptq": {"scales": "clip", "codes": "gptq"}, "clip": {"scales": "clip", "codes": "round"},
-                 "ref": {"scales": "quantiles", "codes": "round"}}
-
-
 def quantize_rows(w: Tensor, scales: Tensor, levels: int) -> Tensor:
     """Round-to-nearest codes of w (R, C) for row scales (R,), clamped to -levels..levels."""
     return torch.clamp(torch.round(w / scales[:, None]), -levels, levels)
@@ -1844,7 +1853,7 @@ def collect_hessians(rt: Runtime, model: GPT, inputs: list[Tensor]) -> dict[str,
 def calibrate(cfg: Config, rt: Runtime, model: GPT, batches: TrainBatches, train_ms: float,
               reserve: float) -> dict[str, Tensor]:
     """The Hessians QUANT_METHOD needs; with GPTQ_CALIB=train the training `reserve` pays for them."""
-    if QUANT_METHODS[cfg.quant_method]["codes"] != "gptq":
+    if not cfg.uses_gptq:
         return {}
     start = time.perf_counter()
     inputs = calibration_batches(cfg, rt, model, batches)
@@ -1889,7 +1898,7 @@ def quantize_tensor(cfg: Config, name: str, p: Tensor, store: str, levels: int,
         return StoredTensor(*meta, p.float().cpu().numpy().astype(FLOAT_STORES[store]).ravel()), False
     w = p.float().reshape(p.shape[0], -1)
     scales = row_scales(w, levels, cfg.quant_method)
-    use_gptq = QUANT_METHODS[cfg.quant_method]["codes"] == "gptq" and hessian is not None
+    use_gptq = cfg.uses_gptq and hessian is not None
     gptq = gptq_codes(w, hessian, scales, levels) if use_gptq else None
     codes = quantize_rows(w, scales, levels) if gptq is None else gptq
     values = codes.to(torch.int8).cpu().numpy().ravel()
@@ -2139,7 +2148,7 @@ def estimate_fit(cfg: Config, model: nn.Module, code_bytes: int) -> tuple[int | 
     rows = [r for r in export_rows(model) if r.rule.group == "muon" and levels[r.name]]
     start = {r.name: levels[r.name] for r in rows}
     fits = configured <= target
-    if cfg.quant_fit == "off" or cfg.quant_method != "gptq" or (cfg.quant_fit == "fit" and fits):
+    if cfg.quant_fit == "off" or not cfg.uses_gptq or (cfg.quant_fit == "fit" and fits):
         return (configured if fits else None), start
     costs = {r.name: {L: (math.prod(r.shape) / L**2, stored_bytes(r, L))
                       for L in rungs_of(cfg, start[r.name])} for r in rows}
@@ -2151,7 +2160,7 @@ def estimate_fit(cfg: Config, model: nn.Module, code_bytes: int) -> tuple[int | 
 def estimate_from_weights(cfg: Config, model: nn.Module) -> int:
     """Real weights' configured bytes without calibration data: identity Hessians (GPTQ rounds to nearest)."""
     eye = {r.name: torch.eye(r.shape[1]) for r in export_rows(model)  # the GPTQ matrices (nn.Linear weights)
-           if r.rule.group == "muon" and cfg.quant_method == "gptq"}
+           if r.rule.group == "muon" and cfg.uses_gptq}
     return len(pack_artifact(cfg, quantize_model(cfg, model, eye, model.recurrent_matrices())[0])[0])
 
 
@@ -2252,7 +2261,7 @@ def resume_key(cfg: Config) -> str:
     """The knobs a bit-identical continuation depends on (the model and train kinds). The budget is the training
     one (GPTQ's reserve taken off), so the key is the same before and after that split."""
     values = {name: getattr(cfg, name) for name in knob_names(MODEL, TRAIN)}
-    values["max_wallclock_seconds"] -= cfg.gptq_reserve_seconds if cfg.reserves_calibration_time else 0.0
+    values["max_wallclock_seconds"] -= cfg.calibration_reserve
     return json.dumps(values, sort_keys=True)
 
 
@@ -2282,6 +2291,13 @@ def read_checkpoint(cfg: Config, path: Path, device: torch.device | str, mmap: b
         changed = ", ".join(changed)
         raise ConfigError(f"{path} is a checkpoint of another configuration (differs in: {changed})")
     return payload
+
+
+def saved_train_state(payload: dict) -> TrainState:
+    """The TrainState of a checkpoint's payload (older files also hold keys no longer resumed)."""
+    saved = json.loads(payload["state"])
+    resumed = {name: saved[name] for name in RESUMED_STATE}
+    return TrainState(swa_sum=payload["swa_sum"], ema=payload["ema"], **resumed)
 
 
 def weights_sha256(model: nn.Module) -> str:
@@ -2483,9 +2499,7 @@ class Trainer:
         self.batches.seek(*payload["stream"])
         torch.set_rng_state(payload["rng"].cpu())
         self.rt.log(f"checkpoint:resumed path:{path}")
-        saved = json.loads(payload["state"])
-        resumed = {name: saved[name] for name in RESUMED_STATE}
-        return TrainState(swa_sum=payload["swa_sum"], ema=payload["ema"], **resumed)
+        return saved_train_state(payload)
 
 
 # === 13. MAIN ===
@@ -2508,6 +2522,11 @@ def describe_params(cfg: Config, model: nn.Module) -> list[str]:
     return lines
 
 
+def resume_path(cfg: Config) -> Path:
+    """The checkpoint RESUME names (auto: the run's own logs/<RUN_ID>.ckpt)."""
+    return Path(f"logs/{cfg.run_id}.ckpt" if cfg.resume == "auto" else cfg.resume)
+
+
 def dry_run(cfg: Config) -> None:
     """The config, the parameter table and the artifact estimate, from the shapes or RESUME's weights."""
     print("config:" + json.dumps(dataclasses.asdict(cfg), sort_keys=True))
@@ -2518,10 +2537,9 @@ def dry_run(cfg: Config) -> None:
     counts = ",".join(f"{L}x{list(levels.values()).count(L)}" for L in sorted(set(levels.values()))[::-1])
     print(f"fit_estimate mode:{cfg.quant_fit} fits:{int(model_bytes is not None)} matrix_levels:{counts}")
     if cfg.resume:  # the weights the run would export had it ended at this checkpoint
-        payload = read_checkpoint(dataclasses.replace(cfg, dry_run=False), Path(cfg.resume), "cpu")
+        payload = read_checkpoint(cfg, resume_path(cfg), "cpu")
         model.load_state_dict(payload["model"], assign=True)
-        state = TrainState(swa_sum=payload["swa_sum"], ema=payload["ema"], **json.loads(payload["state"]))
-        apply_weight_average(cfg, state, model)
+        apply_weight_average(cfg, saved_train_state(payload), model)
         model_bytes = estimate_from_weights(cfg, model)
     print(budget_line("artifact_estimate", code_bytes, model_bytes or estimate_model_bytes(cfg, model),
                       cfg.budget_bytes)[0])
@@ -2556,11 +2574,6 @@ def load_tokenizer(cfg: Config) -> ByteTables:
         raise ConfigError(f"TOKENIZER_PATH={cfg.tokenizer_path} has {sp.vocab_size()} pieces, VOCAB_SIZE="
                           f"{cfg.vocab_size}: set VOCAB_SIZE={sp.vocab_size()} or use the data's tokenizer")
     return build_byte_tables(sp, cfg.vocab_size)
-
-
-def resume_path(cfg: Config) -> Path:
-    """The checkpoint RESUME names (auto: the run's own logs/<RUN_ID>.ckpt)."""
-    return Path(f"logs/{cfg.run_id}.ckpt" if cfg.resume == "auto" else cfg.resume)
 
 
 def check_inputs(cfg: Config, environ: Mapping[str, str]) -> None:
@@ -2629,7 +2642,7 @@ def train_and_export(cfg: Config, rt: Runtime, tables: ByteTables, val_tokens: T
     log_header(cfg, rt, model, len(val_tokens) - 1)
     batches = TrainBatches(TokenStream(shard_paths(cfg.data_path, "train")), rt.rank, rt.world_size,
                            local_batch_tokens(cfg, rt.world_size), cfg.train_seq_len, rt.device)
-    reserve = cfg.gptq_reserve_seconds if cfg.reserves_calibration_time else 0.0
+    reserve = cfg.calibration_reserve
     train_cfg = dataclasses.replace(cfg, max_wallclock_seconds=cfg.max_wallclock_seconds - reserve,
                                     gptq_reserve_seconds=0.0)  # the schedules fit the shorter training budget
     if reserve:
@@ -2694,12 +2707,11 @@ def write_record(rt: Runtime) -> None:
 def main() -> None:
     try:
         cfg = Config.from_env(os.environ)
-        if not cfg.dry_run:
-            check_inputs(cfg, os.environ)
+        if cfg.dry_run:
+            return dry_run(cfg)
+        check_inputs(cfg, os.environ)
     except ConfigError as err:
         exit_with_error(f"config_error: {err}", rank=int(os.environ.get("LOCAL_RANK", 0)))  # once per node
-    if cfg.dry_run:
-        return dry_run(cfg)
     rt = Runtime(cfg, os.environ)
     cfg = rt.cfg
     path = Path(cfg.eval_only)

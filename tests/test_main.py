@@ -65,6 +65,15 @@ def test_dry_run_prints_config_count_and_table(tmp_path):
     assert list(tmp_path.iterdir()) == []  # no logs, no data, no device work
 
 
+def test_dry_run_with_a_checkpoint_that_cannot_be_read_is_one_config_error(tmp_path):
+    (tmp_path / "not.ckpt").write_bytes(b"not a checkpoint")
+    for resume, message in [("missing.ckpt", "no checkpoint at missing.ckpt"), ("not.ckpt", "not a torch.save zip")]:
+        out = run([sys.executable, SCRIPT], {**os.environ, "DRY_RUN": "1", "RESUME": resume}, tmp_path)
+        assert out.returncode == 2, out.stderr
+        assert out.stderr.strip().splitlines() == [out.stderr.strip()] and message in out.stderr
+        assert out.stderr.startswith("config_error: ")
+
+
 @pytest.mark.parametrize("env_update, message", [
     ({"MODEL_DIM": "88O"}, "MODEL_DIM must be a number"),
     ({"WARMDOWN_ITER": "3000"}, "did you mean WARMDOWN_ITERS"),
