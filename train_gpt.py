@@ -440,7 +440,7 @@ class Config:
 
     @property
     def calibration_reserve(self) -> float:
-        """The seconds training leaves to that calibration (0 when it reads no training data in the budget)."""
+        """The seconds training leaves to that calibration (0 when it reads no training data)."""
         return self.gptq_reserve_seconds if self.reserves_calibration_time else 0.0
 
     @classmethod
@@ -1251,13 +1251,14 @@ class ParamRule:
 
 
 PARAM_RULES = (
-    ParamRule(r"(tok_emb|value_embeds\.\d+|bigram\.embed|v_embed\.embed)\.weight", "embed", torch.float32, "q_attn"),
-    ParamRule(r"blocks\.\d+\.attn\.(c_q|c_k|c_v|proj)\.weight|(bigram|v_embed)\.proj\.weight", "muon", torch.float32,
+    ParamRule(r"(tok_emb|value_embeds\.\d+|bigram\.embed|v_embed\.embed)\.weight", "embed", torch.float32,
               "q_attn"),
+    ParamRule(r"blocks\.\d+\.attn\.(c_q|c_k|c_v|proj)\.weight|(bigram|v_embed)\.proj\.weight", "muon",
+              torch.float32, "q_attn"),
     ParamRule(r"(blocks\.\d+\.mlp|repeat_mlps\.\d+)\.(fc|proj)\.weight", "muon", torch.float32, "q_mlp"),
     ParamRule(r"q_gain|attn_scale|mlp_scale|resid_mix|skip_(weights|gates)|smear_gate|lane_(post|resid)|"
               r"(bigram|v_embed)\.scale|v_embed\.layer_scales", "scalar", torch.float32, "fp32"),
-    # Recurrence scalars: fp32 in training (the reference trained them in bf16), fp16 in the artifact.
+    # Recurrence scalars: fp32 in training (bf16 rounds away their small updates), fp16 in the artifact.
     ParamRule(r"loop_embed|value_scales|cross_repeat_scales", "scalar", torch.float32, "fp16"),
 )
 
@@ -1746,8 +1747,10 @@ SELFGEN_TEMPERATURE = 0.8  # sampling temperature of self-generated calibration 
 STORES = ("q_attn", "q_mlp", "fp16", "fp32")  # payload order: like bytes next to like bytes
 FLOAT_STORES = {"fp16": "<f2", "fp32": "<f4"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-CODECS = {"zstd": (lambda b: zstandard.ZstdCompressor(level=22).compress(b), lambda b: zstandard.decompress(b)),
-          "brotli": (lambda b: brotli.compress(b, quality=11), lambda b: brotli.decompress(b))}  # position = file id
+CODECS = {  # name: (compress, decompress); the position is the codec id in the file
+    "zstd": (lambda b: zstandard.ZstdCompressor(level=22).compress(b), lambda b: zstandard.decompress(b)),
+    "brotli": (lambda b: brotli.compress(b, quality=11), lambda b: brotli.decompress(b)),
+}
 ARTIFACT_MAGIC = b"PGQZ\r\n\x1a\n"  # PNG-style: the CR/LF/EOF bytes expose text-mode mangling
 ARTIFACT_VERSION = 2
 ARTIFACT_HEAD = struct.Struct("<8sBBQ")  # magic, version, codec id, body bytes; the file ends with a sha256
@@ -2258,8 +2261,8 @@ CHECKPOINT_KEYS = ("config", "model", "swa_sum", "ema", "optimizers", "stream", 
 
 
 def resume_key(cfg: Config) -> str:
-    """The knobs a bit-identical continuation depends on (the model and train kinds). The budget is the training
-    one (GPTQ's reserve taken off), so the key is the same before and after that split."""
+    """The knobs a bit-identical continuation depends on (the model and train kinds). The budget is the
+    training one (GPTQ's reserve taken off), so the key is the same before and after that split."""
     values = {name: getattr(cfg, name) for name in knob_names(MODEL, TRAIN)}
     values["max_wallclock_seconds"] -= cfg.calibration_reserve
     return json.dumps(values, sort_keys=True)

@@ -48,7 +48,36 @@ def test_module_level_code_is_only_definitions():
             assert ast.get_source_segment(SOURCE, node.test) == '__name__ == "__main__"'
 
 
-def test_line_count_ratchet():
-    """The rule is at most 1,600 lines. The merged file is over it (see the open trim work in the project notes);
-    until that lands this ratchet only stops it from growing. Lower the number as lines come off."""
-    assert SOURCE.count("\n") <= 2762
+def test_size_ratchet():
+    """Issue #14 asks for at most 2,000 lines and 52 bytes per line (the file's bytes count in the artifact); the
+    restructure brought it to the figures below. Until the rest lands these only stop it from growing: lower them
+    as lines and bytes come off. Lines stay <= 110 characters (long lines are what drive bytes per line up)."""
+    lines = SOURCE.count("\n")
+    assert lines <= 2751
+    assert len(SOURCE.encode()) / lines <= 53.7
+    assert max(len(line) for line in SOURCE.split("\n")) <= 110
+
+
+def test_no_name_is_used_before_its_section_defines_it():
+    """Dependency order: a top-level name is only used in its own section or in a later one."""
+    starts = [(m.start(), int(m.group(1))) for m in re.finditer(r"^# === (\d+)\. ", SOURCE, re.M)]
+    line_starts = [0]
+    for line in SOURCE.split("\n"):
+        line_starts.append(line_starts[-1] + len(line) + 1)
+
+    def section(lineno):
+        return max([n for start, n in starts if start <= line_starts[lineno - 1]], default=0)
+
+    defined = {}
+    for node in TREE.body:
+        targets = [node] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else getattr(node, "targets", [])
+        targets = targets or ([node.target] if isinstance(node, ast.AnnAssign) else [])
+        for target in targets:
+            names = [target.name] if hasattr(target, "name") else [n.id for n in ast.walk(target)
+                                                                    if isinstance(n, ast.Name)]
+            for name in names:
+                defined[name] = section(node.lineno)
+    early = sorted({(sub.id, section(node.lineno), defined[sub.id]) for node in TREE.body for sub in ast.walk(node)
+                    if isinstance(sub, ast.Name) and isinstance(sub.ctx, ast.Load) and sub.id in defined
+                    and defined[sub.id] > section(node.lineno)})
+    assert early == []
