@@ -2168,8 +2168,8 @@ def estimate_from_weights(cfg: Config, model: nn.Module) -> int:
 
 
 # === 12. TRAINING ===
-# The clock covers only optimizer steps. All ranks take depth, LR, checkpoint and stop decisions from the max
-# over ranks of the elapsed time, read every few steps so the host can queue a step while the device runs one.
+# The clock counts only optimizer steps. Depth, LR, checkpoints and the stop follow the max over ranks of the
+# elapsed time, read every few steps so the host can queue a step while the device runs one.
 
 
 @dataclass
@@ -2183,14 +2183,13 @@ class TrainState:
     checkpoint_ms: float = 0.0  # train_ms at the last checkpoint
 
 
+@dataclass
 class TrainClock:
-    """Training ms, paused around validation and checkpoints. Edges and synced reads wait for the device; a
-    plain read may run ahead of it by the queued work."""
+    """Training ms, paused around evals and checkpoints; only edges and synced reads wait for the device."""
 
-    def __init__(self, rt: Runtime):
-        self.rt = rt
-        self.banked_ms = 0.0
-        self.started = None
+    rt: Runtime
+    banked_ms: float = 0.0
+    started: float | None = None
 
     def start(self) -> None:
         self.rt.sync()
@@ -2208,11 +2207,11 @@ class TrainClock:
         return self.banked_ms + 1000 * (time.perf_counter() - self.started)
 
 
-CLOCK_CHECK_STEPS = 16  # most steps between two clock checks (a sync and a collective; ~0.5 ms on 8 GPUs)
+CLOCK_CHECK_STEPS = 16  # most steps between clock checks (each a sync and a collective; ~0.5 ms on 8 GPUs)
 
 
 def steps_to_next_check(step_ms: float, ms_to_deadlines: list[float]) -> int:
-    """Half the steps predicted to fit before the nearest deadline (budget, next checkpoint), at least 1."""
+    """Half the steps predicted to fit before the nearest deadline, at least 1."""
     if not ms_to_deadlines:
         return CLOCK_CHECK_STEPS
     if step_ms <= 0:
@@ -2222,7 +2221,7 @@ def steps_to_next_check(step_ms: float, ms_to_deadlines: list[float]) -> int:
 
 @torch.no_grad()
 def fold_weights(average: dict | None, model: nn.Module, keep: float = 1.0, add: float = 1.0) -> dict:
-    """keep * average + add * weights, per parameter in fp32 on its device; the first call copies them."""
+    """keep * average + add * weights, in fp32; the first call copies the weights."""
     if average is None:
         return {n: p.detach().float().clone() for n, p in model.named_parameters()}
     for n, p in model.named_parameters():
@@ -2237,7 +2236,7 @@ def swa_collect(state: TrainState, model: nn.Module) -> None:
 
 @torch.no_grad()
 def swa_apply(state: TrainState, model: nn.Module) -> int:
-    """Load the mean of the collected weights and the final ones; returns how many were averaged."""
+    """Load the mean of the collected and the final weights; returns their count."""
     if state.swa_sum is not None:
         swa_collect(state, model)
         for n, p in model.named_parameters():
@@ -2247,7 +2246,7 @@ def swa_apply(state: TrainState, model: nn.Module) -> int:
 
 @torch.no_grad()
 def apply_weight_average(cfg: Config, state: TrainState, model: nn.Module) -> str:
-    """Load the exported average (EMA_DECAY's, else SWA's) into the model; returns its log line."""
+    """Load EMA_DECAY's average, else SWA's; returns its log line."""
     if not cfg.ema_decay:
         return f"swa:apply checkpoints:{swa_apply(state, model)}"
     for n, p in model.named_parameters():
@@ -2261,45 +2260,42 @@ CHECKPOINT_KEYS = ("config", "model", "swa_sum", "ema", "optimizers", "stream", 
 
 
 def resume_key(cfg: Config) -> str:
-    """The knobs a bit-identical continuation depends on (the model and train kinds). The budget is the
-    training one (GPTQ's reserve taken off), so the key is the same before and after that split."""
+    """Model and train knobs; the budget less GPTQ's reserve, so the key outlives that split."""
     values = {name: getattr(cfg, name) for name in knob_names(MODEL, TRAIN)}
     values["max_wallclock_seconds"] -= cfg.calibration_reserve
     return json.dumps(values, sort_keys=True)
 
 
 def read_checkpoint(cfg: Config, path: Path, device: torch.device | str, mmap: bool = False) -> dict:
-    """A checkpoint of this config, unpickled with weights_only (no code in it runs); else one ConfigError."""
+    """A checkpoint of this config, loaded weights_only (no code runs); else one ConfigError."""
     what = f"RESUME={cfg.resume}" + (f" ({path})" if str(path) != cfg.resume else "")
     if not path.is_file():
         raise ConfigError(f"RESUME={cfg.resume}: no checkpoint at {path}")
     with path.open("rb") as fh:
         if fh.read(4) != b"PK\x03\x04":
-            raise ConfigError(f"{what} is not a checkpoint of this script (not a torch.save zip); not loaded")
+            raise ConfigError(f"{what} is not a checkpoint of this script (not a torch.save zip)")
     try:
-        with warnings.catch_warnings():  # torch warns about the pickle protocol before it refuses a file
+        with warnings.catch_warnings():  # torch warns about the pickle protocol before refusing a file
             warnings.simplefilter("ignore")
             payload = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
         saved = json.loads(payload["config"]) if set(payload) == set(CHECKPOINT_KEYS) else None
     except pickle.UnpicklingError:
-        refusal = f"{what} holds objects that need code to load: refused unread, no code ran"
-        raise ConfigError(refusal) from None
+        raise ConfigError(f"{what} holds objects that need code to load: "
+                          "refused unread, no code ran") from None
     except Exception as err:
         raise ConfigError(f"{what} is damaged ({type(err).__name__}); resume from another one") from None
     if not isinstance(saved, dict):
-        raise ConfigError(f"{what} is not a checkpoint of this script (other contents); nothing loaded")
+        raise ConfigError(f"{what} is not a checkpoint of this script (other contents)")
     ours = json.loads(resume_key(cfg))
-    changed = sorted(k for k in ours if saved.get(k) != ours[k])
+    changed = ", ".join(k for k in sorted(ours) if saved.get(k) != ours[k])
     if changed:
-        changed = ", ".join(changed)
         raise ConfigError(f"{path} is a checkpoint of another configuration (differs in: {changed})")
     return payload
 
 
 def saved_train_state(payload: dict) -> TrainState:
-    """The TrainState of a checkpoint's payload (older files also hold keys no longer resumed)."""
     saved = json.loads(payload["state"])
-    resumed = {name: saved[name] for name in RESUMED_STATE}
+    resumed = {name: saved[name] for name in RESUMED_STATE}  # older files hold more keys
     return TrainState(swa_sum=payload["swa_sum"], ema=payload["ema"], **resumed)
 
 
@@ -2311,7 +2307,7 @@ def weights_sha256(model: nn.Module) -> str:
 
 
 def check_same_weights(rt: Runtime, digest: str) -> None:
-    """Log the digest and whether every rank holds it; ranks that diverged end the run with exit code 1."""
+    """Log the digest and whether all ranks hold it; diverged ranks end the run with exit code 1."""
     rt.log(f"weights_sha256:{digest}")
     digests = rt.gather_objects(digest)
     differing = [rank for rank, other in enumerate(digests) if other != digests[0]]
@@ -2337,7 +2333,7 @@ class Trainer:
         self.signalled = False
 
     def prime_compiled_graphs(self) -> float:
-        """One forward+backward and one eval forward per scheduled depth, before the clock; returns ms."""
+        """One training and one eval forward per scheduled depth, before the clock; returns ms."""
         if not self.rt.use_compile:
             return 0.0
         start = time.perf_counter()
@@ -2346,8 +2342,8 @@ class Trainer:
         tokens = functools.partial(torch.zeros, dtype=torch.int64, device=self.rt.device)
         rows = self.batches.local_tokens // seq
         for reps in sorted({r for _, r in cfg.depth_schedule}):
-            # Distinct input and target tensors, and eval tensors made under inference_mode: dynamo guards on
-            # aliasing and on the inference flag, so anything else would recompile inside the timed loop.
+            # Distinct inputs and targets, eval inputs made under inference_mode: dynamo guards on aliasing
+            # and on the inference flag, so anything else would recompile in the timed loop.
             with self.rt.autocast():
                 self.model_fn(tokens(rows, seq), reps, tokens(rows, seq)).mean().backward()
             with torch.inference_mode(), self.rt.autocast():
@@ -2362,7 +2358,6 @@ class Trainer:
         return 1000 * (time.perf_counter() - start)
 
     def train_step(self, state: TrainState, scale: float, accum: int) -> Tensor:
-        """Forward/backward over `accum` micro-batches, average across ranks, clip, step every optimizer."""
         params = list(self.model.parameters())
         loss_sum = torch.zeros((), device=self.rt.device)
         for _ in range(accum):
@@ -2386,7 +2381,7 @@ class Trainer:
         return loss_sum / accum
 
     def advance(self, state: TrainState, accum: int) -> None:
-        """One optimizer step plus its bookkeeping (depth switch, EMA, SWA, train log)."""
+        """One optimizer step and its depth switch, EMA, SWA and train log."""
         cfg = self.cfg
         rt = self.rt
         progress = run_progress(cfg, state.step, state.train_ms)
@@ -2412,7 +2407,6 @@ class Trainer:
                    f"repeats:{state.repeats} train_time:{now_ms:.0f}ms step_avg:{now_ms / state.step:.2f}ms")
 
     def validate(self, state: TrainState) -> None:
-        """The eval at the current depth, outside the clock, in the console and the JSON log."""
         self.clock.pause()
         start = time.perf_counter()
         loss, bpb = eval_blocks(self.cfg, self.rt, self.model_fn, self.val_tokens, self.tables, state.repeats)
@@ -2424,11 +2418,11 @@ class Trainer:
         self.clock.start()
 
     def check_clock(self, state: TrainState) -> bool:
-        """The loop's only sync and collective: the max over ranks of the elapsed time and of "a signal came".
-        Saves a due checkpoint (then exits 0 on a signal); True if the next step would end past the budget."""
+        """The only sync: saves a due checkpoint, exits 0 on a signal; True if the next step ends late."""
+        rt = self.rt
         every_ms = 1000.0 * self.cfg.checkpoint_every_seconds
         budget_ms = 1000.0 * self.cfg.max_wallclock_seconds
-        state.train_ms, signalled = self.rt.all_max(self.clock.elapsed_ms(synced=True), float(self.signalled))
+        state.train_ms, signalled = rt.all_max(self.clock.elapsed_ms(synced=True), float(self.signalled))
         if state.step > self.checked_step:
             self.step_ms = (state.train_ms - self.checked_ms) / (state.step - self.checked_step)
         self.checked_step = state.step
@@ -2436,21 +2430,21 @@ class Trainer:
         if signalled or (every_ms and state.train_ms - state.checkpoint_ms >= every_ms):
             self.save_checkpoint(state)
         if signalled:
-            self.rt.log(f"stopped: signal step:{state.step} (continue with RESUME={self.checkpoint_path()})")
-            self.rt.shutdown(0)
+            rt.log(f"stopped: signal step:{state.step} (continue with RESUME={self.checkpoint_path()})")
+            rt.shutdown(0)
         deadlines = (budget_ms, every_ms and state.checkpoint_ms + every_ms)
         ms_left = [ms - state.train_ms for ms in deadlines if ms]
         self.next_check = state.step + steps_to_next_check(self.step_ms, ms_left)
         return budget_ms > 0 and state.train_ms + self.step_ms > budget_ms
 
     def run(self, state: TrainState | None = None) -> TrainState:
-        """The timed loop: validate on cadence, step; stop at ITERATIONS, at the budget or on a signal."""
+        """Validate on cadence and step until ITERATIONS, the budget or a signal."""
         cfg = self.cfg
         accum = grad_accum_for(cfg, self.rt.world_size)
         state = state or TrainState(repeats=repeats_at(cfg, 0.0))
         for sig in (signal.SIGTERM, signal.SIGINT):  # torchrun forwards these to every rank
             signal.signal(sig, lambda *_: setattr(self, "signalled", True))
-        self.checked_step = state.step  # the last clock check: step, time, and the mean step time before it
+        self.checked_step = state.step  # the last clock check: step, time, mean step time
         self.checked_ms = state.train_ms
         self.step_ms = 0.0
         self.next_check = state.step
@@ -2461,7 +2455,7 @@ class Trainer:
             out_of_time = False
             if state.step >= min(self.next_check, cfg.iterations) or eval_due:
                 out_of_time = self.check_clock(state)
-            else:  # between checks, a time extrapolated from the last one: the same on every rank
+            else:  # between checks, extrapolated: the same on every rank
                 state.train_ms = self.checked_ms + (state.step - self.checked_step) * self.step_ms
             if out_of_time:
                 self.rt.log(f"stopping_early: wallclock_cap train_time:{state.train_ms:.0f}ms "
@@ -2477,7 +2471,7 @@ class Trainer:
         return self.rt.log_path.with_suffix(".ckpt")
 
     def save_checkpoint(self, state: TrainState) -> None:
-        """All a bit-identical continuation needs (the same on all ranks), by rank 0: temp file + rename."""
+        """All a bit-identical continuation needs (the same on every rank): rank 0 writes it atomically."""
         self.clock.pause()
         state.checkpoint_ms = state.train_ms
         path = self.checkpoint_path()
@@ -2506,8 +2500,8 @@ class Trainer:
 
 
 # === 13. MAIN ===
-# Train, calibrate inside the budget, evaluate the float model; rank 0 writes the artifact, then every rank
-# reads that file into a fresh model and scores it: the very bytes submitted. EVAL_ONLY=<artifact>: the last.
+# Train, calibrate in the budget, eval the float model; rank 0 writes the artifact, then every rank scores a
+# fresh model read from that file: the very bytes submitted. EVAL_ONLY=<artifact> does the last part only.
 
 
 def meta_model(cfg: Config) -> GPT:
@@ -2526,12 +2520,12 @@ def describe_params(cfg: Config, model: nn.Module) -> list[str]:
 
 
 def resume_path(cfg: Config) -> Path:
-    """The checkpoint RESUME names (auto: the run's own logs/<RUN_ID>.ckpt)."""
+    """RESUME's checkpoint (auto: logs/<RUN_ID>.ckpt)."""
     return Path(f"logs/{cfg.run_id}.ckpt" if cfg.resume == "auto" else cfg.resume)
 
 
 def dry_run(cfg: Config) -> None:
-    """The config, the parameter table and the artifact estimate, from the shapes or RESUME's weights."""
+    """Config, parameter table and artifact estimate, from the shapes or RESUME's weights."""
     print("config:" + json.dumps(dataclasses.asdict(cfg), sort_keys=True))
     model = meta_model(cfg)
     print("\n".join(describe_params(cfg, model)))
@@ -2549,15 +2543,14 @@ def dry_run(cfg: Config) -> None:
 
 
 def build_model(cfg: Config, rt: Runtime) -> GPT:
-    """Initialised on CPU from the seeded RNG (identical on every rank), then moved and given its dtypes."""
+    """Initialised on CPU from the seeded RNG, so identical on every rank."""
     model = GPT(cfg).to(rt.device)
     apply_param_dtypes(model)
     return model
 
 
 def exit_with_error(line: str, rt: Runtime | None = None, rank: int = 0) -> None:
-    """`line` once on stderr, exit code 2 on every rank (all check the same inputs). Before the runtime
-    starts, `rank` is the node-local one, so a problem only one node has is still printed."""
+    """`line` once on stderr, exit 2 on all ranks; before the runtime, `rank` is the node-local one."""
     if (rt.rank if rt else rank) == 0:
         print(line, file=sys.stderr, flush=True)
     if rt is None:
@@ -2568,33 +2561,33 @@ def exit_with_error(line: str, rt: Runtime | None = None, rank: int = 0) -> None
 def load_tokenizer(cfg: Config) -> ByteTables:
     import sentencepiece
 
+    path = cfg.tokenizer_path
     try:
-        sp = sentencepiece.SentencePieceProcessor(model_file=cfg.tokenizer_path)
+        sp = sentencepiece.SentencePieceProcessor(model_file=path)
     except Exception as err:
-        problem = f"TOKENIZER_PATH={cfg.tokenizer_path} is not a SentencePiece model ({err})"
-        raise ConfigError(problem) from None
+        raise ConfigError(f"TOKENIZER_PATH={path} is not a SentencePiece model ({err})") from None
     if sp.vocab_size() != cfg.vocab_size:
-        raise ConfigError(f"TOKENIZER_PATH={cfg.tokenizer_path} has {sp.vocab_size()} pieces, VOCAB_SIZE="
-                          f"{cfg.vocab_size}: set VOCAB_SIZE={sp.vocab_size()} or use the data's tokenizer")
+        raise ConfigError(f"TOKENIZER_PATH={path} has {sp.vocab_size()} pieces, VOCAB_SIZE={cfg.vocab_size}: "
+                          f"set VOCAB_SIZE={sp.vocab_size()}")
     return build_byte_tables(sp, cfg.vocab_size)
 
 
 def check_inputs(cfg: Config, environ: Mapping[str, str]) -> None:
-    """Every device, path and file problem found before any work (no process group, no file written)."""
+    """Every device, path and file problem, before a process group or a file exists."""
     problem = Runtime.device_problem(cfg, environ)
     if problem:
         raise ConfigError(problem)
     if not Path(cfg.data_path).is_dir():
         raise ConfigError(f"DATA_PATH={cfg.data_path} is not a folder; build or download a dataset "
-                          "(data/README.md) or point DATA_PATH at one")
+                          "(data/README.md)")
     val = check_shards(cfg.data_path, "val")
     if min(val - 1, cfg.val_max_tokens or val) < cfg.train_seq_len:
         raise ConfigError(f"the val split of {cfg.data_path} has {val} tokens, too few for TRAIN_SEQ_LEN="
-                          f"{cfg.train_seq_len} + 1; build more validation documents")
+                          f"{cfg.train_seq_len} + 1; build more val documents")
     if not Path(cfg.tokenizer_path).is_file():
         raise ConfigError(f"TOKENIZER_PATH={cfg.tokenizer_path}: no such file")
     if cfg.eval_only and not Path(cfg.eval_only).is_file():
-        raise ConfigError(f"EVAL_ONLY={cfg.eval_only}: no such file (give the .ptz a training run wrote)")
+        raise ConfigError(f"EVAL_ONLY={cfg.eval_only}: no such file (give a training run's .ptz)")
     if not cfg.eval_only:  # EVAL_ONLY's VOCAB_SIZE is the artifact's: its tokenizer is checked after that
         local_batch_tokens(cfg, int(environ.get("WORLD_SIZE", 1)))
         check_shards(cfg.data_path, "train")
@@ -2609,12 +2602,12 @@ def check_inputs(cfg: Config, environ: Mapping[str, str]) -> None:
 
 
 def load_inputs(cfg: Config, rt: Runtime) -> tuple[ByteTables, Tensor]:
-    """Byte tables and validation tokens, checked against VOCAB_SIZE."""
     tables = load_tokenizer(cfg).to(rt.device)
     val_tokens = load_val_tokens(cfg)
-    if int(val_tokens.max()) >= cfg.vocab_size:
-        raise ConfigError(f"the val shards of {cfg.data_path} hold token id {int(val_tokens.max())} >= "
-                          f"VOCAB_SIZE={cfg.vocab_size}: built with another tokenizer than TOKENIZER_PATH")
+    top = int(val_tokens.max())
+    if top >= cfg.vocab_size:
+        raise ConfigError(f"the val shards of {cfg.data_path} hold token id {top} >= "
+                          f"VOCAB_SIZE={cfg.vocab_size}: made with another tokenizer")
     return tables, val_tokens
 
 
@@ -2624,8 +2617,8 @@ def log_header(cfg: Config, rt: Runtime, model: GPT, n_val: int) -> None:
     rt.log(f"logs:{rt.log_path} run_id:{cfg.run_id} started:{time.strftime('%Y-%m-%dT%H:%M:%S%z')}")
     rt.log("config:" + json.dumps(dataclasses.asdict(cfg), sort_keys=True))
     rt.log(describe_params(cfg, model)[0])
-    rt.log(f"world_size:{rt.world_size} device:{rt.device_name()} "
-           f"grad_accum_steps:{grad_accum_for(cfg, rt.world_size)} "
+    accum = grad_accum_for(cfg, rt.world_size)
+    rt.log(f"world_size:{rt.world_size} device:{rt.device_name()} grad_accum_steps:{accum} "
            f"compile:{int(rt.use_compile)} autocast:{int(rt.use_autocast)}")
     rt.log(f"precision:{rt.precision} reason:{rt.precision_reason}")
     usable, missing = codecs_for(cfg.compressor)
@@ -2635,12 +2628,12 @@ def log_header(cfg: Config, rt: Runtime, model: GPT, n_val: int) -> None:
                f"{' '.join(usable)} only")
     shards = "" if cfg.eval_only else f"train_shards:{len(shard_paths(cfg.data_path, 'train'))} "
     rt.log(f"{shards}val_tokens:{n_val} seed:{cfg.seed}")
-    # What records/make_record.py needs to tell the challenge's full FineWeb val split from other data.
+    # make_record.py tells the full FineWeb val split from other data by this line.
     rt.log(f"val_split tokens:{check_shards(cfg.data_path, 'val')} val_max_tokens:{cfg.val_max_tokens}")
 
 
 def train_and_export(cfg: Config, rt: Runtime, tables: ByteTables, val_tokens: Tensor) -> tuple[Path, float]:
-    """Train, calibrate, evaluate the float model, write the artifact (rank 0); its path and float bpb."""
+    """The artifact's path (rank 0 writes it) and the float model's bpb."""
     model = build_model(cfg, rt)
     log_header(cfg, rt, model, len(val_tokens) - 1)
     batches = TrainBatches(TokenStream(shard_paths(cfg.data_path, "train")), rt.rank, rt.world_size,
@@ -2679,7 +2672,7 @@ def train_and_export(cfg: Config, rt: Runtime, tables: ByteTables, val_tokens: T
 
 
 def open_artifact(cfg: Config, rt: Runtime, path: Path, environ: Mapping[str, str]) -> tuple[Config, dict]:
-    """The config an artifact implies and its dequantized weights; a bad file: artifact_error, exit 2."""
+    """An artifact's config and dequantized weights; a bad file: artifact_error, exit 2."""
     try:
         header, stored = unpack_artifact(path.read_bytes())
         return artifact_config(cfg, header, environ), {t.name: t.dequantize() for t in stored}
@@ -2689,7 +2682,7 @@ def open_artifact(cfg: Config, rt: Runtime, path: Path, environ: Mapping[str, st
 
 def roundtrip_eval(cfg: Config, rt: Runtime, state: dict, val_tokens: Tensor,
                    tables: ByteTables) -> tuple[GPT, ModelFn, float]:
-    """A fresh model whose every parameter, dtype included, is the artifact's: it, its forward and val_bpb."""
+    """A fresh model with all the artifact's parameters, dtypes included; its forward and val_bpb."""
     model = meta_model(cfg)
     state = {**{name: torch.zeros(model.get_parameter(name).shape) for name in model.unexported()}, **state}
     model.load_state_dict({k: v.to(rt.device) for k, v in state.items()}, strict=True, assign=True)
@@ -2698,7 +2691,7 @@ def roundtrip_eval(cfg: Config, rt: Runtime, state: dict, val_tokens: Tensor,
 
 
 def write_record(rt: Runtime) -> None:
-    """Run records/make_record.py on this run's log (outside this file because these bytes are counted)."""
+    """Run records/make_record.py on this run's log (outside this file, whose bytes are counted)."""
     tool = Path(__file__).parent / "records" / "make_record.py"
     if not tool.is_file():  # e.g. the copy of this script inside a records folder
         return rt.log("record:skipped reason:no records/make_record.py next to train_gpt.py")
