@@ -2168,8 +2168,8 @@ def estimate_from_weights(cfg: Config, model: nn.Module) -> int:
 
 
 # === 12. TRAINING ===
-# The clock counts only optimizer steps. Depth, LR, checkpoints and the stop follow the max over ranks of the
-# elapsed time, read every few steps so the host can queue a step while the device runs one.
+# The clock counts only optimizer steps. Depth, LR, checkpoints and the stop follow its max over ranks, read
+# every few steps so the host can queue a step while the device runs one.
 
 
 @dataclass
@@ -2211,7 +2211,6 @@ CLOCK_CHECK_STEPS = 16  # most steps between clock checks (each a sync and a col
 
 
 def steps_to_next_check(step_ms: float, ms_to_deadlines: list[float]) -> int:
-    """Half the steps predicted to fit before the nearest deadline, at least 1."""
     if not ms_to_deadlines:
         return CLOCK_CHECK_STEPS
     if step_ms <= 0:
@@ -2221,7 +2220,6 @@ def steps_to_next_check(step_ms: float, ms_to_deadlines: list[float]) -> int:
 
 @torch.no_grad()
 def fold_weights(average: dict | None, model: nn.Module, keep: float = 1.0, add: float = 1.0) -> dict:
-    """keep * average + add * weights, in fp32; the first call copies the weights."""
     if average is None:
         return {n: p.detach().float().clone() for n, p in model.named_parameters()}
     for n, p in model.named_parameters():
@@ -2246,7 +2244,6 @@ def swa_apply(state: TrainState, model: nn.Module) -> int:
 
 @torch.no_grad()
 def apply_weight_average(cfg: Config, state: TrainState, model: nn.Module) -> str:
-    """Load EMA_DECAY's average, else SWA's; returns its log line."""
     if not cfg.ema_decay:
         return f"swa:apply checkpoints:{swa_apply(state, model)}"
     for n, p in model.named_parameters():
@@ -2307,7 +2304,6 @@ def weights_sha256(model: nn.Module) -> str:
 
 
 def check_same_weights(rt: Runtime, digest: str) -> None:
-    """Log the digest and whether all ranks hold it; diverged ranks end the run with exit code 1."""
     rt.log(f"weights_sha256:{digest}")
     digests = rt.gather_objects(digest)
     differing = [rank for rank, other in enumerate(digests) if other != digests[0]]
@@ -2334,27 +2330,28 @@ class Trainer:
 
     def prime_compiled_graphs(self) -> float:
         """One training and one eval forward per scheduled depth, before the clock; returns ms."""
-        if not self.rt.use_compile:
+        rt = self.rt
+        if not rt.use_compile:
             return 0.0
         start = time.perf_counter()
         cfg = self.cfg
         seq = cfg.train_seq_len
-        tokens = functools.partial(torch.zeros, dtype=torch.int64, device=self.rt.device)
+        tokens = functools.partial(torch.zeros, dtype=torch.int64, device=rt.device)
         rows = self.batches.local_tokens // seq
         for reps in sorted({r for _, r in cfg.depth_schedule}):
             # Distinct inputs and targets, eval inputs made under inference_mode: dynamo guards on aliasing
             # and on the inference flag, so anything else would recompile in the timed loop.
-            with self.rt.autocast():
+            with rt.autocast():
                 self.model_fn(tokens(rows, seq), reps, tokens(rows, seq)).mean().backward()
-            with torch.inference_mode(), self.rt.autocast():
+            with torch.inference_mode(), rt.autocast():
                 self.model_fn(tokens(eval_rows(cfg), seq), reps)
         if cfg.eval_stride:  # the final sliding eval's shape, at full depth
-            with torch.inference_mode(), self.rt.autocast():
+            with torch.inference_mode(), rt.autocast():
                 length = min(cfg.eval_seq_len, len(self.val_tokens) - 1)
                 self.model_fn(tokens(cfg.eval_batch_seqs, length), cfg.num_repeats)
         self.model.zero_grad(set_to_none=True)
         self.optimizers["muon"].prime()
-        self.rt.sync()
+        rt.sync()
         return 1000 * (time.perf_counter() - start)
 
     def train_step(self, state: TrainState, scale: float, accum: int) -> Tensor:
@@ -2381,7 +2378,6 @@ class Trainer:
         return loss_sum / accum
 
     def advance(self, state: TrainState, accum: int) -> None:
-        """One optimizer step and its depth switch, EMA, SWA and train log."""
         cfg = self.cfg
         rt = self.rt
         progress = run_progress(cfg, state.step, state.train_ms)
@@ -2407,14 +2403,15 @@ class Trainer:
                    f"repeats:{state.repeats} train_time:{now_ms:.0f}ms step_avg:{now_ms / state.step:.2f}ms")
 
     def validate(self, state: TrainState) -> None:
+        rt = self.rt
         self.clock.pause()
         start = time.perf_counter()
-        loss, bpb = eval_blocks(self.cfg, self.rt, self.model_fn, self.val_tokens, self.tables, state.repeats)
-        self.rt.log_json(dict(event="eval", name="val", step=state.step, repeats=state.repeats, val_loss=loss,
-                              val_bpb=bpb, train_time_ms=state.train_ms,
-                              eval_time_ms=1000 * (time.perf_counter() - start)))
-        self.rt.log(f"step:{state.step}/{self.cfg.iterations} val_loss:{loss:.4f} val_bpb:{bpb:.4f} "
-                    f"train_time:{state.train_ms:.0f}ms step_avg:{state.train_ms / max(state.step, 1):.2f}ms")
+        loss, bpb = eval_blocks(self.cfg, rt, self.model_fn, self.val_tokens, self.tables, state.repeats)
+        eval_ms = 1000 * (time.perf_counter() - start)
+        rt.log_json(dict(event="eval", name="val", step=state.step, repeats=state.repeats, val_loss=loss,
+                         val_bpb=bpb, train_time_ms=state.train_ms, eval_time_ms=eval_ms))
+        rt.log(f"step:{state.step}/{self.cfg.iterations} val_loss:{loss:.4f} val_bpb:{bpb:.4f} "
+               f"train_time:{state.train_ms:.0f}ms step_avg:{state.train_ms / max(state.step, 1):.2f}ms")
         self.clock.start()
 
     def check_clock(self, state: TrainState) -> bool:
@@ -2438,7 +2435,6 @@ class Trainer:
         return budget_ms > 0 and state.train_ms + self.step_ms > budget_ms
 
     def run(self, state: TrainState | None = None) -> TrainState:
-        """Validate on cadence and step until ITERATIONS, the budget or a signal."""
         cfg = self.cfg
         accum = grad_accum_for(cfg, self.rt.world_size)
         state = state or TrainState(repeats=repeats_at(cfg, 0.0))
@@ -2500,8 +2496,8 @@ class Trainer:
 
 
 # === 13. MAIN ===
-# Train, calibrate in the budget, eval the float model; rank 0 writes the artifact, then every rank scores a
-# fresh model read from that file: the very bytes submitted. EVAL_ONLY=<artifact> does the last part only.
+# Train, calibrate in the budget, eval the float model; rank 0 writes the artifact, then all ranks score a
+# fresh model read from it: the very bytes submitted. EVAL_ONLY=<artifact>: only the last.
 
 
 def meta_model(cfg: Config) -> GPT:
@@ -2520,12 +2516,11 @@ def describe_params(cfg: Config, model: nn.Module) -> list[str]:
 
 
 def resume_path(cfg: Config) -> Path:
-    """RESUME's checkpoint (auto: logs/<RUN_ID>.ckpt)."""
     return Path(f"logs/{cfg.run_id}.ckpt" if cfg.resume == "auto" else cfg.resume)
 
 
 def dry_run(cfg: Config) -> None:
-    """Config, parameter table and artifact estimate, from the shapes or RESUME's weights."""
+    """Config, parameter table and artifact estimate (from RESUME's weights if given)."""
     print("config:" + json.dumps(dataclasses.asdict(cfg), sort_keys=True))
     model = meta_model(cfg)
     print("\n".join(describe_params(cfg, model)))
@@ -2577,20 +2572,20 @@ def check_inputs(cfg: Config, environ: Mapping[str, str]) -> None:
     problem = Runtime.device_problem(cfg, environ)
     if problem:
         raise ConfigError(problem)
-    if not Path(cfg.data_path).is_dir():
-        raise ConfigError(f"DATA_PATH={cfg.data_path} is not a folder; build or download a dataset "
-                          "(data/README.md)")
-    val = check_shards(cfg.data_path, "val")
+    data = cfg.data_path
+    if not Path(data).is_dir():
+        raise ConfigError(f"DATA_PATH={data} is not a folder; build or download a dataset (data/README.md)")
+    val = check_shards(data, "val")
     if min(val - 1, cfg.val_max_tokens or val) < cfg.train_seq_len:
-        raise ConfigError(f"the val split of {cfg.data_path} has {val} tokens, too few for TRAIN_SEQ_LEN="
+        raise ConfigError(f"the val split of {data} has {val} tokens, too few for TRAIN_SEQ_LEN="
                           f"{cfg.train_seq_len} + 1; build more val documents")
     if not Path(cfg.tokenizer_path).is_file():
         raise ConfigError(f"TOKENIZER_PATH={cfg.tokenizer_path}: no such file")
     if cfg.eval_only and not Path(cfg.eval_only).is_file():
         raise ConfigError(f"EVAL_ONLY={cfg.eval_only}: no such file (give a training run's .ptz)")
-    if not cfg.eval_only:  # EVAL_ONLY's VOCAB_SIZE is the artifact's: its tokenizer is checked after that
+    if not cfg.eval_only:  # EVAL_ONLY's VOCAB_SIZE is the artifact's, so its tokenizer is checked later
         local_batch_tokens(cfg, int(environ.get("WORLD_SIZE", 1)))
-        check_shards(cfg.data_path, "train")
+        check_shards(data, "train")
         load_tokenizer(cfg)
     if cfg.resume:
         read_checkpoint(cfg, resume_path(cfg), "cpu", mmap=True)
@@ -2633,7 +2628,6 @@ def log_header(cfg: Config, rt: Runtime, model: GPT, n_val: int) -> None:
 
 
 def train_and_export(cfg: Config, rt: Runtime, tables: ByteTables, val_tokens: Tensor) -> tuple[Path, float]:
-    """The artifact's path (rank 0 writes it) and the float model's bpb."""
     model = build_model(cfg, rt)
     log_header(cfg, rt, model, len(val_tokens) - 1)
     batches = TrainBatches(TokenStream(shard_paths(cfg.data_path, "train")), rt.rank, rt.world_size,
@@ -2672,7 +2666,6 @@ def train_and_export(cfg: Config, rt: Runtime, tables: ByteTables, val_tokens: T
 
 
 def open_artifact(cfg: Config, rt: Runtime, path: Path, environ: Mapping[str, str]) -> tuple[Config, dict]:
-    """An artifact's config and dequantized weights; a bad file: artifact_error, exit 2."""
     try:
         header, stored = unpack_artifact(path.read_bytes())
         return artifact_config(cfg, header, environ), {t.name: t.dequantize() for t in stored}
