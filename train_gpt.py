@@ -937,7 +937,7 @@ class KVCache:
     def length(self) -> int:
         return 0 if self.ids is None else self.ids.size(1)
 
-    def with_context(self, ids: Tensor) -> Tensor:  # bigram hash, smear gate read the previous token
+    def with_context(self, ids: Tensor) -> Tensor:  # the bigram hash and smear gate read the last token
         return ids if self.ids is None else torch.cat((self.ids[:, -2:], ids), 1)
 
     def extend(self, layer: int, k: Tensor, v: Tensor) -> Rope:
@@ -974,8 +974,8 @@ class EffectiveLayer:
     v_embed: int | None  # row of layer scales
     skip: tuple[int, int] | None  # (skip row, index of the mirrored encoder layer)
     cross_repeat: tuple[int, int] | None  # (run position, repeat - 1)
-    previous: int | None  # index of the block's previous application
-    repeat_mlp: int | None  # the application's own MLP
+    previous: int | None  # the block's previous application
+    repeat_mlp: int | None  # its own MLP's index
 
 
 def effective_layers(cfg: Config, repeats: int) -> list[EffectiveLayer]:
@@ -1010,8 +1010,9 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, rope: Rope, q_gain: Tensor, use_xsa: bool, v_extra: Tensor | None = None,
                 kv: Callable | None = None) -> Tensor:
         b, t, d = x.shape
-        v = self.c_v(x) if v_extra is None else self.c_v(x) + v_extra
-        q, k, v = (y.view(b, t, -1, self.head_dim).transpose(1, 2) for y in (self.c_q(x), self.c_k(x), v))
+        q, k, v = (linear(x) for linear in (self.c_q, self.c_k, self.c_v))
+        v = v if v_extra is None else v + v_extra
+        q, k, v = (y.view(b, t, -1, self.head_dim).transpose(1, 2) for y in (q, k, v))  # (B, H or Hkv, T, hd)
         q = apply_rope(rms_norm(q), *rope) * q_gain.to(q.dtype)[None, :, None, None]  # unit-RMS q, k: the
         k = apply_rope(rms_norm(k), *rope)  # gain alone sets the temperature
         if kv is None:  # enable_gqa: kv heads shared without copies
@@ -1141,7 +1142,7 @@ class GPT(nn.Module):
 
     def forward(self, ids: Tensor, repeats: int, targets: Tensor | None = None,
                 cache: KVCache | None = None) -> Tensor:
-        """fp32 logits (B, T, V), or NLL (B, T) given targets; with a cache, ids follow the cached ones."""
+        """fp32 logits (B, T, V), or NLL (B, T) given targets; with a cache, ids continue it."""
         cfg = self.cfg
         start = 0 if cache is None else cache.length
         x0 = self.embed(ids) if cache is None else self.embed(cache.with_context(ids))[:, -ids.size(1):]
@@ -1238,8 +1239,8 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Muon's quintic: the steepest slop
 class ParamRule:
     pattern: str
     group: str  # muon | embed | scalar
-    dtype: torch.dtype = torch.float32  # recurrence scalars too: bf16 rounds away their small updates
-    store: str = "fp32"  # q_attn | q_mlp | fp16 | fp32
+    dtype: torch.dtype = torch.float32  # scalars too: bf16 rounds away their small updates
+    store: str = "fp32"
 
 
 PARAM_RULES = (
