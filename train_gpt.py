@@ -892,11 +892,9 @@ class BpbMeter:
 
 
 # === 7. MODEL ===
-# NUM_LAYERS blocks run along a layer plan: the stack NUM_REPEATS times or, with RECUR_LAYERS, a run of layers
-# repeated in place. GPT.layer is one layer of the default model; EffectiveLayer holds a layer's choices, and
-# the options are named pieces (embed, stream_input, add_skip, parallel_layer, AttentionValueEmbedding).
+# GPT.layer is one layer of the default model; EffectiveLayer holds the options of each layer of layer_plan.
 
-RMS_EPS = torch.finfo(torch.float32).eps  # a weightless RMSNorm's eps, even for bf16 inputs
+RMS_EPS = torch.finfo(torch.float32).eps  # even for bf16 inputs
 Rope = tuple[Tensor, Tensor]
 
 
@@ -905,30 +903,30 @@ def rms_norm(x: Tensor) -> Tensor:
 
 
 def rope_tables(seq_len: int, dims: int, base: float, device: torch.device) -> Rope:
-    """cos/sin (T, dims/2) of the `dims` rotated channels, in fp32 (bf16 has 513 distinct positions)."""
+    """cos, sin (T, dims/2) in fp32: bf16 has 513 distinct positions."""
     inv_freq = base ** (-torch.arange(0, dims, 2, dtype=torch.float32, device=device) / dims)
     angles = torch.arange(seq_len, dtype=torch.float32, device=device)[:, None] * inv_freq[None, :]
     return angles.cos(), angles.sin()
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Half-split rotation of the first 2 * cos.size(-1) dims of (B, H, T, hd); the rest stay unrotated."""
+    """Half-split rotation of the first 2 * cos.size(-1) dims."""
     half = cos.size(-1)
     x1, x2, rest = x.split((half, half, x.size(-1) - 2 * half), dim=-1)
-    cos, sin = (t.to(x.dtype) for t in (cos, sin))  # exact angles in fp32; only the product is bf16
+    cos, sin = (t.to(x.dtype) for t in (cos, sin))  # angles exact in fp32, products in bf16
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
 
 
 def remove_self_value(y: Tensor, v: Tensor) -> Tensor:
-    """XSA: drop from each head's output (B, H, T, hd) its component along its own position's value."""
+    """XSA: drop from each head's output its component along its own position's value."""
     b, h, t, hd = y.shape
-    y = y.view(b, v.size(1), -1, t, hd)  # query head i reads kv head i // group, as in SDPA's GQA
+    y = y.view(b, v.size(1), -1, t, hd)  # query head i reads kv head i // group, as SDPA's GQA
     unit = F.normalize(v, dim=-1, eps=1e-12).unsqueeze(2)
     return (y - (y * unit).sum(-1, keepdim=True) * unit).view(b, h, t, hd)
 
 
 class KVCache:
-    """The tokens so far and each effective layer's keys and values, in buffers of `capacity` positions."""
+    """The tokens so far and each effective layer's keys and values."""
 
     def __init__(self, capacity: int):
         self.capacity = capacity
@@ -939,11 +937,11 @@ class KVCache:
     def length(self) -> int:
         return 0 if self.ids is None else self.ids.size(1)
 
-    def with_context(self, ids: Tensor) -> Tensor:  # the bigram hash and smear gate read the previous token
+    def with_context(self, ids: Tensor) -> Tensor:  # the bigram hash and smear gate read the last token
         return ids if self.ids is None else torch.cat((self.ids[:, -2:], ids), 1)
 
     def extend(self, layer: int, k: Tensor, v: Tensor) -> Rope:
-        """Store k, v (B, Hkv, T, hd) after the cached positions; return those of all positions."""
+        """Append k, v (B, Hkv, T, hd); return those of all positions."""
         end = self.length + k.size(2)
         if layer not in self.kv:
             self.kv[layer] = [x.new_empty(*x.shape[:2], self.capacity, x.size(3)) for x in (k, v)]
@@ -957,7 +955,7 @@ def xsa_start(depth: int, xsa_last_n: int) -> int:
 
 
 def layer_plan(cfg: Config, repeats: int) -> list[tuple[int, int, int]]:
-    """(block, slot: its index at full depth, which owns its per-layer parameters, occurrence) per layer."""
+    """(block, slot: index at full depth, occurrence) per layer."""
     lo, hi = cfg.recur_span
     extra = (cfg.num_repeats - 1) * (hi - lo)
     recurrent = [(lo + j, lo + k * (hi - lo) + j, k) for k in range(repeats) for j in range(hi - lo)]
@@ -967,17 +965,17 @@ def layer_plan(cfg: Config, repeats: int) -> list[tuple[int, int, int]]:
 @dataclass(frozen=True)
 class EffectiveLayer:
     block: int
-    slot: int  # index at full depth: the row of per-layer parameters
-    scalars: int  # row of the gains, scales and x0 mix: the slot with UNTIE_SCALARS, else the block
-    attention: bool  # False on block 0 with DISABLE_LAYER0_ATTN
+    slot: int  # the row of per-layer parameters
+    scalars: int  # row of gains, scales, x0 mix
+    attention: bool
     xsa: bool
-    parallel: bool  # the last PARALLEL_LAST_N layers run two lanes
-    norm_scale: float  # LN_SCALE: 1/sqrt(slot + 1) on the sublayer inputs
-    v_embed: int | None  # on VE_LAYERS: its row of layer scales
-    skip: tuple[int, int] | None  # U-Net decoder: (its skip row, the index of the mirrored encoder layer)
-    cross_repeat: tuple[int, int] | None  # (run position, repeat - 1) from a block's second application on
-    previous: int | None  # with cross_repeat: the index of the block's previous application
-    repeat_mlp: int | None  # UNTIE_REPEAT_MLP: this application's own MLP
+    parallel: bool
+    norm_scale: float
+    v_embed: int | None  # row of layer scales
+    skip: tuple[int, int] | None  # (skip row, index of the mirrored encoder layer)
+    cross_repeat: tuple[int, int] | None  # (run position, repeat - 1)
+    previous: int | None  # the block's previous application
+    repeat_mlp: int | None  # its own MLP's index
 
 
 def effective_layers(cfg: Config, repeats: int) -> list[EffectiveLayer]:
@@ -985,7 +983,7 @@ def effective_layers(cfg: Config, repeats: int) -> list[EffectiveLayer]:
     lo, hi = cfg.recur_span
     depth = len(plan)
     encoder = depth // 2 if cfg.unet != "off" else 0
-    first_lane = depth - cfg.parallel_last_n  # below 0 (depth < PARALLEL_LAST_N): no lanes at this depth
+    first_lane = depth - cfg.parallel_last_n  # < 0: no lanes at this depth
     v_rows = {slot: row for row, slot in enumerate(parse_ints(cfg.ve_layers))}
     return [EffectiveLayer(
         block=p, slot=slot, scalars=slot if cfg.untie_scalars else p, v_embed=v_rows.get(slot),
@@ -1002,25 +1000,25 @@ class Attention(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.head_dim = cfg.head_dim
-        self.c_q = nn.Linear(cfg.model_dim, cfg.model_dim, bias=False)
-        self.c_k = nn.Linear(cfg.model_dim, cfg.num_kv_heads * cfg.head_dim, bias=False)
-        self.c_v = nn.Linear(cfg.model_dim, cfg.num_kv_heads * cfg.head_dim, bias=False)
-        self.proj = nn.Linear(cfg.model_dim, cfg.model_dim, bias=False)
+        d = cfg.model_dim
+        self.c_q = nn.Linear(d, d, bias=False)
+        self.c_k = nn.Linear(d, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.c_v = nn.Linear(d, self.c_k.out_features, bias=False)
+        self.proj = nn.Linear(d, d, bias=False)
         nn.init.zeros_(self.proj.weight)
 
     def forward(self, x: Tensor, rope: Rope, q_gain: Tensor, use_xsa: bool, v_extra: Tensor | None = None,
                 kv: Callable | None = None) -> Tensor:
         b, t, d = x.shape
-        q = self.c_q(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = self.c_k(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-        v = self.c_v(x) if v_extra is None else self.c_v(x) + v_extra
-        v = v.view(b, t, -1, self.head_dim).transpose(1, 2)
+        q, k, v = (linear(x) for linear in (self.c_q, self.c_k, self.c_v))
+        v = v if v_extra is None else v + v_extra
+        q, k, v = (y.view(b, t, -1, self.head_dim).transpose(1, 2) for y in (q, k, v))  # (B, H or Hkv, T, hd)
         q = apply_rope(rms_norm(q), *rope) * q_gain.to(q.dtype)[None, :, None, None]  # unit-RMS q, k: the
         k = apply_rope(rms_norm(k), *rope)  # gain alone sets the temperature
-        if kv is None:  # enable_gqa shares each kv head across its query group without copies
+        if kv is None:  # enable_gqa: kv heads shared without copies
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
-            keys, values = kv(k, v)  # decoding: caches this call's keys and values, returns every position's
+            keys, values = kv(k, v)  # decoding: those of every position
             visible = torch.ones(t, keys.size(2), dtype=torch.bool, device=x.device).tril(keys.size(2) - t)
             y = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, enable_gqa=True)
         y = remove_self_value(y, v) if use_xsa else y
@@ -1030,18 +1028,17 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
-        self.slope = cfg.mlp_negative_slope
+        self.slope = cfg.mlp_negative_slope  # leaky relu^2: negative inputs keep a gradient
         self.fc = nn.Linear(cfg.model_dim, int(cfg.mlp_mult * cfg.model_dim), bias=False)
         self.proj = nn.Linear(self.fc.out_features, cfg.model_dim, bias=False)
         nn.init.zeros_(self.proj.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        # LeakyReLU(0.5)^2: relu^2's sharpness, but negative inputs keep a 0.25 u^2 gradient path.
         return self.proj(F.leaky_relu(self.fc(x), negative_slope=self.slope).square())
 
 
 class Block(nn.Module):
-    """The matrices of one physical layer; its gains, scales and x0 mix are GPT's (per block or per slot)."""
+    """A physical layer's matrices; its gains, scales and x0 mix are GPT's."""
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -1050,7 +1047,7 @@ class Block(nn.Module):
 
 
 class BigramHash(nn.Module):
-    """Embeddings of hashed (previous, current) token pairs, added to the token embedding; zero at init."""
+    """Embeddings of hashed (previous, current) token pairs, added to tok_emb."""
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -1060,13 +1057,13 @@ class BigramHash(nn.Module):
         self.scale = nn.Parameter(torch.tensor([0.05]))
 
     def forward(self, ids: Tensor) -> Tensor:
-        last = self.embed.num_embeddings - 1  # the bucket of position 0, which has no previous token
+        last = self.embed.num_embeddings - 1  # position 0's bucket: no previous token
         pairs = torch.bitwise_xor(36313 * ids[:, 1:], 27191 * ids[:, :-1]) % last
         return self.scale * self.proj(self.embed(torch.cat((torch.full_like(ids[:, :1], last), pairs), 1)))
 
 
 class AttentionValueEmbedding(nn.Module):
-    """A shared table projected to the kv width, added to attention's V on VE_LAYERS with a scale each."""
+    """A shared table projected to the kv width, added to V on VE_LAYERS with a scale each."""
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -1088,13 +1085,13 @@ class GPT(nn.Module):
         lo, hi = cfg.recur_span
         d = cfg.model_dim
         self.tok_emb = nn.Embedding(cfg.vocab_size, d)
-        nn.init.normal_(self.tok_emb.weight, std=cfg.tied_embed_init_std)  # small: near-uniform step-0 logits
+        nn.init.normal_(self.tok_emb.weight, std=cfg.tied_embed_init_std)  # near-uniform step-0 logits
         self.bigram = BigramHash(cfg) if cfg.bigram_vocab_size else None
-        self.smear_gate = nn.Parameter(torch.zeros(d)) if cfg.smear_gate else None  # sigmoid(0): even blend
+        self.smear_gate = nn.Parameter(torch.zeros(d)) if cfg.smear_gate else None
         nve = cfg.num_value_embeds
         self.value_embeds = nn.ModuleList(nn.Embedding(cfg.vocab_size, d) for _ in range(nve))
         self.v_embed = AttentionValueEmbedding(cfg) if cfg.ve_dim else None
-        # Per slot and zero: a layer that progressive depth has not reached adds nothing until it trains.
+        # Per slot, zero: a layer progressive depth has not reached adds nothing until it trains.
         self.value_scales = nn.Parameter(torch.zeros(cfg.depth, nve, d)) if nve else None
         self.loop_embed = nn.Parameter(torch.zeros(cfg.depth, d)) if cfg.loop_embed else None
         repeats = cfg.num_repeats - 1
@@ -1107,8 +1104,8 @@ class GPT(nn.Module):
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(n_scalars, d), torch.zeros(n_scalars, d)), 1))
         skips = cfg.depth // 2 if cfg.unet != "off" else 0
         self.skip_weights = nn.Parameter(torch.ones(skips, d)) if skips else None
-        self.skip_gates = nn.Parameter(torch.zeros(skips, d)) if cfg.unet == "gated" else None  # sigmoid(0)
-        lanes = cfg.parallel_last_n > 0  # routing per physical layer: [attn, mlp] -> [attn lane, mlp lane]
+        self.skip_gates = nn.Parameter(torch.zeros(skips, d)) if cfg.unet == "gated" else None
+        lanes = cfg.parallel_last_n > 0  # routing per block: [attn, mlp] -> [lane 0, lane 1]
         self.lane_post = nn.Parameter(torch.ones(cfg.num_layers, 2, 2)) if lanes else None
         self.lane_resid = nn.Parameter(torch.full((cfg.num_layers, 2), math.sqrt(1.1))) if lanes else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
@@ -1118,20 +1115,19 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def clone_repeat_mlps(self, old: int, new: int) -> None:
-        """Copy block MLPs into the untied MLPs of repeats that become active: the switch changes nothing."""
+        """Copy block MLPs into the untied MLPs of newly active repeats: the switch is exact."""
         lo, hi = self.cfg.recur_span
         for k in range(max(old, 1), new if self.repeat_mlps is not None else 0):
-            for j in range(hi - lo):
-                mlp = self.repeat_mlps[(k - 1) * (hi - lo) + j]
-                mlp.load_state_dict(self.blocks[lo + j].mlp.state_dict())
+            for j, block in enumerate(self.blocks[lo:hi]):
+                self.repeat_mlps[(k - 1) * (hi - lo) + j].load_state_dict(block.mlp.state_dict())
 
     def unexported(self) -> set[str]:
-        """Parameters no forward reads (they keep the parameter count); the artifact leaves them out."""
+        """Parameters no forward reads (kept for the count); the artifact leaves them out."""
         names = (f"blocks.0.attn.{m}.weight" for m in ("c_q", "c_k", "c_v", "proj"))
         return set(names) if self.cfg.disable_layer0_attn else set()
 
     def recurrent_matrices(self) -> frozenset[str]:
-        """With RECUR_LAYERS, the weights applied more than once (their error recurs at each application)."""
+        """With RECUR_LAYERS, the weights applied more than once (their error recurs)."""
         lo, hi = self.cfg.recur_span
         prefixes = ("repeat_mlps.", *(f"blocks.{p}." for p in range(lo, hi))) if self.cfg.recur_layers else ()
         names = (n for n, _ in self.named_parameters() if n.endswith(".weight"))
@@ -1140,26 +1136,25 @@ class GPT(nn.Module):
     def embed(self, ids: Tensor) -> Tensor:
         x = self.tok_emb(ids) if self.bigram is None else self.tok_emb(ids) + self.bigram(ids)
         x = rms_norm(x)
-        if self.smear_gate is not None:  # (1 - g) x_t + g x_{t-1}, a learned per-dim gate g (x_{-1} = 0)
+        if self.smear_gate is not None:  # (1 - g) x_t + g x_{t-1}, per-dim gate g, x_{-1} = 0
             x = torch.lerp(x, F.pad(x[:, :-1], (0, 0, 1, 0)), torch.sigmoid(self.smear_gate))
         return x
 
     def forward(self, ids: Tensor, repeats: int, targets: Tensor | None = None,
                 cache: KVCache | None = None) -> Tensor:
-        """ids (B, T) -> fp32 logits (B, T, V), or per-token NLL (B, T) given targets, at `repeats` (one
-        compiled graph per value); with a cache, ids follow the cached ones."""
+        """fp32 logits (B, T, V), or NLL (B, T) given targets; with a cache, ids continue it."""
         cfg = self.cfg
         start = 0 if cache is None else cache.length
         x0 = self.embed(ids) if cache is None else self.embed(cache.with_context(ids))[:, -ids.size(1):]
-        values = [table(ids) for table in self.value_embeds]  # looked up once, added at every layer
+        values = [table(ids) for table in self.value_embeds]
         v_values = None if self.v_embed is None else self.v_embed(ids)
         rope = rope_tables(start + ids.size(1), cfg.rope_dims or cfg.head_dim, cfg.rope_base, ids.device)
-        if start:  # only when decoding: inductor's fp32 CPU code corrupted the heap on a zero-offset slice
+        if start:  # decoding only: inductor's fp32 CPU code broke the heap on a zero-offset slice
             rope = tuple(t[start:] for t in rope)
         lanes = [x0]
         outputs = []
         for i, at in enumerate(self.plans[repeats]):
-            if at.parallel and len(lanes) == 1:  # the first parallel layer: both lanes start from the stream
+            if at.parallel and len(lanes) == 1:  # both lanes start from the stream
                 lanes = lanes * 2
             delta = self.stream_input(at, values, outputs)
             lanes = lanes if delta is None else [lane + delta for lane in lanes]
@@ -1175,7 +1170,7 @@ class GPT(nn.Module):
         return self.head(rms_norm(outputs[-1]), targets)
 
     def stream_input(self, at: EffectiveLayer, values: list[Tensor], outputs: list[Tensor]) -> Tensor | None:
-        """The loop embedding, the value embeddings and the cross-repeat copy, added before a layer."""
+        """The loop embedding, value embeddings and cross-repeat copy, added before a layer."""
         delta = self.loop_embed[at.slot] if self.loop_embed is not None else 0.0
         for j, value in enumerate(values):
             delta = delta + self.value_scales[at.slot, j] * value
@@ -1184,7 +1179,7 @@ class GPT(nn.Module):
         return delta if torch.is_tensor(delta) else None
 
     def add_skip(self, lanes: list[Tensor], outputs: list[Tensor], row: int, source: int) -> list[Tensor]:
-        """U-Net: the mirrored encoder layer's output, added or gated in ((1 - g) skip + g x)."""
+        """U-Net: the mirrored encoder layer's output, added or gated in."""
         skip = self.skip_weights[row] * outputs[source]
         if self.skip_gates is None:
             return [lane + skip for lane in lanes]
@@ -1205,7 +1200,6 @@ class GPT(nn.Module):
 
     def layer(self, x: Tensor, x0: Tensor, at: EffectiveLayer, rope: Rope, v_extra: Tensor | None = None,
               kv: Callable | None = None) -> Tensor:
-        """One effective layer: the x0 mix, attention, MLP."""
         mix = self.resid_mix[at.scalars]
         x = mix[0] * x + mix[1] * x0
         if at.attention:
@@ -1214,8 +1208,7 @@ class GPT(nn.Module):
 
     def parallel_layer(self, lanes: list[Tensor], x0: Tensor, at: EffectiveLayer, rope: Rope,
                        v_extra: Tensor | None = None, kv: Callable | None = None) -> list[Tensor]:
-        """One effective layer on two lanes: attention reads lane 0, the MLP lane 1 after attention wrote it;
-        each scales both lanes by its residual weight and writes both with its routing weights."""
+        """Attention reads lane 0, the MLP lane 1; each scales both lanes and writes both with its routing."""
         mix = self.resid_mix[at.scalars]
         attn_post, mlp_post = self.lane_post[at.block]
         attn_resid, mlp_resid = self.lane_resid[at.block]
@@ -1226,7 +1219,7 @@ class GPT(nn.Module):
         return [mlp_resid * lane + w * m for lane, w in zip(lanes, mlp_post)]
 
     def head(self, h: Tensor, targets: Tensor | None) -> Tensor:
-        """Tied head and tanh softcap in fp32: bf16 logits near the cap have 0.125-nat resolution."""
+        """In fp32: bf16 logits near the softcap have 0.125-nat resolution."""
         with torch.autocast(device_type=h.device.type, enabled=False):
             logits = F.linear(h.float(), self.tok_emb.weight.float())
             logits = self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
@@ -1236,8 +1229,8 @@ class GPT(nn.Module):
 
 
 # === 8. PARAMETERS ===
-# One table gives each parameter its optimizer group, training dtype and artifact store (q_attn, q_mlp: codes
-# of QUANT_LEVELS, MLP_QUANT_LEVELS per row; fp16, fp32: as is); a parameter must match exactly one rule.
+# PARAM_RULES gives each parameter (by one rule) its optimizer group, training dtype and artifact store
+# (q_attn, q_mlp: codes of QUANT_LEVELS, MLP_QUANT_LEVELS per row; fp16, fp32: as is).
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Muon's quintic: the steepest slope at 0 that still converges
 
@@ -1246,20 +1239,18 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Muon's quintic: the steepest slop
 class ParamRule:
     pattern: str
     group: str  # muon | embed | scalar
-    dtype: torch.dtype
-    store: str  # q_attn | q_mlp | fp16 | fp32
+    dtype: torch.dtype = torch.float32  # scalars too: bf16 rounds away their small updates
+    store: str = "fp32"
 
 
 PARAM_RULES = (
-    ParamRule(r"(tok_emb|value_embeds\.\d+|bigram\.embed|v_embed\.embed)\.weight", "embed", torch.float32,
-              "q_attn"),
+    ParamRule(r"(tok_emb|value_embeds\.\d+|bigram\.embed|v_embed\.embed)\.weight", "embed", store="q_attn"),
     ParamRule(r"blocks\.\d+\.attn\.(c_q|c_k|c_v|proj)\.weight|(bigram|v_embed)\.proj\.weight", "muon",
-              torch.float32, "q_attn"),
-    ParamRule(r"(blocks\.\d+\.mlp|repeat_mlps\.\d+)\.(fc|proj)\.weight", "muon", torch.float32, "q_mlp"),
+              store="q_attn"),
+    ParamRule(r"(blocks\.\d+\.mlp|repeat_mlps\.\d+)\.(fc|proj)\.weight", "muon", store="q_mlp"),
     ParamRule(r"q_gain|attn_scale|mlp_scale|resid_mix|skip_(weights|gates)|smear_gate|lane_(post|resid)|"
-              r"(bigram|v_embed)\.scale|v_embed\.layer_scales", "scalar", torch.float32, "fp32"),
-    # Recurrence scalars: fp32 in training (bf16 rounds away their small updates), fp16 in the artifact.
-    ParamRule(r"loop_embed|value_scales|cross_repeat_scales", "scalar", torch.float32, "fp16"),
+              r"(bigram|v_embed)\.scale|v_embed\.layer_scales", "scalar"),
+    ParamRule(r"loop_embed|value_scales|cross_repeat_scales", "scalar", store="fp16"),
 )
 
 
@@ -1275,13 +1266,13 @@ def param_table(model: nn.Module) -> list[ParamRow]:
     for name, p in model.named_parameters():
         hits = [rule for rule in PARAM_RULES if re.fullmatch(rule.pattern, name)]
         if len(hits) != 1:
-            raise AssertionError(f"parameter {name} matches {len(hits)} PARAM_RULES entries, want exactly 1")
+            raise AssertionError(f"parameter {name} matches {len(hits)} PARAM_RULES, want 1")
         rows.append(ParamRow(name, tuple(p.shape), hits[0]))
     return rows
 
 
 def store_levels(cfg: Config, store: str, high: bool | None = None) -> int:
-    """Codes -L..L: L = 0 for floats, QUANT_LEVELS if `high` (default: q_attn), else MLP_QUANT_LEVELS."""
+    """L of codes -L..L: 0 for floats, QUANT_LEVELS if `high` (default: q_attn), else MLP_QUANT_LEVELS."""
     if store not in ("q_attn", "q_mlp"):
         return 0
     return cfg.quant_levels if (store == "q_attn" if high is None else high) else cfg.mlp_quant_levels
@@ -1297,18 +1288,18 @@ def apply_param_dtypes(model: nn.Module) -> None:
         model.get_parameter(row.name).data = model.get_parameter(row.name).data.to(row.rule.dtype)
 
 
-def newton_schulz(g: Tensor, steps: int, dtype: torch.dtype) -> Tensor:  # each m <= n matrix of (batch, m, n)
+def newton_schulz(g: Tensor, steps: int, dtype: torch.dtype) -> Tensor:  # g: (batch, m, n), m <= n
     a, b, c = NS_COEFFICIENTS
     x = g.to(dtype)
     x = x / x.norm(dim=(1, 2), keepdim=True).clamp_min(1e-7)
     for _ in range(steps):
         gram = x @ x.mT
-        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)  # addmm's roundings
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)  # addmm roundings
     return x
 
 
 class Muon(torch.optim.Optimizer):
-    """torch.optim.Muon's update, batching Newton-Schulz per shape and rank share; no gradient: no change."""
+    """torch.optim.Muon's update, Newton-Schulz batched per shape and rank share; no gradient: no change."""
 
     def __init__(self, params: list[nn.Parameter], lr: float, momentum: float, weight_decay: float,
                  ns_steps: int, rt: Runtime | None = None):
@@ -1320,14 +1311,14 @@ class Muon(torch.optim.Optimizer):
         self.world = rt.world_size if rt else 1
         self.orthogonalize = rt.compile(newton_schulz) if rt else newton_schulz
 
-    def buckets(self) -> list[tuple[list[nn.Parameter], int]]:  # by (short, long side): matrices, rank share
+    def buckets(self) -> list[tuple[list[nn.Parameter], int]]:  # per (short, long side): params, rank share
         by_shape: dict[tuple[int, ...], list[nn.Parameter]] = {}
         for p in self.param_groups[0]["params"]:
             by_shape.setdefault(tuple(sorted(p.shape)), []).append(p)
         return [(params, -(-len(params) // self.world)) for params in by_shape.values()]
 
     @torch.no_grad()  # as in step(): dynamo guards on the grad mode
-    def prime(self) -> None:  # compile every shard shape before the clock
+    def prime(self) -> None:  # compiles every shard shape before the clock
         for params, share in self.buckets():
             shard = params[0].new_zeros(share, *sorted(params[0].shape))
             self.orthogonalize(shard, self.ns_steps, self.ns_dtype)
@@ -1349,7 +1340,7 @@ class Muon(torch.optim.Optimizer):
                     scale = math.sqrt(max(1, p.size(0) / p.size(1)))
                     p.add_(u.T if p.size(0) > p.size(1) else u, alpha=-group["lr"] * scale)
 
-    def nesterov(self, p: nn.Parameter, mu: float) -> Tensor:  # g + mu (buf - g), wide; 0 without a gradient
+    def nesterov(self, p: nn.Parameter, mu: float) -> Tensor:  # g + mu (buf - g), wide
         if p.grad is None:
             return p.new_zeros(sorted(p.shape))
         buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
@@ -1360,7 +1351,7 @@ class Muon(torch.optim.Optimizer):
 
 def build_optimizers(model: nn.Module, cfg: Config, fused: bool,
                      rt: Runtime | None = None) -> dict[str, torch.optim.Optimizer]:
-    """Muon for block matrices, Adam for embeddings and scalars; every group keeps its base LR."""
+    """Muon for matrices, Adam for embeddings and scalars; each group keeps its base LR."""
     groups: dict[str, list[nn.Parameter]] = {"muon": [], "embed": [], "scalar": []}
     for row in param_table(model):
         groups[row.rule.group].append(model.get_parameter(row.name))
