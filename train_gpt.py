@@ -1377,14 +1377,14 @@ def build_optimizers(model: nn.Module, cfg: Config, fused: bool,
 
 
 # === 9. MIXER ===
-# An online mixture over the scored validation targets, to the challenge's rules: each expert is a full
-# distribution from the strict prefix (C1, C2); counts and weights learn from a target once scored (C3, C4).
+# An online mixture to the challenge's rules: each expert is a full distribution from the strict prefix
+# (C1, C2); counts and weights learn from a target once it is scored (C3, C4).
 
 TRIGRAM_BUCKETS = 65536  # hashed (x_{t-1}, x_t) contexts
-TRIGRAM_HASH = (36313, 27191)  # multipliers of x_{t-1} and x_t
-ADD_ALPHA = (0.1, 0.1, 0.01)  # smoothing of the unigram, bigram and trigram experts
-BACKOFF_STRENGTH = 4.0  # prior mass of the order below when interpolating (demo: 2 and 4 best, 8 -0.01 bpb)
-PRIOR_LOG_WEIGHT = 2.0  # the neural expert's initial log-weight; the others start at 0
+TRIGRAM_HASH = (36313, 27191)
+ADD_ALPHA = (0.1, 0.1, 0.01)  # unigram, bigram, trigram
+BACKOFF_STRENGTH = 4.0  # prior mass of the order below (demo: 2 and 4 best, 8 -0.01 bpb)
+PRIOR_LOG_WEIGHT = 2.0  # the neural expert's; the others start at 0
 HEDGE_COLD_START = 10_000  # reference_hedge mixes once its tables hold this many tokens
 ENTROPY_BINS = 6  # gate buckets: floor(neural entropy in nats) x ...
 EVIDENCE_BINS = 7  # ... floor(log2(1 + trigram context count))
@@ -1406,8 +1406,7 @@ def dirichlet(pair: Tensor, total: Tensor, strength: float, base: Tensor | float
 
 
 @dataclass
-class Evidence:
-    """The counts (per order), neural log-probs and entropy that the experts' log-probs are computed from."""
+class Evidence:  # what the experts read: counts per order, the neural log-probs and entropy
     pair: list[Tensor]
     total: list[Tensor]
     neural_log_probs: Tensor
@@ -1415,7 +1414,7 @@ class Evidence:
     vocab: int
 
     def add_alpha(self, order: int, min_total: int = 0) -> Tensor:
-        total = self.total[order].clamp(min=min_total) if min_total else self.total[order]
+        total = self.total[order].clamp(min=min_total)
         return dirichlet(self.pair[order], total, ADD_ALPHA[order] * self.vocab, 1 / self.vocab)
 
     def ngram(self, order: int, min_total: int = 0) -> Tensor:
@@ -1446,7 +1445,7 @@ EXPERTS = {  # MIXER -> {log name: formula}, the neural expert first (it starts 
 
 
 @dataclass
-class MixedBatch:  # what score() computed for the targets it mixed, for check() and update()
+class MixedBatch:  # score()'s view of the targets it mixed, for check() and update()
     contexts: list[Tensor]  # per order
     keys: list[Tensor]  # (context, target) per order
     targets: Tensor
@@ -1455,7 +1454,7 @@ class MixedBatch:  # what score() computed for the targets it mixed, for check()
     log_weights: Tensor  # (n, experts), normalized
     mixed: Tensor  # log p_mix(target)
     bucket: Tensor
-    cold: bool  # reference_hedge before HEDGE_COLD_START: the neural expert alone, no weight update
+    cold: bool  # before HEDGE_COLD_START: the neural expert alone, no weight update
 
 
 class Mixer:
@@ -1478,7 +1477,7 @@ class Mixer:
         buckets = 1 if self.reference else ENTROPY_BINS * EVIDENCE_BINS
         self.log_weights = torch.zeros(buckets, len(self.experts), dtype=torch.float64, device=device)
         self.log_weights[:, 0] = PRIOR_LOG_WEIGHT
-        self.weight_sum = torch.zeros(len(self.experts), dtype=torch.float64, device=device)
+        self.weight_sum = self.log_weights.new_zeros(len(self.experts))
         self.rng = torch.Generator().manual_seed(cfg.seed)
         self.errors = [0.0, 0.0, 0.0]  # max |mass - 1|, max mass, max |brute-force p(target) - scored|
 
@@ -1517,7 +1516,7 @@ class Mixer:
         entropy = entropy.double()
         log_probs = self.log_probs(Evidence(pair, total, -nll.double(), entropy, self.vocab))
         bucket = torch.zeros_like(y)
-        if len(self.log_weights) > 1:  # the gate reads the entropy and the context's count, not the target
+        if len(self.log_weights) > 1:  # the gate reads the entropy and the context count, never the target
             seen = torch.log2(total[2] + 1).floor().clamp(max=EVIDENCE_BINS - 1).long()
             bucket = entropy.floor().clamp(0, ENTROPY_BINS - 1).long() * EVIDENCE_BINS + seen
         log_weights = self.log_weights[bucket].log_softmax(-1)
@@ -1543,7 +1542,7 @@ class Mixer:
         errors = (abs(mass - 1), mass, abs(float(probs[self.batch.targets[j]] - self.batch.mixed[j].exp())))
         self.errors = [max(old, new) for old, new in zip(self.errors, errors)]
 
-    def update(self) -> None:  # learn from the targets score() just mixed, once all of them are scored
+    def update(self) -> None:  # learn from score()'s targets once all of them are scored
         for table, index in [*zip(self.pairs, self.batch.keys), *zip(self.totals, self.batch.contexts)]:
             table.index_put_((index,), torch.ones_like(index, dtype=torch.int32), accumulate=True)
         if not self.reference:  # exponentiated gradient on the mixture's log loss, per bucket
@@ -1555,7 +1554,7 @@ class Mixer:
 
 
 def mix_batch(rt: Runtime, mixer: Mixer, batch: Tensor, rows: int, log_probs: Tensor, nll: Tensor) -> Tensor:
-    """This rank's mixed NLL of a global batch (`batch`: all ranks' plan rows); every rank mixes all of it."""
+    """This rank's mixed NLL of `batch` (all ranks' plan rows): every rank mixes all of it."""
     counts = [int(c.sum()) for c in (batch[:, 1] - batch[:, 2]).split(rows)]
     counts += [0] * (rt.world_size - len(counts))
     features = torch.stack([nll, torch.special.entr(log_probs.exp()).sum(-1)], 1)  # (m, 2)
@@ -1585,10 +1584,11 @@ def window_plan(total: int, window: int, stride: int) -> Tensor:
     return torch.stack([starts, torch.full_like(starts, length), scored_from], 1)
 
 
-def scored_targets(rt: Runtime, model_fn: ModelFn, val_tokens: Tensor, windows: Tensor, rows: int,
+def scored_targets(rt: Runtime, model_fn: ModelFn, val_tokens: Tensor, batch: Tensor, rows: int,
                    repeats: int) -> tuple[Tensor, Tensor, Tensor]:
-    """fp32 logits (m, V), previous tokens (m,) and targets (m,) of what `windows` score, in target order."""
-    length = int(windows[0, 1])
+    """fp32 logits (m, V), previous tokens (m,) and targets (m,) that this rank's rows of `batch` score."""
+    windows = batch[rt.rank * rows:(rt.rank + 1) * rows]  # none on some ranks: they still forward and gather
+    length = int(batch[0, 1])
     chunk = val_tokens[windows[:, :1] + torch.arange(length + 1)].to(rt.device)  # (n, length + 1)
     with rt.autocast():
         logits = model_fn(F.pad(chunk[:, :-1], (0, 0, 0, rows - len(windows))), repeats)[:len(windows)]
@@ -1610,11 +1610,7 @@ def score_windows(cfg: Config, rt: Runtime, model_fn: ModelFn, val_tokens: Tenso
                   mixer: Mixer | None = None) -> float:  # adds to this rank's meters; returns mixer ms
     mixer_ms = 0.0
     for batch in plan.split(rows * rt.world_size):
-        own = batch[rt.rank * rows:(rt.rank + 1) * rows]
-        logits = torch.zeros(0, cfg.vocab_size, device=rt.device)  # a rank without windows still gathers
-        prev = y = torch.zeros(0, dtype=torch.int64, device=rt.device)
-        if len(own):
-            logits, prev, y = scored_targets(rt, model_fn, val_tokens, own, rows, repeats)
+        logits, prev, y = scored_targets(rt, model_fn, val_tokens, batch, rows, repeats)
         log_probs = logits.log_softmax(-1)
         nll = -log_probs.gather(1, y[:, None]).squeeze(1)
         nbytes = target_bytes(prev, y, tables).sum()
@@ -1690,7 +1686,7 @@ def ttt_eval(cfg: Config, rt: Runtime, model: nn.Module, val_tokens: Tensor, tab
     chunk = cfg.ttt_chunk_tokens
     plan = window_plan(total, cfg.eval_seq_len, cfg.eval_stride)
     n_chunks = -(-total // chunk)
-    chunk_of = ((plan[:, 0] + plan[:, 2]) // chunk).clamp(max=n_chunks - 1)
+    chunk_of = (plan[:, 0] + plan[:, 2]) // chunk  # of each window's first target
     frozen = tuple(f"blocks.{i}." for i in range(cfg.ttt_freeze_blocks))
     params = [p for name, p in model.named_parameters() if p.requires_grad and not name.startswith(frozen)]
     for p in params:  # bf16 weights would round away most steps of LR <= 5e-4
