@@ -1380,7 +1380,7 @@ def build_optimizers(model: nn.Module, cfg: Config, fused: bool,
 # An online mixture to the challenge's rules: each expert is a full distribution from the strict prefix
 # (C1, C2); counts and weights learn from a target once it is scored (C3, C4).
 
-TRIGRAM_BUCKETS = 65536  # hashed (x_{t-1}, x_t) contexts
+TRIGRAM_BUCKETS = 65536
 TRIGRAM_HASH = (36313, 27191)
 ADD_ALPHA = (0.1, 0.1, 0.01)  # unigram, bigram, trigram
 BACKOFF_STRENGTH = 4.0  # prior mass of the order below (demo: 2 and 4 best, 8 -0.01 bpb)
@@ -1406,7 +1406,7 @@ def dirichlet(pair: Tensor, total: Tensor, strength: float, base: Tensor | float
 
 
 @dataclass
-class Evidence:  # what the experts read: counts per order, the neural log-probs and entropy
+class Evidence:  # what the experts' formulas read
     pair: list[Tensor]
     total: list[Tensor]
     neural_log_probs: Tensor
@@ -1436,16 +1436,15 @@ class Evidence:  # what the experts read: counts per order, the neural log-probs
         return -self.neural_entropy.expand_as(self.pair[0])
 
 
+SHARED_EXPERTS = dict(neural=Evidence.neural, unigram=Evidence.unigram, bigram=Evidence.bigram)
 EXPERTS = {  # MIXER -> {log name: formula}, the neural expert first (it starts at PRIOR_LOG_WEIGHT)
-    "normalized": dict(neural=Evidence.neural, unigram=Evidence.unigram, bigram=Evidence.bigram,
-                       trigram=Evidence.trigram, interpolated=Evidence.interpolated),
-    "reference_hedge": dict(neural=Evidence.neural, unigram=Evidence.unigram, bigram=Evidence.bigram,
-                            trigram=Evidence.trigram_seen_once, entropy=Evidence.entropy),
+    "normalized": dict(SHARED_EXPERTS, trigram=Evidence.trigram, interpolated=Evidence.interpolated),
+    "reference_hedge": dict(SHARED_EXPERTS, trigram=Evidence.trigram_seen_once, entropy=Evidence.entropy),
 }
 
 
 @dataclass
-class MixedBatch:  # score()'s view of the targets it mixed, for check() and update()
+class MixedBatch:  # what score() mixed, for check() and update()
     contexts: list[Tensor]  # per order
     keys: list[Tensor]  # (context, target) per order
     targets: Tensor
@@ -1457,18 +1456,17 @@ class MixedBatch:  # score()'s view of the targets it mixed, for check() and upd
     cold: bool  # before HEDGE_COLD_START: the neural expert alone, no weight update
 
 
-class Mixer:
-    """One MIXER eval's state, the same on all ranks: it learns at fixed target counts, not per eval batch."""
+class Mixer:  # one MIXER eval's state, the same on all ranks: it learns at fixed target counts, not per batch
 
-    def __init__(self, cfg: Config, val_tokens: Tensor, device: torch.device):
+    def __init__(self, cfg: Config, tokens: Tensor, device: torch.device):
         self.vocab = cfg.vocab_size
         self.reference = cfg.mixer == "reference_hedge"
         self.experts = EXPERTS[cfg.mixer]
         self.per_token = not self.reference  # count every earlier target, not only earlier batches'
         self.eta = cfg.hedge_eta if self.reference else cfg.mixer_eta
-        self.tokens = F.pad(val_tokens, (1, 0)).to(device, torch.int32)  # a 0 before the first
+        self.tokens = F.pad(tokens, (1, 0)).to(device, torch.int32)  # a 0 before the first
         self.update_every = cfg.mixer_update_targets or cfg.eval_batch_seqs * cfg.eval_stride
-        first_window = min(cfg.eval_seq_len, len(val_tokens) - 1)
+        first_window = min(cfg.eval_seq_len, len(tokens) - 1)
         self.next_update = max(first_window - cfg.eval_stride, 0) + self.update_every
         self.pending = torch.zeros(0, 2, device=device)  # (neural NLL, entropy) of the open chunk
         contexts = (1, self.vocab, TRIGRAM_BUCKETS)  # per order
@@ -1557,7 +1555,7 @@ def mix_batch(rt: Runtime, mixer: Mixer, batch: Tensor, rows: int, log_probs: Te
     """This rank's mixed NLL of `batch` (all ranks' plan rows): every rank mixes all of it."""
     counts = [int(c.sum()) for c in (batch[:, 1] - batch[:, 2]).split(rows)]
     counts += [0] * (rt.world_size - len(counts))
-    features = torch.stack([nll, torch.special.entr(log_probs.exp()).sum(-1)], 1)  # (m, 2)
+    features = torch.stack([nll, torch.special.entr(log_probs.exp()).sum(-1)], 1)
     gathered = rt.all_gather(F.pad(features, (0, 0, 0, max(counts) - len(features))))
     features = torch.cat([part[:count] for part, count in zip(gathered, counts)])
     offset = sum(counts[:rt.rank])
@@ -1584,33 +1582,33 @@ def window_plan(total: int, window: int, stride: int) -> Tensor:
     return torch.stack([starts, torch.full_like(starts, length), scored_from], 1)
 
 
-def scored_targets(rt: Runtime, model_fn: ModelFn, val_tokens: Tensor, batch: Tensor, rows: int,
+def scored_targets(rt: Runtime, model_fn: ModelFn, tokens: Tensor, batch: Tensor, rows: int,
                    repeats: int) -> tuple[Tensor, Tensor, Tensor]:
     """fp32 logits (m, V), previous tokens (m,) and targets (m,) that this rank's rows of `batch` score."""
     windows = batch[rt.rank * rows:(rt.rank + 1) * rows]  # none on some ranks: they still forward and gather
     length = int(batch[0, 1])
-    chunk = val_tokens[windows[:, :1] + torch.arange(length + 1)].to(rt.device)  # (n, length + 1)
+    chunk = tokens[windows[:, :1] + torch.arange(length + 1)].to(rt.device)  # (n, length + 1)
     with rt.autocast():
         logits = model_fn(F.pad(chunk[:, :-1], (0, 0, 0, rows - len(windows))), repeats)[:len(windows)]
     keep = torch.arange(length, device=rt.device) >= windows[:, 2:].to(rt.device)  # (n, length)
     return logits[keep], chunk[:, :-1][keep], chunk[:, 1:][keep]
 
 
-def eval_windows(cfg: Config, rt: Runtime, model_fn: ModelFn, val_tokens: Tensor, tables: ByteTables,
+def eval_windows(cfg: Config, rt: Runtime, model_fn: ModelFn, tokens: Tensor, tables: ByteTables,
                  repeats: int, plan: Tensor, rows: int,
                  mixer: Mixer | None = None) -> tuple[dict[str, Score], float]:  # neural[, mixed]; mixer ms
     meters = {"neural": BpbMeter(rt.device), **({"mixed": BpbMeter(rt.device)} if mixer else {})}
-    mixer_ms = score_windows(cfg, rt, model_fn, val_tokens, tables, repeats, plan, rows, meters, mixer)
+    mixer_ms = score_windows(rt, model_fn, tokens, tables, repeats, plan, rows, meters, mixer)
     return {name: meter.reduce(rt).result() for name, meter in meters.items()}, mixer_ms
 
 
 @torch.inference_mode()  # scored targets cannot reach the weights (TTT trains only after this returns)
-def score_windows(cfg: Config, rt: Runtime, model_fn: ModelFn, val_tokens: Tensor, tables: ByteTables,
+def score_windows(rt: Runtime, model_fn: ModelFn, tokens: Tensor, tables: ByteTables,
                   repeats: int, plan: Tensor, rows: int, meters: dict[str, BpbMeter],
                   mixer: Mixer | None = None) -> float:  # adds to this rank's meters; returns mixer ms
     mixer_ms = 0.0
     for batch in plan.split(rows * rt.world_size):
-        logits, prev, y = scored_targets(rt, model_fn, val_tokens, batch, rows, repeats)
+        logits, prev, y = scored_targets(rt, model_fn, tokens, batch, rows, repeats)
         log_probs = logits.log_softmax(-1)
         nll = -log_probs.gather(1, y[:, None]).squeeze(1)
         nbytes = target_bytes(prev, y, tables).sum()
@@ -1628,10 +1626,10 @@ def eval_rows(cfg: Config) -> int:  # one process's share of VAL_BATCH_SIZE: one
     return max(1, cfg.val_batch_size // (grad_accum_for(cfg, 1) * cfg.train_seq_len))
 
 
-def eval_blocks(cfg: Config, rt: Runtime, model_fn: ModelFn, val_tokens: Tensor, tables: ByteTables,
+def eval_blocks(cfg: Config, rt: Runtime, model_fn: ModelFn, tokens: Tensor, tables: ByteTables,
                 repeats: int) -> Score:  # the float evals: non-overlapping TRAIN_SEQ_LEN blocks
-    plan = window_plan(len(val_tokens) - 1, cfg.train_seq_len, cfg.train_seq_len)
-    results, _ = eval_windows(cfg, rt, model_fn, val_tokens, tables, repeats, plan, eval_rows(cfg))
+    plan = window_plan(len(tokens) - 1, cfg.train_seq_len, cfg.train_seq_len)
+    results, _ = eval_windows(cfg, rt, model_fn, tokens, tables, repeats, plan, eval_rows(cfg))
     return results["neural"]
 
 
@@ -1645,24 +1643,24 @@ def log_eval(cfg: Config, rt: Runtime, name: str, result: Score, eval_ms: float,
                      repeats=cfg.num_repeats, **fields))
 
 
-def final_block_eval(cfg: Config, rt: Runtime, name: str, model_fn: ModelFn, val_tokens: Tensor,
-                     tables: ByteTables, **fields) -> float:  # eval_blocks at full depth, logged; val_bpb
+def final_block_eval(cfg: Config, rt: Runtime, name: str, model_fn: ModelFn, tokens: Tensor,
+                     tables: ByteTables, **fields) -> float:  # at full depth, logged; returns val_bpb
     start = time.perf_counter()
-    result = eval_blocks(cfg, rt, model_fn, val_tokens, tables, cfg.num_repeats)
+    result = eval_blocks(cfg, rt, model_fn, tokens, tables, cfg.num_repeats)
     log_eval(cfg, rt, name, result, 1000 * (time.perf_counter() - start), **fields)
     return result[1]
 
 
-def run_final_evals(cfg: Config, rt: Runtime, model_fn: ModelFn, val_tokens: Tensor,
+def run_final_evals(cfg: Config, rt: Runtime, model_fn: ModelFn, tokens: Tensor,
                     tables: ByteTables) -> dict[str, Score]:
     """The sliding-window and, on its forwards, the MIXER eval at full depth: logged, and returned by name."""
     if not cfg.eval_stride:
         return {}
-    mixer = None if cfg.mixer == "off" else Mixer(cfg, val_tokens, rt.device)
-    plan = window_plan(len(val_tokens) - 1, cfg.eval_seq_len, cfg.eval_stride)
+    mixer = None if cfg.mixer == "off" else Mixer(cfg, tokens, rt.device)
+    plan = window_plan(len(tokens) - 1, cfg.eval_seq_len, cfg.eval_stride)
     rt.sync()
     start = time.perf_counter()
-    results, mixer_ms = eval_windows(cfg, rt, model_fn, val_tokens, tables, cfg.num_repeats, plan,
+    results, mixer_ms = eval_windows(cfg, rt, model_fn, tokens, tables, cfg.num_repeats, plan,
                                      cfg.eval_batch_seqs, mixer)
     total_ms = 1000 * (time.perf_counter() - start)
     log_eval(cfg, rt, "final_sliding_window", results["neural"], total_ms - mixer_ms, sliding=True)
@@ -1680,9 +1678,9 @@ def run_final_evals(cfg: Config, rt: Runtime, model_fn: ModelFn, val_tokens: Ten
     return {"final_sliding_window": results["neural"], name: results["mixed"]}
 
 
-def ttt_eval(cfg: Config, rt: Runtime, model: nn.Module, val_tokens: Tensor, tables: ByteTables) -> Score:
+def ttt_eval(cfg: Config, rt: Runtime, model: nn.Module, tokens: Tensor, tables: ByteTables) -> Score:
     """Score-first TTT (the last eval: it adapts `model`): score each chunk's windows, then train on it."""
-    total = len(val_tokens) - 1
+    total = len(tokens) - 1
     chunk = cfg.ttt_chunk_tokens
     plan = window_plan(total, cfg.eval_seq_len, cfg.eval_stride)
     n_chunks = -(-total // chunk)
@@ -1697,18 +1695,18 @@ def ttt_eval(cfg: Config, rt: Runtime, model: nn.Module, val_tokens: Tensor, tab
     meter = BpbMeter(rt.device)
     start = time.perf_counter()
     for ci in range(n_chunks):
-        score_windows(cfg, rt, model, val_tokens, tables, cfg.num_repeats, plan[chunk_of == ci],
+        score_windows(rt, model, tokens, tables, cfg.num_repeats, plan[chunk_of == ci],
                       cfg.eval_batch_seqs, {"neural": meter})
         if ci < n_chunks - 1:  # the last chunk is never trained on; a cosine LR over the others
             lr = cfg.ttt_lr * 0.5 * (1 + math.cos(math.pi * ci / (n_chunks - 1)))
-            ttt_train(cfg, rt, model, params, opt, val_tokens, ci * chunk, (ci + 1) * chunk, lr)
+            ttt_train(cfg, rt, model, params, opt, tokens, ci * chunk, (ci + 1) * chunk, lr)
     result = meter.reduce(rt).result()  # its host read waits for the device
     log_eval(cfg, rt, "final_ttt", result, 1000 * (time.perf_counter() - start), sliding=True)
     return result
 
 
 def ttt_train(cfg: Config, rt: Runtime, model: nn.Module, params: list[nn.Parameter],
-              opt: torch.optim.Optimizer, val_tokens: Tensor, lo: int, hi: int, lr: float) -> None:
+              opt: torch.optim.Optimizer, tokens: Tensor, lo: int, hi: int, lr: float) -> None:
     """TTT_EPOCHS passes over targets [lo, hi), TTT_BATCH_SEQS EVAL_SEQ_LEN sequences per rank per step."""
     length = cfg.eval_seq_len
     per = cfg.ttt_batch_seqs
@@ -1722,7 +1720,7 @@ def ttt_train(cfg: Config, rt: Runtime, model: nn.Module, params: list[nn.Parame
         mine = shares[rt.rank][first:first + per]
         opt.zero_grad(set_to_none=True)
         if len(mine):  # a rank without sequences sends zero gradients
-            seqs = val_tokens[mine[:, None] + torch.arange(length + 1)].to(rt.device)
+            seqs = tokens[mine[:, None] + torch.arange(length + 1)].to(rt.device)
             with rt.autocast():
                 nll = model(seqs[:, :-1], cfg.num_repeats, seqs[:, 1:])
             (nll.sum() * (rt.world_size / count)).backward()  # the global mean NLL once averaged over ranks
