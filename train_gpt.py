@@ -1368,14 +1368,14 @@ def build_optimizers(model: nn.Module, cfg: Config, fused: bool,
 
 
 # === 9. MIXER ===
-# An online mixture over the scored validation targets, to the challenge's rules: each expert is a full
-# distribution from the strict prefix (C1, C2); counts and weights learn from a target once scored (C3, C4).
+# An online mixture to the challenge's rules: each expert is a full distribution from the strict prefix
+# (C1, C2); counts and weights learn from a target once it is scored (C3, C4).
 
-TRIGRAM_BUCKETS = 65536  # hashed (x_{t-1}, x_t) contexts
-TRIGRAM_HASH = (36313, 27191)  # multipliers of x_{t-1} and x_t
-ADD_ALPHA = (0.1, 0.1, 0.01)  # smoothing of the unigram, bigram and trigram experts
-BACKOFF_STRENGTH = 4.0  # prior mass of the order below when interpolating (demo: 2 and 4 best, 8 -0.01 bpb)
-PRIOR_LOG_WEIGHT = 2.0  # the neural expert's initial log-weight; the others start at 0
+TRIGRAM_BUCKETS = 65536
+TRIGRAM_HASH = (36313, 27191)
+ADD_ALPHA = (0.1, 0.1, 0.01)  # unigram, bigram, trigram
+BACKOFF_STRENGTH = 4.0  # prior mass of the order below (demo: 2 and 4 best, 8 -0.01 bpb)
+PRIOR_LOG_WEIGHT = 2.0  # the neural expert's; the others start at 0
 HEDGE_COLD_START = 10_000  # reference_hedge mixes once its tables hold this many tokens
 ENTROPY_BINS = 6  # gate buckets: floor(neural entropy in nats) x ...
 EVIDENCE_BINS = 7  # ... floor(log2(1 + trigram context count))
@@ -1397,8 +1397,7 @@ def dirichlet(pair: Tensor, total: Tensor, strength: float, base: Tensor | float
 
 
 @dataclass
-class Evidence:
-    """The counts (per order), neural log-probs and entropy that the experts' log-probs are computed from."""
+class Evidence:  # what the experts' formulas read
     pair: list[Tensor]
     total: list[Tensor]
     neural_log_probs: Tensor
@@ -1406,7 +1405,7 @@ class Evidence:
     vocab: int
 
     def add_alpha(self, order: int, min_total: int = 0) -> Tensor:
-        total = self.total[order].clamp(min=min_total) if min_total else self.total[order]
+        total = self.total[order].clamp(min=min_total)
         return dirichlet(self.pair[order], total, ADD_ALPHA[order] * self.vocab, 1 / self.vocab)
 
     def ngram(self, order: int, min_total: int = 0) -> Tensor:
@@ -1428,16 +1427,15 @@ class Evidence:
         return -self.neural_entropy.expand_as(self.pair[0])
 
 
+SHARED_EXPERTS = dict(neural=Evidence.neural, unigram=Evidence.unigram, bigram=Evidence.bigram)
 EXPERTS = {  # MIXER -> {log name: formula}, the neural expert first (it starts at PRIOR_LOG_WEIGHT)
-    "normalized": dict(neural=Evidence.neural, unigram=Evidence.unigram, bigram=Evidence.bigram,
-                       trigram=Evidence.trigram, interpolated=Evidence.interpolated),
-    "reference_hedge": dict(neural=Evidence.neural, unigram=Evidence.unigram, bigram=Evidence.bigram,
-                            trigram=Evidence.trigram_seen_once, entropy=Evidence.entropy),
+    "normalized": dict(SHARED_EXPERTS, trigram=Evidence.trigram, interpolated=Evidence.interpolated),
+    "reference_hedge": dict(SHARED_EXPERTS, trigram=Evidence.trigram_seen_once, entropy=Evidence.entropy),
 }
 
 
 @dataclass
-class MixedBatch:  # what score() computed for the targets it mixed, for check() and update()
+class MixedBatch:  # what score() mixed, for check() and update()
     contexts: list[Tensor]  # per order
     keys: list[Tensor]  # (context, target) per order
     targets: Tensor
@@ -1446,21 +1444,20 @@ class MixedBatch:  # what score() computed for the targets it mixed, for check()
     log_weights: Tensor  # (n, experts), normalized
     mixed: Tensor  # log p_mix(target)
     bucket: Tensor
-    cold: bool  # reference_hedge before HEDGE_COLD_START: the neural expert alone, no weight update
+    cold: bool  # before HEDGE_COLD_START: the neural expert alone, no weight update
 
 
-class Mixer:
-    """One MIXER eval's state, the same on all ranks: it learns at fixed target counts, not per eval batch."""
+class Mixer:  # one MIXER eval's state, the same on all ranks: it learns at fixed target counts, not per batch
 
-    def __init__(self, cfg: Config, val_tokens: Tensor, device: torch.device):
+    def __init__(self, cfg: Config, tokens: Tensor, device: torch.device):
         self.vocab = cfg.vocab_size
         self.reference = cfg.mixer == "reference_hedge"
         self.experts = EXPERTS[cfg.mixer]
         self.per_token = not self.reference  # count every earlier target, not only earlier batches'
         self.eta = cfg.hedge_eta if self.reference else cfg.mixer_eta
-        self.tokens = F.pad(val_tokens, (1, 0)).to(device, torch.int32)  # a 0 before the first
+        self.tokens = F.pad(tokens, (1, 0)).to(device, torch.int32)  # a 0 before the first
         self.update_every = cfg.mixer_update_targets or cfg.eval_batch_seqs * cfg.eval_stride
-        first_window = min(cfg.eval_seq_len, len(val_tokens) - 1)
+        first_window = min(cfg.eval_seq_len, len(tokens) - 1)
         self.next_update = max(first_window - cfg.eval_stride, 0) + self.update_every
         self.pending = torch.zeros(0, 2, device=device)  # (neural NLL, entropy) of the open chunk
         contexts = (1, self.vocab, TRIGRAM_BUCKETS)  # per order
@@ -1469,7 +1466,7 @@ class Mixer:
         buckets = 1 if self.reference else ENTROPY_BINS * EVIDENCE_BINS
         self.log_weights = torch.zeros(buckets, len(self.experts), dtype=torch.float64, device=device)
         self.log_weights[:, 0] = PRIOR_LOG_WEIGHT
-        self.weight_sum = torch.zeros(len(self.experts), dtype=torch.float64, device=device)
+        self.weight_sum = self.log_weights.new_zeros(len(self.experts))
         self.rng = torch.Generator().manual_seed(cfg.seed)
         self.errors = [0.0, 0.0, 0.0]  # max |mass - 1|, max mass, max |brute-force p(target) - scored|
 
@@ -1508,7 +1505,7 @@ class Mixer:
         entropy = entropy.double()
         log_probs = self.log_probs(Evidence(pair, total, -nll.double(), entropy, self.vocab))
         bucket = torch.zeros_like(y)
-        if len(self.log_weights) > 1:  # the gate reads the entropy and the context's count, not the target
+        if len(self.log_weights) > 1:  # the gate reads the entropy and the context count, never the target
             seen = torch.log2(total[2] + 1).floor().clamp(max=EVIDENCE_BINS - 1).long()
             bucket = entropy.floor().clamp(0, ENTROPY_BINS - 1).long() * EVIDENCE_BINS + seen
         log_weights = self.log_weights[bucket].log_softmax(-1)
@@ -1534,7 +1531,7 @@ class Mixer:
         errors = (abs(mass - 1), mass, abs(float(probs[self.batch.targets[j]] - self.batch.mixed[j].exp())))
         self.errors = [max(old, new) for old, new in zip(self.errors, errors)]
 
-    def update(self) -> None:  # learn from the targets score() just mixed, once all of them are scored
+    def update(self) -> None:  # learn from score()'s targets once all of them are scored
         for table, index in [*zip(self.pairs, self.batch.keys), *zip(self.totals, self.batch.contexts)]:
             table.index_put_((index,), torch.ones_like(index, dtype=torch.int32), accumulate=True)
         if not self.reference:  # exponentiated gradient on the mixture's log loss, per bucket
@@ -1546,10 +1543,10 @@ class Mixer:
 
 
 def mix_batch(rt: Runtime, mixer: Mixer, batch: Tensor, rows: int, log_probs: Tensor, nll: Tensor) -> Tensor:
-    """This rank's mixed NLL of a global batch (`batch`: all ranks' plan rows); every rank mixes all of it."""
+    """This rank's mixed NLL of `batch` (all ranks' plan rows): every rank mixes all of it."""
     counts = [int(c.sum()) for c in (batch[:, 1] - batch[:, 2]).split(rows)]
     counts += [0] * (rt.world_size - len(counts))
-    features = torch.stack([nll, torch.special.entr(log_probs.exp()).sum(-1)], 1)  # (m, 2)
+    features = torch.stack([nll, torch.special.entr(log_probs.exp()).sum(-1)], 1)
     gathered = rt.all_gather(F.pad(features, (0, 0, 0, max(counts) - len(features))))
     features = torch.cat([part[:count] for part, count in zip(gathered, counts)])
     offset = sum(counts[:rt.rank])
@@ -1576,36 +1573,33 @@ def window_plan(total: int, window: int, stride: int) -> Tensor:
     return torch.stack([starts, torch.full_like(starts, length), scored_from], 1)
 
 
-def scored_targets(rt: Runtime, model_fn: ModelFn, val_tokens: Tensor, windows: Tensor, rows: int,
+def scored_targets(rt: Runtime, model_fn: ModelFn, tokens: Tensor, batch: Tensor, rows: int,
                    repeats: int) -> tuple[Tensor, Tensor, Tensor]:
-    """fp32 logits (m, V), previous tokens (m,) and targets (m,) of what `windows` score, in target order."""
-    length = int(windows[0, 1])
-    chunk = val_tokens[windows[:, :1] + torch.arange(length + 1)].to(rt.device)  # (n, length + 1)
+    """fp32 logits (m, V), previous tokens (m,) and targets (m,) that this rank's rows of `batch` score."""
+    windows = batch[rt.rank * rows:(rt.rank + 1) * rows]  # none on some ranks: they still forward and gather
+    length = int(batch[0, 1])
+    chunk = tokens[windows[:, :1] + torch.arange(length + 1)].to(rt.device)  # (n, length + 1)
     with rt.autocast():
         logits = model_fn(F.pad(chunk[:, :-1], (0, 0, 0, rows - len(windows))), repeats)[:len(windows)]
     keep = torch.arange(length, device=rt.device) >= windows[:, 2:].to(rt.device)  # (n, length)
     return logits[keep], chunk[:, :-1][keep], chunk[:, 1:][keep]
 
 
-def eval_windows(cfg: Config, rt: Runtime, model_fn: ModelFn, val_tokens: Tensor, tables: ByteTables,
+def eval_windows(cfg: Config, rt: Runtime, model_fn: ModelFn, tokens: Tensor, tables: ByteTables,
                  repeats: int, plan: Tensor, rows: int,
                  mixer: Mixer | None = None) -> tuple[dict[str, Score], float]:  # neural[, mixed]; mixer ms
     meters = {"neural": BpbMeter(rt.device), **({"mixed": BpbMeter(rt.device)} if mixer else {})}
-    mixer_ms = score_windows(cfg, rt, model_fn, val_tokens, tables, repeats, plan, rows, meters, mixer)
+    mixer_ms = score_windows(rt, model_fn, tokens, tables, repeats, plan, rows, meters, mixer)
     return {name: meter.reduce(rt).result() for name, meter in meters.items()}, mixer_ms
 
 
 @torch.inference_mode()  # scored targets cannot reach the weights (TTT trains only after this returns)
-def score_windows(cfg: Config, rt: Runtime, model_fn: ModelFn, val_tokens: Tensor, tables: ByteTables,
+def score_windows(rt: Runtime, model_fn: ModelFn, tokens: Tensor, tables: ByteTables,
                   repeats: int, plan: Tensor, rows: int, meters: dict[str, BpbMeter],
                   mixer: Mixer | None = None) -> float:  # adds to this rank's meters; returns mixer ms
     mixer_ms = 0.0
     for batch in plan.split(rows * rt.world_size):
-        own = batch[rt.rank * rows:(rt.rank + 1) * rows]
-        logits = torch.zeros(0, cfg.vocab_size, device=rt.device)  # a rank without windows still gathers
-        prev = y = torch.zeros(0, dtype=torch.int64, device=rt.device)
-        if len(own):
-            logits, prev, y = scored_targets(rt, model_fn, val_tokens, own, rows, repeats)
+        logits, prev, y = scored_targets(rt, model_fn, tokens, batch, rows, repeats)
         log_probs = logits.log_softmax(-1)
         nll = -log_probs.gather(1, y[:, None]).squeeze(1)
         nbytes = target_bytes(prev, y, tables).sum()
@@ -1623,10 +1617,10 @@ def eval_rows(cfg: Config) -> int:  # one process's share of VAL_BATCH_SIZE: one
     return max(1, cfg.val_batch_size // (grad_accum_for(cfg, 1) * cfg.train_seq_len))
 
 
-def eval_blocks(cfg: Config, rt: Runtime, model_fn: ModelFn, val_tokens: Tensor, tables: ByteTables,
+def eval_blocks(cfg: Config, rt: Runtime, model_fn: ModelFn, tokens: Tensor, tables: ByteTables,
                 repeats: int) -> Score:  # the float evals: non-overlapping TRAIN_SEQ_LEN blocks
-    plan = window_plan(len(val_tokens) - 1, cfg.train_seq_len, cfg.train_seq_len)
-    results, _ = eval_windows(cfg, rt, model_fn, val_tokens, tables, repeats, plan, eval_rows(cfg))
+    plan = window_plan(len(tokens) - 1, cfg.train_seq_len, cfg.train_seq_len)
+    results, _ = eval_windows(cfg, rt, model_fn, tokens, tables, repeats, plan, eval_rows(cfg))
     return results["neural"]
 
 
@@ -1640,24 +1634,24 @@ def log_eval(cfg: Config, rt: Runtime, name: str, result: Score, eval_ms: float,
                      repeats=cfg.num_repeats, **fields))
 
 
-def final_block_eval(cfg: Config, rt: Runtime, name: str, model_fn: ModelFn, val_tokens: Tensor,
-                     tables: ByteTables, **fields) -> float:  # eval_blocks at full depth, logged; val_bpb
+def final_block_eval(cfg: Config, rt: Runtime, name: str, model_fn: ModelFn, tokens: Tensor,
+                     tables: ByteTables, **fields) -> float:  # at full depth, logged; returns val_bpb
     start = time.perf_counter()
-    result = eval_blocks(cfg, rt, model_fn, val_tokens, tables, cfg.num_repeats)
+    result = eval_blocks(cfg, rt, model_fn, tokens, tables, cfg.num_repeats)
     log_eval(cfg, rt, name, result, 1000 * (time.perf_counter() - start), **fields)
     return result[1]
 
 
-def run_final_evals(cfg: Config, rt: Runtime, model_fn: ModelFn, val_tokens: Tensor,
+def run_final_evals(cfg: Config, rt: Runtime, model_fn: ModelFn, tokens: Tensor,
                     tables: ByteTables) -> dict[str, Score]:
     """The sliding-window and, on its forwards, the MIXER eval at full depth: logged, and returned by name."""
     if not cfg.eval_stride:
         return {}
-    mixer = None if cfg.mixer == "off" else Mixer(cfg, val_tokens, rt.device)
-    plan = window_plan(len(val_tokens) - 1, cfg.eval_seq_len, cfg.eval_stride)
+    mixer = None if cfg.mixer == "off" else Mixer(cfg, tokens, rt.device)
+    plan = window_plan(len(tokens) - 1, cfg.eval_seq_len, cfg.eval_stride)
     rt.sync()
     start = time.perf_counter()
-    results, mixer_ms = eval_windows(cfg, rt, model_fn, val_tokens, tables, cfg.num_repeats, plan,
+    results, mixer_ms = eval_windows(cfg, rt, model_fn, tokens, tables, cfg.num_repeats, plan,
                                      cfg.eval_batch_seqs, mixer)
     total_ms = 1000 * (time.perf_counter() - start)
     log_eval(cfg, rt, "final_sliding_window", results["neural"], total_ms - mixer_ms, sliding=True)
@@ -1675,13 +1669,13 @@ def run_final_evals(cfg: Config, rt: Runtime, model_fn: ModelFn, val_tokens: Ten
     return {"final_sliding_window": results["neural"], name: results["mixed"]}
 
 
-def ttt_eval(cfg: Config, rt: Runtime, model: nn.Module, val_tokens: Tensor, tables: ByteTables) -> Score:
+def ttt_eval(cfg: Config, rt: Runtime, model: nn.Module, tokens: Tensor, tables: ByteTables) -> Score:
     """Score-first TTT (the last eval: it adapts `model`): score each chunk's windows, then train on it."""
-    total = len(val_tokens) - 1
+    total = len(tokens) - 1
     chunk = cfg.ttt_chunk_tokens
     plan = window_plan(total, cfg.eval_seq_len, cfg.eval_stride)
     n_chunks = -(-total // chunk)
-    chunk_of = ((plan[:, 0] + plan[:, 2]) // chunk).clamp(max=n_chunks - 1)
+    chunk_of = (plan[:, 0] + plan[:, 2]) // chunk  # of each window's first target
     frozen = tuple(f"blocks.{i}." for i in range(cfg.ttt_freeze_blocks))
     params = [p for name, p in model.named_parameters() if p.requires_grad and not name.startswith(frozen)]
     for p in params:  # bf16 weights would round away most steps of LR <= 5e-4
@@ -1692,18 +1686,18 @@ def ttt_eval(cfg: Config, rt: Runtime, model: nn.Module, val_tokens: Tensor, tab
     meter = BpbMeter(rt.device)
     start = time.perf_counter()
     for ci in range(n_chunks):
-        score_windows(cfg, rt, model, val_tokens, tables, cfg.num_repeats, plan[chunk_of == ci],
+        score_windows(rt, model, tokens, tables, cfg.num_repeats, plan[chunk_of == ci],
                       cfg.eval_batch_seqs, {"neural": meter})
         if ci < n_chunks - 1:  # the last chunk is never trained on; a cosine LR over the others
             lr = cfg.ttt_lr * 0.5 * (1 + math.cos(math.pi * ci / (n_chunks - 1)))
-            ttt_train(cfg, rt, model, params, opt, val_tokens, ci * chunk, (ci + 1) * chunk, lr)
+            ttt_train(cfg, rt, model, params, opt, tokens, ci * chunk, (ci + 1) * chunk, lr)
     result = meter.reduce(rt).result()  # its host read waits for the device
     log_eval(cfg, rt, "final_ttt", result, 1000 * (time.perf_counter() - start), sliding=True)
     return result
 
 
 def ttt_train(cfg: Config, rt: Runtime, model: nn.Module, params: list[nn.Parameter],
-              opt: torch.optim.Optimizer, val_tokens: Tensor, lo: int, hi: int, lr: float) -> None:
+              opt: torch.optim.Optimizer, tokens: Tensor, lo: int, hi: int, lr: float) -> None:
     """TTT_EPOCHS passes over targets [lo, hi), TTT_BATCH_SEQS EVAL_SEQ_LEN sequences per rank per step."""
     length = cfg.eval_seq_len
     per = cfg.ttt_batch_seqs
@@ -1717,7 +1711,7 @@ def ttt_train(cfg: Config, rt: Runtime, model: nn.Module, params: list[nn.Parame
         mine = shares[rt.rank][first:first + per]
         opt.zero_grad(set_to_none=True)
         if len(mine):  # a rank without sequences sends zero gradients
-            seqs = val_tokens[mine[:, None] + torch.arange(length + 1)].to(rt.device)
+            seqs = tokens[mine[:, None] + torch.arange(length + 1)].to(rt.device)
             with rt.autocast():
                 nll = model(seqs[:, :-1], cfg.num_repeats, seqs[:, 1:])
             (nll.sum() * (rt.world_size / count)).backward()  # the global mean NLL once averaged over ranks
