@@ -97,7 +97,7 @@ class ConfigError(ValueError):
 
 
 def knob(default: object, kind: str, allowed: str | tuple[str, ...] = "") -> object:
-    """allowed: "> 0", ">= 0" (a float also finite), an interval such as "[0, 1)", or the choices."""
+    """allowed: "> 0", ">= 0" (a float: also finite), an interval like "[0, 1)", or the choices."""
     return field(default=default, metadata={"kind": kind, "allowed": allowed})
 
 
@@ -150,7 +150,7 @@ def parse_ints(spec: str) -> list[int]:
 
 
 def codecs_for(compressor: str) -> tuple[list[str], list[str]]:
-    """The installed codecs COMPRESSOR may use, the pip names of those it wants but lacks."""
+    """The installed codecs COMPRESSOR may use, the pip names of those it lacks."""
     wanted = [name for name in OPTIONAL_CODECS if compressor in (name, "auto")]
     usable = [name for name in wanted if OPTIONAL_CODECS[name][1]]
     missing = [OPTIONAL_CODECS[name][0] for name in wanted if not OPTIONAL_CODECS[name][1]]
@@ -249,6 +249,13 @@ QUANT_METHODS = {"gptq": {"scales": "clip", "codes": "gptq"}, "clip": {"scales":
 # Not knobs, though near a knob's name: torchrun's and the preset selector.
 NON_KNOB_ENV = frozenset({"PRESET", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK"})
 
+# What the 512-wide, 2048-token seeds pr1204 and pr456 share.
+LONG_CONTEXT_SEEDS = dict(
+    model_dim=512, mlp_mult=3.0, num_value_embeds=0, loop_embed=False, smear_gate=True, train_seq_len=2048,
+    train_batch_tokens=786432, eval_seq_len=2048, tied_embed_lr=0.035, scalar_lr=0.025, muon_momentum=0.99,
+    muon_momentum_warmup_start=0.92, muon_momentum_warmup_steps=1500, quant_levels=31, mlp_quant_levels=15,
+    mixer="off")
+
 PRESETS: dict[str, dict[str, object]] = {
     "pr1453": {},
     # CPU-sized, on python3 data/prepare_demo.py's corpus; 4 calibration batches fit 8 s on 2 cores.
@@ -270,24 +277,18 @@ PRESETS: dict[str, dict[str, object]] = {
         tied_embed_lr=0.015, swa_start_frac=0.4, swa_every=50, quant_levels=127, mlp_quant_levels=127,
         quant_method="ref", mixer="off"),
     "pr1204": dict(
-        num_layers=11, num_repeats=2, recur_layers="4,5", prog_depth="0.44:1,1.0:2", model_dim=512,
-        mlp_mult=3.0, num_value_embeds=0, loop_embed=False, cross_repeat=False, untie_scalars=True,
-        untie_repeat_mlp=True, unet="gated", parallel_last_n=4, bigram_vocab_size=2816, bigram_dim=160,
-        smear_gate=True, rope_dims=16, ln_scale=True, ve_dim=128, ve_layers="9,10", disable_layer0_attn=True,
-        xsa_last_n=11, train_seq_len=2048, train_batch_tokens=786432, eval_seq_len=2048, eval_stride=64,
-        warmdown_iters=3500, tied_embed_lr=0.035, matrix_lr=0.03, scalar_lr=0.025, muon_momentum=0.99,
-        muon_momentum_warmup_start=0.92, muon_momentum_warmup_steps=1500, swa_enabled=False, ema_decay=0.997,
-        quant_levels=31, mlp_quant_levels=15, quant_high_tensors=32, gptq_calib="selfgen", gptq_calib_seqs=64,
-        mixer="off", val_loss_every=4000, train_log_every=500),
+        LONG_CONTEXT_SEEDS, num_layers=11, num_repeats=2, recur_layers="4,5", prog_depth="0.44:1,1.0:2",
+        cross_repeat=False, untie_scalars=True, untie_repeat_mlp=True, unet="gated", parallel_last_n=4,
+        bigram_vocab_size=2816, bigram_dim=160, rope_dims=16, ln_scale=True, ve_dim=128, ve_layers="9,10",
+        disable_layer0_attn=True, xsa_last_n=11, eval_stride=64, warmdown_iters=3500, matrix_lr=0.03,
+        swa_enabled=False, ema_decay=0.997, quant_high_tensors=32, gptq_calib="selfgen", gptq_calib_seqs=64,
+        val_loss_every=4000, train_log_every=500),
     "pr456": dict(
-        num_layers=10, num_repeats=1, prog_depth="1.0:1", model_dim=512, mlp_mult=3.0, num_value_embeds=0,
-        loop_embed=False, unet="add", bigram_vocab_size=10240, bigram_dim=128, smear_gate=True, xsa_last_n=3,
-        mlp_negative_slope=0.0, seed=42, train_seq_len=2048, train_batch_tokens=786432, iterations=5200,
-        max_wallclock_seconds=0.0, warmdown_iters=3000, swa_every=50, swa_start_frac=0.2, tied_embed_lr=0.035,
-        matrix_lr=0.025, scalar_lr=0.025, muon_momentum=0.99, muon_momentum_warmup_start=0.92,
-        muon_momentum_warmup_steps=1500, eval_seq_len=2048, eval_stride=128, eval_batch_seqs=64,
-        quant_levels=31, mlp_quant_levels=15, quant_method="clip", mixer="off", ttt=True, val_loss_every=500,
-        train_log_every=100),
+        LONG_CONTEXT_SEEDS, num_layers=10, num_repeats=1, prog_depth="1.0:1", unet="add",
+        bigram_vocab_size=10240, bigram_dim=128, xsa_last_n=3, mlp_negative_slope=0.0, seed=42,
+        iterations=5200, max_wallclock_seconds=0.0, warmdown_iters=3000, swa_every=50, swa_start_frac=0.2,
+        matrix_lr=0.025, eval_stride=128, eval_batch_seqs=64, quant_method="clip", ttt=True,
+        val_loss_every=500, train_log_every=100),
 }
 
 
@@ -431,7 +432,7 @@ class Config:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Config:
-        """PRESET's values, then environ's knobs; a near-miss of a knob's name is refused."""
+        """PRESET's values, then environ's; a near-miss of a knob's name is refused."""
         if problem := torch_version_problem(torch.__version__):
             raise ConfigError(problem)
         knobs = {f.name.upper(): f for f in dataclasses.fields(cls)}
@@ -477,7 +478,7 @@ class Runtime:
             dist.init_process_group(backend, device_id=self.device if self.is_cuda else None)
             dist.barrier()
         self.use_compile = cfg.compile == "1" or (cfg.compile == "auto" and self.is_cuda)
-        # Rank 0 picks precision and run id, so all ranks compute and name files alike.
+        # Rank 0 picks precision and run id: all ranks compute and name files alike.
         decision = self.choose_precision(cfg) if self.is_main else None
         self.precision, self.precision_reason = self.broadcast_object(decision)
         self.use_autocast = self.precision == "bf16"
@@ -496,8 +497,7 @@ class Runtime:
         if not cfg.device.startswith("cuda") and not (cfg.device == "auto" and torch.cuda.is_available()):
             return None
         if not torch.cuda.is_available():
-            return (f"DEVICE={cfg.device} but this torch {torch.__version__} sees no CUDA device; "
-                    "use DEVICE=cpu or auto")
+            return f"DEVICE={cfg.device} but this torch {torch.__version__} sees no GPU; use DEVICE=cpu"
         count = torch.cuda.device_count()
         ranks = int(environ.get("LOCAL_WORLD_SIZE", 1))
         index = int(cfg.device.partition(":")[2] or 0)
@@ -843,8 +843,6 @@ def target_bytes(prev: Tensor, target: Tensor, tables: ByteTables) -> Tensor:
 
 
 class BpbMeter:
-    """Float64 sums of NLL, tokens and bytes."""
-
     def __init__(self, device: torch.device):
         self.sums = torch.zeros(3, dtype=torch.float64, device=device)
 
