@@ -40,7 +40,6 @@ Contents
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import dataclasses
 import difflib
@@ -72,7 +71,7 @@ from torch import Tensor, nn
 
 
 def optional_module(name: str) -> object | None:
-    """The module, or None: the artifact codecs are optional (COMPRESSOR=auto uses what is installed)."""
+    """Codecs are optional: COMPRESSOR=auto uses what is installed."""
     try:
         return importlib.import_module(name)
     except ImportError:
@@ -81,37 +80,34 @@ def optional_module(name: str) -> object | None:
 
 zstandard = optional_module("zstandard")
 brotli = optional_module("brotli")
-OPTIONAL_CODECS = {"zstd": ("zstandard", zstandard), "brotli": ("brotli", brotli)}  # pip name, module or None
+OPTIONAL_CODECS = {"zstd": ("zstandard", zstandard), "brotli": ("brotli", brotli)}  # pip name, module
 
 # === 2. CONFIG ===
-# One frozen dataclass; a field's env var is its upper-cased name. Each knob is declared once, with knob():
-# its default (the #1453 submitted run), its kind and its allowed values. The validation, MODEL_FIELDS,
-# resume_key and the README's knob table (checked by tests/test_config.py) derive from that declaration.
+# A field's env var is its upper-cased name; knob() declares its default, kind and allowed values, whence the
+# validation, MODEL_FIELDS, resume_key and the README's knob table derive.
 
-MODEL = "model"  # the shape of the network: the artifact carries these knobs
-TRAIN = "train"  # changes what training computes: a checkpoint resumes only with the same values
-EVAL = "eval"  # acts only after training (quantization, the artifact, the final evals): may change on RESUME
-RUN = "run"  # names or steers the run and changes no number
+MODEL = "model"  # the network's shape: the artifact carries it
+TRAIN = "train"  # what training computes: a resume needs the same values
+EVAL = "eval"  # acts after training (quantization, artifact, final evals): may change on RESUME
+RUN = "run"  # names or steers the run, changes no number
 
 
 class ConfigError(ValueError):
-    """A bad knob: reported as one line and exit code 2 before any work starts."""
+    """A bad knob: one line and exit code 2 before any work starts."""
 
 
 def knob(default: object, kind: str, allowed: str | tuple[str, ...] = "") -> object:
-    """A Config field; allowed is "> 0", ">= 0" (a float also finite), an interval such as "[0, 1)", or the
-    choices."""
+    """allowed: "> 0", ">= 0" (a float: also finite), an interval like "[0, 1)", or the choices."""
     return field(default=default, metadata={"kind": kind, "allowed": allowed})
 
 
-TORCH_MIN = (2, 5)  # SDPA's enable_gqa; next newest: F.rms_norm (2.4), init_process_group's device_id
+TORCH_MIN = (2, 5)  # SDPA's enable_gqa; then F.rms_norm (2.4), init_process_group's device_id
 
 
 def torch_version_problem(version: str) -> str:
-    """'' when this torch is new enough, else the one line that ends the run (exit 2)."""
-    found = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+    """'' when this torch is new enough, else the config_error line."""
     need = ".".join(map(str, TORCH_MIN))
-    if found >= TORCH_MIN:
+    if tuple(int(part) for part in re.findall(r"\d+", version)[:2]) >= TORCH_MIN:
         return ""
     return f"torch {version} found, this script needs torch>={need} (SDPA enable_gqa)"
 
@@ -121,13 +117,12 @@ BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True,
 
 
 def _parse_value(key: str, raw: str, kind: str) -> object:
-    """raw as the field's annotated type (a string, under `from __future__ import annotations`)."""
     if kind == "str":
         return raw
     if kind == "bool":
-        if raw.strip().lower() not in BOOL_WORDS:
+        if (word := raw.strip().lower()) not in BOOL_WORDS:
             raise ConfigError(f"{key} must be 0 or 1, got {raw!r}")
-        return BOOL_WORDS[raw.strip().lower()]
+        return BOOL_WORDS[word]
     try:
         return int(raw) if kind == "int" else float(raw)
     except ValueError:
@@ -135,11 +130,11 @@ def _parse_value(key: str, raw: str, kind: str) -> object:
 
 
 def parse_prog_depth(spec: str) -> tuple[tuple[float, int], ...]:
-    """'0.30:2,0.50:3,1.0:4' -> ((0.3, 2), (0.5, 3), (1.0, 4)); raises ConfigError when malformed."""
+    """'0.30:2,1.0:4' -> ((0.3, 2), (1.0, 4))."""
     pairs = []
     for item in spec.split(","):
         frac, _, reps = item.strip().partition(":")
-        try:  # without a colon reps is "", which int() rejects too
+        try:  # no colon: int("") fails too
             pairs.append((float(frac), int(reps)))
         except ValueError:
             raise ConfigError(f"PROG_DEPTH item {item.strip()!r} is not frac:repeats (e.g. 0.30:2)") from None
@@ -147,7 +142,7 @@ def parse_prog_depth(spec: str) -> tuple[tuple[float, int], ...]:
 
 
 def parse_ints(spec: str) -> list[int]:
-    """'4,5' -> [4, 5]; '' -> []; raises ConfigError when an item is not an integer."""
+    """'4,5' -> [4, 5]; '' -> []."""
     try:
         return [int(item) for item in spec.split(",") if item.strip()]
     except ValueError:
@@ -155,7 +150,7 @@ def parse_ints(spec: str) -> list[int]:
 
 
 def codecs_for(compressor: str) -> tuple[list[str], list[str]]:
-    """The installed codecs COMPRESSOR may use, and the pip names of the ones it wants that are missing."""
+    """The installed codecs COMPRESSOR may use, the pip names of those it lacks."""
     wanted = [name for name in OPTIONAL_CODECS if compressor in (name, "auto")]
     usable = [name for name in wanted if OPTIONAL_CODECS[name][1]]
     missing = [OPTIONAL_CODECS[name][0] for name in wanted if not OPTIONAL_CODECS[name][1]]
@@ -163,7 +158,6 @@ def codecs_for(compressor: str) -> tuple[list[str], list[str]]:
 
 
 def _allowed_problem(f: dataclasses.Field, value: object) -> str:
-    """'' when the field's declaration allows value, else "must be ..., got value"."""
     allowed = f.metadata["allowed"]
     if isinstance(allowed, tuple):
         return "" if value in allowed else f"must be one of {', '.join(allowed)}, got {value!r}"
@@ -181,8 +175,7 @@ def _allowed_problem(f: dataclasses.Field, value: object) -> str:
 
 
 def _config_problems(c: Config) -> Iterator[str]:
-    """Every problem in order: each field's declared values, then the rules across knobs. The first one is
-    raised, so a rule may assume that the ones before it hold."""
+    """Declared values, then cross-knob rules; only the first is raised: a rule may assume earlier ones."""
     for f in dataclasses.fields(c):
         if problem := _allowed_problem(f, getattr(c, f.name)):
             yield f"{f.name.upper()} {problem}"
@@ -198,22 +191,19 @@ def _config_problems(c: Config) -> Iterator[str]:
         yield (f"VAL_MAX_TOKENS must be 0 (the whole split) or >= TRAIN_SEQ_LEN={c.train_seq_len}, "
                f"got {c.val_max_tokens}")
     if not re.fullmatch(r"[A-Za-z0-9._-]*", c.run_id) or c.run_id.startswith("."):
-        yield f"RUN_ID names files in logs/: letters, digits, '.', '_', '-' (not first '.'), got {c.run_id!r}"
+        yield f"RUN_ID names files in logs/: use [A-Za-z0-9._-], not first '.', got {c.run_id!r}"
     if c.resume == "auto" and not c.run_id:
-        yield "RESUME=auto resumes logs/<RUN_ID>.ckpt: set the RUN_ID of the run to continue"
+        yield "RESUME=auto resumes logs/<RUN_ID>.ckpt: set the RUN_ID to continue"
     if c.train_batch_tokens % c.train_seq_len:
-        yield (f"TRAIN_BATCH_TOKENS={c.train_batch_tokens} must be a multiple of "
-               f"TRAIN_SEQ_LEN={c.train_seq_len}")
+        yield f"TRAIN_SEQ_LEN={c.train_seq_len} must divide TRAIN_BATCH_TOKENS={c.train_batch_tokens}"
     if c.device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?", c.device):
         yield f"DEVICE must be auto, cpu, cuda or cuda:N, got {c.device!r}"
     if not 0 <= c.eval_stride <= c.eval_seq_len:
-        yield (f"EVAL_STRIDE must be in 0..EVAL_SEQ_LEN={c.eval_seq_len} (0 skips the sliding eval), "
-               f"got {c.eval_stride}")
+        yield f"EVAL_STRIDE must be in 0..EVAL_SEQ_LEN={c.eval_seq_len} (0: off), got {c.eval_stride}"
     if c.ttt and not c.eval_stride:
-        yield "TTT=1 needs EVAL_STRIDE > 0 (it scores with the sliding-window plan)"
+        yield "TTT=1 needs EVAL_STRIDE > 0 (it scores on the sliding windows)"
     if c.ttt_chunk_tokens < c.eval_seq_len:
-        yield (f"TTT_CHUNK_TOKENS must be >= EVAL_SEQ_LEN={c.eval_seq_len} (whole sequences), "
-               f"got {c.ttt_chunk_tokens}")
+        yield f"TTT_CHUNK_TOKENS must be >= EVAL_SEQ_LEN={c.eval_seq_len}, got {c.ttt_chunk_tokens}"
     if not 0 <= c.ttt_freeze_blocks <= c.num_layers:
         yield f"TTT_FREEZE_BLOCKS must be in 0..NUM_LAYERS={c.num_layers}, got {c.ttt_freeze_blocks}"
     if not c.tokenizer_path.endswith(".model"):
@@ -221,13 +211,12 @@ def _config_problems(c: Config) -> Iterator[str]:
     if c.ema_decay > 0 and c.swa_enabled:
         yield f"EMA_DECAY={c.ema_decay} replaces SWA as the exported average; set SWA_ENABLED=0"
     if c.quant_high_tensors and not c.uses_gptq:
-        yield (f"QUANT_HIGH_TENSORS={c.quant_high_tensors} ranks tensors by GPTQ Hessians; "
-               "it needs QUANT_METHOD=gptq")
+        yield f"QUANT_HIGH_TENSORS={c.quant_high_tensors} ranks tensors by GPTQ Hessians (QUANT_METHOD=gptq)"
     if c.reserves_calibration_time and c.gptq_reserve_seconds >= c.max_wallclock_seconds:
         yield (f"GPTQ_RESERVE_SECONDS={c.gptq_reserve_seconds} must be below MAX_WALLCLOCK_SECONDS="
-               f"{c.max_wallclock_seconds} (GPTQ_CALIB=train calibrates inside the training budget)")
+               f"{c.max_wallclock_seconds} (GPTQ_CALIB=train calibrates within it)")
     usable, missing = codecs_for(c.compressor)
-    if missing and not usable and not (c.dry_run or c.eval_only):  # checked before training, not after it
+    if missing and not usable and not (c.dry_run or c.eval_only):  # before training, not after it
         yield (f"COMPRESSOR={c.compressor} needs {' or '.join(missing)}, not installed: "
                f"pip install {' '.join(missing)}")
     fracs = [frac for frac, _ in c.depth_schedule]
@@ -242,7 +231,7 @@ def _config_problems(c: Config) -> Iterator[str]:
     if recur and (recur != list(range(recur[0], recur[-1] + 1)) or recur[0] < 0 or recur[-1] >= c.num_layers):
         yield f"RECUR_LAYERS must be consecutive layers in 0..{c.num_layers - 1}, got {c.recur_layers!r}"
     if c.bigram_vocab_size == 1:
-        yield "BIGRAM_VOCAB_SIZE must be 0 (off) or >= 2 (one bucket is reserved for the first position)"
+        yield "BIGRAM_VOCAB_SIZE must be 0 (off) or >= 2 (bucket 0 is the first position's)"
     if c.rope_dims % 2 or c.rope_dims > c.head_dim:
         yield f"ROPE_DIMS must be even and <= the head dim {c.head_dim} (0: all), got {c.rope_dims}"
     if c.parallel_last_n > c.depth:
@@ -253,18 +242,23 @@ def _config_problems(c: Config) -> Iterator[str]:
                f"VE_DIM > 0; got VE_DIM={c.ve_dim} VE_LAYERS={c.ve_layers!r}")
 
 
-# QUANT_METHOD's one home (section 11 reads it): row scales from CLIP_RATIOS or REF_QUANTILES, codes by GPTQ
-# on calibration Hessians or by rounding.
+# QUANT_METHOD's one home (section 11 reads it): scales from CLIP_RATIOS or REF_QUANTILES, GPTQ or rounding.
 QUANT_METHODS = {"gptq": {"scales": "clip", "codes": "gptq"}, "clip": {"scales": "clip", "codes": "round"},
                  "ref": {"scales": "quantiles", "codes": "round"}}
 
-# Env vars that are not knobs but may sit near a knob's name (torchrun's, our preset selector).
+# Not knobs, though near a knob's name: torchrun's and the preset selector.
 NON_KNOB_ENV = frozenset({"PRESET", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK"})
+
+# What the 512-wide, 2048-token seeds pr1204 and pr456 share.
+LONG_CONTEXT_SEEDS = dict(
+    model_dim=512, mlp_mult=3.0, num_value_embeds=0, loop_embed=False, smear_gate=True, train_seq_len=2048,
+    train_batch_tokens=786432, eval_seq_len=2048, tied_embed_lr=0.035, scalar_lr=0.025, muon_momentum=0.99,
+    muon_momentum_warmup_start=0.92, muon_momentum_warmup_steps=1500, quant_levels=31, mlp_quant_levels=15,
+    mixer="off")
 
 PRESETS: dict[str, dict[str, object]] = {
     "pr1453": {},
-    # A CPU-sized model on the embedded demo corpus (python3 data/prepare_demo.py); 4 calibration batches
-    # fit the 8 s reserve on 2 busy cores.
+    # CPU-sized, on python3 data/prepare_demo.py's corpus; 4 calibration batches fit 8 s on 2 cores.
     "demo": dict(
         data_path="./data/datasets/demo_sp1024", tokenizer_path="./data/tokenizers/demo_1024_bpe.model",
         model_dim=128, num_heads=4, num_kv_heads=2, train_seq_len=256, train_batch_tokens=4096,
@@ -272,7 +266,7 @@ PRESETS: dict[str, dict[str, object]] = {
         muon_momentum_warmup_steps=100, swa_every=10, val_batch_size=16384, val_loss_every=100,
         val_max_tokens=65536, train_log_every=25, eval_seq_len=256, eval_stride=64, eval_batch_seqs=16,
         gptq_calib_batches=4),
-    # The seed systems, each reproducing its logged parameter count (README: Seed systems as presets).
+    # The seed systems at their logged parameter counts (README: Seed systems as presets).
     "pr895": dict(
         model_dim=832, mlp_mult=2.0, num_repeats=5, prog_depth="0.3:2,0.5:3,0.75:4,1.0:5",
         max_wallclock_seconds=14400.0, iterations=200000, warmdown_iters=15000, swa_every=100,
@@ -283,28 +277,22 @@ PRESETS: dict[str, dict[str, object]] = {
         tied_embed_lr=0.015, swa_start_frac=0.4, swa_every=50, quant_levels=127, mlp_quant_levels=127,
         quant_method="ref", mixer="off"),
     "pr1204": dict(
-        num_layers=11, num_repeats=2, recur_layers="4,5", prog_depth="0.44:1,1.0:2", model_dim=512,
-        mlp_mult=3.0, num_value_embeds=0, loop_embed=False, cross_repeat=False, untie_scalars=True,
-        untie_repeat_mlp=True, unet="gated", parallel_last_n=4, bigram_vocab_size=2816, bigram_dim=160,
-        smear_gate=True, rope_dims=16, ln_scale=True, ve_dim=128, ve_layers="9,10", disable_layer0_attn=True,
-        xsa_last_n=11, train_seq_len=2048, train_batch_tokens=786432, eval_seq_len=2048, eval_stride=64,
-        warmdown_iters=3500, tied_embed_lr=0.035, matrix_lr=0.03, scalar_lr=0.025, muon_momentum=0.99,
-        muon_momentum_warmup_start=0.92, muon_momentum_warmup_steps=1500, swa_enabled=False, ema_decay=0.997,
-        quant_levels=31, mlp_quant_levels=15, quant_high_tensors=32, gptq_calib="selfgen", gptq_calib_seqs=64,
-        mixer="off", val_loss_every=4000, train_log_every=500),
+        LONG_CONTEXT_SEEDS, num_layers=11, num_repeats=2, recur_layers="4,5", prog_depth="0.44:1,1.0:2",
+        cross_repeat=False, untie_scalars=True, untie_repeat_mlp=True, unet="gated", parallel_last_n=4,
+        bigram_vocab_size=2816, bigram_dim=160, rope_dims=16, ln_scale=True, ve_dim=128, ve_layers="9,10",
+        disable_layer0_attn=True, xsa_last_n=11, eval_stride=64, warmdown_iters=3500, matrix_lr=0.03,
+        swa_enabled=False, ema_decay=0.997, quant_high_tensors=32, gptq_calib="selfgen", gptq_calib_seqs=64,
+        val_loss_every=4000, train_log_every=500),
     "pr456": dict(
-        num_layers=10, num_repeats=1, prog_depth="1.0:1", model_dim=512, mlp_mult=3.0, num_value_embeds=0,
-        loop_embed=False, unet="add", bigram_vocab_size=10240, bigram_dim=128, smear_gate=True, xsa_last_n=3,
-        mlp_negative_slope=0.0, seed=42, train_seq_len=2048, train_batch_tokens=786432, iterations=5200,
-        max_wallclock_seconds=0.0, warmdown_iters=3000, swa_every=50, swa_start_frac=0.2, tied_embed_lr=0.035,
-        matrix_lr=0.025, scalar_lr=0.025, muon_momentum=0.99, muon_momentum_warmup_start=0.92,
-        muon_momentum_warmup_steps=1500, eval_seq_len=2048, eval_stride=128, eval_batch_seqs=64,
-        quant_levels=31, mlp_quant_levels=15, quant_method="clip", mixer="off", ttt=True, val_loss_every=500,
-        train_log_every=100),
+        LONG_CONTEXT_SEEDS, num_layers=10, num_repeats=1, prog_depth="1.0:1", unet="add",
+        bigram_vocab_size=10240, bigram_dim=128, xsa_last_n=3, mlp_negative_slope=0.0, seed=42,
+        iterations=5200, max_wallclock_seconds=0.0, warmdown_iters=3000, swa_every=50, swa_start_frac=0.2,
+        matrix_lr=0.025, eval_stride=128, eval_batch_seqs=64, quant_method="clip", ttt=True,
+        val_loss_every=500, train_log_every=100),
 }
 
 
-# What each knob means: README.md, Configuration (one row per knob, checked against these fields).
+# What each knob means: README.md, Configuration.
 @dataclass(frozen=True)
 class Config:
     run_id: str = knob("", RUN)  # empty: rank 0 draws one
@@ -415,7 +403,7 @@ class Config:
 
     @property
     def recur_span(self) -> tuple[int, int]:
-        """[lo, hi): the physical layers that repeat; all of them unless RECUR_LAYERS names a run."""
+        """[lo, hi): the physical layers that repeat (all unless RECUR_LAYERS)."""
         layers = parse_ints(self.recur_layers)
         return (layers[0], layers[-1] + 1) if layers else (0, self.num_layers)
 
@@ -435,17 +423,16 @@ class Config:
 
     @property
     def reserves_calibration_time(self) -> bool:
-        """GPTQ on training data reads its batches inside MAX_WALLCLOCK_SECONDS, so training stops early."""
+        """GPTQ reads training batches inside MAX_WALLCLOCK_SECONDS, so training stops early."""
         return self.uses_gptq and self.gptq_calib == "train" and self.max_wallclock_seconds > 0
 
     @property
     def calibration_reserve(self) -> float:
-        """The seconds training leaves to that calibration (0 when it reads no training data)."""
         return self.gptq_reserve_seconds if self.reserves_calibration_time else 0.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Config:
-        """PRESET's values, then the knobs set in environ; a near-miss of a knob's name is refused."""
+        """PRESET's values, then environ's; a near-miss of a knob's name is refused."""
         if problem := torch_version_problem(torch.__version__):
             raise ConfigError(problem)
         knobs = {f.name.upper(): f for f in dataclasses.fields(cls)}
@@ -463,23 +450,19 @@ class Config:
 
 
 def knob_names(*kinds: str) -> tuple[str, ...]:
-    """The Config fields of these kinds, in declaration order."""
     return tuple(f.name for f in dataclasses.fields(Config) if f.metadata["kind"] in kinds)
 
 
 MODEL_FIELDS = knob_names(MODEL)
 
 # === 3. RUNTIME ===
-# Everything that touches a device, torchrun, the clock or the file system; the numerical core takes its
-# device from its tensors.
+# All that touches a device, torchrun, the clock or files; the numerical core takes devices from tensors.
 
 
 class Runtime:
-    """Owns device, process group, autocast, compile, logging and shutdown for one rank."""
-
     def __init__(self, cfg: Config, environ: Mapping[str, str]):
         self.distributed = "RANK" in environ and "WORLD_SIZE" in environ
-        self.rank = int(environ.get("RANK", 0))  # global (multi-node safe); LOCAL_RANK only picks the GPU
+        self.rank = int(environ.get("RANK", 0))  # global (multi-node); LOCAL_RANK only picks the GPU
         self.world_size = int(environ.get("WORLD_SIZE", 1))
         self.local_rank = int(environ.get("LOCAL_RANK", 0))
         self.is_main = self.rank == 0
@@ -495,7 +478,7 @@ class Runtime:
             dist.init_process_group(backend, device_id=self.device if self.is_cuda else None)
             dist.barrier()
         self.use_compile = cfg.compile == "1" or (cfg.compile == "auto" and self.is_cuda)
-        # Rank 0 decides the precision and draws the run id, so every rank computes and names files alike.
+        # Rank 0 picks precision and run id: all ranks compute and name files alike.
         decision = self.choose_precision(cfg) if self.is_main else None
         self.precision, self.precision_reason = self.broadcast_object(decision)
         self.use_autocast = self.precision == "bf16"
@@ -505,36 +488,33 @@ class Runtime:
         self.log_path = Path("logs") / f"{run_id}.txt"
         if self.is_main:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(cfg.seed)  # the same on every rank: identical initial weights, no broadcast
+        torch.manual_seed(cfg.seed)  # same on every rank: identical initial weights, no broadcast
         np.random.seed(cfg.seed)
 
     @staticmethod
     def device_problem(cfg: Config, environ: Mapping[str, str]) -> str | None:
-        """Why DEVICE cannot serve every rank of this node, found before any rank starts (so all agree)."""
+        """Why DEVICE cannot serve this node's ranks (checked before any starts)."""
         if not cfg.device.startswith("cuda") and not (cfg.device == "auto" and torch.cuda.is_available()):
             return None
         if not torch.cuda.is_available():
-            return (f"DEVICE={cfg.device} but this torch {torch.__version__} sees no CUDA device; "
-                    "use DEVICE=cpu or auto")
+            return f"DEVICE={cfg.device} but this torch {torch.__version__} sees no GPU; use DEVICE=cpu"
         count = torch.cuda.device_count()
         ranks = int(environ.get("LOCAL_WORLD_SIZE", 1))
         index = int(cfg.device.partition(":")[2] or 0)
         if index >= count or (":" not in cfg.device and ranks > count):
-            return (f"DEVICE={cfg.device} with {ranks} rank(s) on this node, but {count} CUDA device(s) "
-                    "are visible")
+            return f"DEVICE={cfg.device} with {ranks} rank(s) on this node, but only {count} CUDA device(s)"
         if ":" in cfg.device and ranks > 1:
-            return f"DEVICE={cfg.device} would put all {ranks} ranks of this node on one GPU; use DEVICE=cuda"
+            return f"DEVICE={cfg.device} puts all {ranks} ranks of this node on one GPU; use DEVICE=cuda"
         return None
 
     def choose_precision(self, cfg: Config) -> tuple[str, str]:
-        """AUTOCAST=auto: bf16 on CUDA from sm80; on a CPU only if a timed bf16 matmul beats fp32 (CPUs
-        without bf16 units emulate it ~10x slower, and ISA flags can mislead)."""
+        """bf16 from sm80; on a CPU if timed faster (emulated bf16 is ~10x slower; ISA flags mislead)."""
         if cfg.autocast != "auto":
             return ("bf16" if cfg.autocast == "1" else "fp32"), f"AUTOCAST={cfg.autocast}"
         if self.is_cuda:
             major, minor = torch.cuda.get_device_capability(self.device)
             return ("bf16" if major >= 8 else "fp32"), f"cuda_sm{major}{minor}"
-        # A fixed d=256 MLP shape (50 MFLOP): a tiny model's matmuls would time only overhead.
+        # A fixed 50 MFLOP MLP shape: a tiny model's matmuls would time only overhead.
         bf16_ms = matmul_ms(128, 256, 768, torch.bfloat16)
         return pick_cpu_precision(bf16_ms, matmul_ms(128, 256, 768, torch.float32))
 
@@ -555,7 +535,6 @@ class Runtime:
         return self.all_reduce(torch.tensor(values, dtype=torch.float64, device=self.device), "max").tolist()
 
     def gather_objects(self, obj: object) -> list:
-        """Every rank's picklable object, in rank order."""
         if not self.distributed:
             return [obj]
         out = [None] * self.world_size
@@ -563,7 +542,7 @@ class Runtime:
         return out
 
     def all_gather(self, tensor: Tensor) -> Tensor:
-        """(world, *shape): every rank's equally shaped tensor, in rank order."""
+        """(world, *shape), in rank order."""
         if not self.distributed:
             return tensor[None]
         parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
@@ -571,8 +550,7 @@ class Runtime:
         return torch.stack(parts)
 
     def average_gradients(self, params: list[nn.Parameter]) -> None:
-        """One flat all-reduce of every gradient (a missing one, at a lower depth, counts as zero). Not DDP:
-        nothing to re-wrap at depth switches, and one collective per step."""
+        """One flat all-reduce (a missing grad is zero). Not DDP: nothing to re-wrap at depth switches."""
         if not self.distributed:
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
@@ -590,7 +568,7 @@ class Runtime:
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.use_autocast)
 
     def compile(self, fn: Callable) -> Callable:
-        """fullgraph: a graph break fails loudly. One graph per (depth, grad mode), primed off the clock."""
+        """fullgraph: a graph break fails loudly. A graph per (depth, grad mode), primed off the clock."""
         if not self.use_compile:
             return fn
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
@@ -625,7 +603,7 @@ class Runtime:
                 fh.write(json.dumps(record, sort_keys=True) + "\n")
 
     def shutdown(self, code: int = 0) -> None:
-        """Every rank leaves alike: barrier, destroy the group, flush, hard exit (gloo can abort at exit)."""
+        """Barrier, destroy the group, flush, hard exit (gloo can abort at exit)."""
         if self.distributed:
             with contextlib.suppress(Exception):
                 dist.barrier()
@@ -636,8 +614,7 @@ class Runtime:
 
 
 def matmul_ms(rows: int, dim: int, hidden: int, dtype: torch.dtype) -> float:
-    """Best of 3 timed (rows, dim) @ (dim, hidden) CPU matmuls after an untimed one, on one thread (a second
-    thread waiting for a busy core would time the scheduler)."""
+    """Best of 3 after a warm-up, one thread (a second, waiting for a busy core, times the scheduler)."""
     x = torch.full((rows, dim), 0.5, dtype=dtype)
     w = torch.full((dim, hidden), 0.25, dtype=dtype)
     threads = torch.get_num_threads()
@@ -652,13 +629,12 @@ def matmul_ms(rows: int, dim: int, hidden: int, dtype: torch.dtype) -> float:
 
 
 def pick_cpu_precision(bf16_ms: float, fp32_ms: float) -> tuple[str, str]:
-    precision = "bf16" if bf16_ms * 1.25 <= fp32_ms else "fp32"  # at equal speed, the more exact fp32
+    precision = "bf16" if bf16_ms * 1.25 <= fp32_ms else "fp32"  # at equal speed, the exact fp32
     return precision, f"cpu_matmul_probe bf16_ms:{bf16_ms:.3f} fp32_ms:{fp32_ms:.3f}"
 
 
 # === 4. SCHEDULES ===
-# Pure functions of (step, elapsed time, config). "progress" is the fraction of the run done: of the wallclock
-# budget when MAX_WALLCLOCK_SECONDS > 0, else of ITERATIONS.
+# Pure functions. "progress": the fraction done of MAX_WALLCLOCK_SECONDS when > 0, else of ITERATIONS.
 
 
 def run_progress(cfg: Config, step: int, elapsed_ms: float) -> float:
@@ -668,8 +644,7 @@ def run_progress(cfg: Config, step: int, elapsed_ms: float) -> float:
 
 
 def warmdown_scale(cfg: Config, step: int, elapsed_ms: float) -> float:
-    """1 until the warmdown, then linear to 0 at the end. With a wallclock budget the warmdown starts when the
-    time left drops below WARMDOWN_ITERS mean steps (elapsed excludes compile time)."""
+    """Linear to 0 over the last WARMDOWN_ITERS steps, or their mean duration on a wallclock budget."""
     if cfg.max_wallclock_seconds > 0:
         remaining_ms = max(1000.0 * cfg.max_wallclock_seconds - elapsed_ms, 0.0)
         warmdown_ms = cfg.warmdown_iters * elapsed_ms / max(step, 1)
@@ -678,7 +653,6 @@ def warmdown_scale(cfg: Config, step: int, elapsed_ms: float) -> float:
 
 
 def lr_scale(cfg: Config, step: int, elapsed_ms: float) -> float:
-    """Linear warmup over LR_WARMUP_STEPS times the warmdown."""
     warm = min(1.0, (step + 1) / cfg.lr_warmup_steps) if cfg.lr_warmup_steps else 1.0
     return warm * warmdown_scale(cfg, step, elapsed_ms)
 
@@ -689,7 +663,7 @@ def muon_momentum_at(cfg: Config, step: int) -> float:
 
 
 def repeats_at(cfg: Config, progress: float) -> int:
-    """Repeats of the first PROG_DEPTH phase whose fraction is still ahead; the last phase after that."""
+    """Repeats of the first PROG_DEPTH phase still ahead, else of the last."""
     for frac, reps in cfg.depth_schedule:
         if progress < frac:
             return reps
@@ -697,14 +671,14 @@ def repeats_at(cfg: Config, progress: float) -> int:
 
 
 def swa_due(cfg: Config, step: int, repeats: int, warmdown: float) -> bool:
-    """Every SWA_EVERY steps at full depth once the warmdown scale (no warmup) is below SWA_START_FRAC."""
+    """At full depth once the warmdown scale (no warmup) is below SWA_START_FRAC."""
     return (cfg.swa_enabled and repeats == cfg.num_repeats and warmdown < cfg.swa_start_frac
             and step % cfg.swa_every == 0)
 
 
 # === 5. DATA ===
-# Shards: a 256-int32 header (magic, version, token count), then uint16 tokens. Training reads the train
-# shards as one endless stream; each micro-step every rank reads world*(local+1) tokens and keeps its slice.
+# Shards: a 256-int32 header (magic, version, token count), uint16 tokens. The train shards are one endless
+# stream; each micro-step every rank reads world*(local+1) tokens and keeps its slice.
 
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
@@ -712,12 +686,12 @@ SHARD_HEADER_INTS = 256
 
 
 def shard_tokens(path: Path) -> int:
-    """The token count in a shard's header, checked against the magic, version and file size (ValueError)."""
+    """The header's token count, checked against magic, version and file size (ValueError)."""
     with path.open("rb") as fh:
         head = fh.read(4 * SHARD_HEADER_INTS)
     header = np.frombuffer(head[:len(head) // 4 * 4], dtype="<i4")
     if header.size < SHARD_HEADER_INTS or header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
-        raise ValueError(f"{path} is not a challenge shard (header magic/version): rebuild or remove it")
+        raise ValueError(f"{path} is not a challenge shard: rebuild or remove it")
     count = int(header[2])
     if path.stat().st_size != 4 * SHARD_HEADER_INTS + 2 * count:
         raise ValueError(f"{path} does not hold its {count} tokens: a truncated or damaged copy; fetch it")
@@ -725,7 +699,6 @@ def shard_tokens(path: Path) -> int:
 
 
 def read_shard(path: Path) -> np.ndarray:
-    """A shard's tokens as a read-only uint16 memory map."""
     count = shard_tokens(path)
     if not count:  # mmap cannot map zero bytes
         return np.zeros(0, dtype="<u2")
@@ -740,7 +713,7 @@ def shard_paths(data_path: str, split: str) -> list[Path]:
 
 
 def check_shards(data_path: str, split: str) -> int:
-    """The split's token count, checking each shard's header (1 KiB): ConfigError on the first bad one."""
+    """The split's token count from the shard headers (1 KiB each)."""
     try:
         return sum(shard_tokens(path) for path in shard_paths(data_path, split))
     except (FileNotFoundError, ValueError) as err:
@@ -748,7 +721,7 @@ def check_shards(data_path: str, split: str) -> int:
 
 
 class TokenStream:
-    """The train shards read strictly in order, wrapping to the first after the last."""
+    """The train shards in order, wrapping around."""
 
     def __init__(self, paths: list[Path]):
         self.paths = paths
@@ -771,7 +744,7 @@ class TokenStream:
 
 
 class TrainBatches:
-    """One rank's (inputs, targets) per micro-step, read ahead by a worker; a checkpoint saves `position`."""
+    """One rank's (inputs, targets) per micro-step, read ahead; a checkpoint saves `position`."""
 
     def __init__(self, stream: TokenStream, rank: int, world_size: int, local_tokens: int, seq_len: int,
                  device: torch.device):
@@ -786,10 +759,10 @@ class TrainBatches:
         self.pending = None
 
     def read(self) -> tuple[list[Tensor], tuple[int, int]]:
-        # A span's extra token is only a target: the pair across two ranks' spans is never trained on.
+        # A span's extra token is only a target: no pair across two ranks' spans is trained on.
         chunk = torch.from_numpy(self.stream.take(self.chunk_tokens)[self.rank_span].astype(np.int64))
         pair = [chunk[:-1].view(-1, self.seq_len), chunk[1:].view(-1, self.seq_len)]
-        if self.device.type != "cpu":  # pinned (each its own copy) for an asynchronous transfer
+        if self.device.type != "cpu":  # pinned for an asynchronous transfer
             pair = [t.pin_memory() for t in pair]
         return pair, (self.stream.file_index, self.stream.offset)
 
@@ -800,7 +773,7 @@ class TrainBatches:
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def seek(self, file_index: int, offset: int) -> None:
-        if self.pending:  # the worker must be done with the stream before it moves
+        if self.pending:  # the worker must be done before the stream moves
             self.pending.result()
             self.pending = None
         self.stream.seek(file_index, offset)
@@ -808,7 +781,7 @@ class TrainBatches:
 
 
 def grad_accum_for(cfg: Config, world_size: int) -> int:
-    """GRAD_ACCUM_STEPS, or 8 // world (the challenge's global batch on any GPU count that divides 8)."""
+    """Else 8 // world: the challenge's global batch on any GPU count dividing 8."""
     return cfg.grad_accum_steps or (8 // world_size if 8 % world_size == 0 else 1)
 
 
@@ -817,12 +790,12 @@ def local_batch_tokens(cfg: Config, world_size: int) -> int:
     per_micro = cfg.train_batch_tokens // (world_size * accum)
     if per_micro * world_size * accum != cfg.train_batch_tokens or per_micro % cfg.train_seq_len:
         raise ConfigError(f"TRAIN_BATCH_TOKENS={cfg.train_batch_tokens} does not split into world_size="
-                          f"{world_size} x grad_accum={accum} micro-batches of whole TRAIN_SEQ_LEN rows")
+                          f"{world_size} x grad_accum={accum} micro-batches of TRAIN_SEQ_LEN rows")
     return per_micro
 
 
 def load_val_tokens(cfg: Config) -> Tensor:
-    """The val shards (capped by VAL_MAX_TOKENS), cut to whole TRAIN_SEQ_LEN blocks + 1 target."""
+    """Cut to whole TRAIN_SEQ_LEN blocks + 1 target."""
     tokens = np.concatenate([read_shard(p) for p in shard_paths(cfg.data_path, "val")])
     if cfg.val_max_tokens:
         tokens = tokens[:cfg.val_max_tokens + 1]
@@ -833,8 +806,8 @@ def load_val_tokens(cfg: Config) -> Tensor:
 
 
 # === 6. BYTES ===
-# val_bpb = sum NLL / (ln 2 * sum bytes), bytes from the pieces as the challenge counts them: a leading U+2581
-# is a space byte unless after a boundary (control/unknown) token, a byte piece is 1, control/unused pieces 0.
+# val_bpb = sum NLL / (ln 2 * sum bytes), counted as the challenge does: a leading U+2581 is a space byte
+# unless after a boundary (control/unknown) token, a byte piece is 1, control/unused pieces 0.
 
 
 @dataclass(frozen=True)
@@ -844,17 +817,17 @@ class ByteTables:
     is_boundary: Tensor  # (V,) bool
 
     def to(self, device: torch.device) -> "ByteTables":
-        return ByteTables(*(t.to(device) for t in (self.base_bytes, self.has_space, self.is_boundary)))
+        return ByteTables(*(table.to(device) for table in vars(self).values()))
 
 
 def build_byte_tables(sp, vocab_size: int) -> ByteTables:
-    """Per-token byte tables of a SentencePieceProcessor; ids past its vocab are boundaries."""
+    """Ids past the SentencePiece vocab are boundaries."""
     size = max(sp.vocab_size(), vocab_size)
     base = torch.zeros(size, dtype=torch.int32)
     space = torch.zeros(size, dtype=torch.bool)
     boundary = torch.ones(size, dtype=torch.bool)
     for i in range(sp.vocab_size()):
-        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):  # BOS etc.: scored, but zero bytes
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):  # BOS etc.: scored, zero bytes
             continue
         boundary[i] = False
         piece = sp.id_to_piece(i)
@@ -864,14 +837,12 @@ def build_byte_tables(sp, vocab_size: int) -> ByteTables:
 
 
 def target_bytes(prev: Tensor, target: Tensor, tables: ByteTables) -> Tensor:
-    """Bytes of each target token given the token before it (after BOS, U+2581 is only a word marker)."""
+    """Given the token before (after BOS, U+2581 is only a word marker)."""
     space = tables.has_space[target] & ~tables.is_boundary[prev]
     return tables.base_bytes[target] + space.int()
 
 
 class BpbMeter:
-    """Float64 sums of NLL, tokens and bytes, reduced across ranks once."""
-
     def __init__(self, device: torch.device):
         self.sums = torch.zeros(3, dtype=torch.float64, device=device)
 
@@ -884,7 +855,7 @@ class BpbMeter:
         return self
 
     def result(self) -> tuple[float, float]:
-        """(val_loss in nats/token, val_bpb); NaN when no token was scored."""
+        """(nats/token, val_bpb); NaN when nothing was scored."""
         nll, tokens, nbytes = self.sums.tolist()
         if tokens == 0 or nbytes == 0:
             return float("nan"), float("nan")
