@@ -1737,13 +1737,13 @@ def ttt_train(cfg: Config, rt: Runtime, model: nn.Module, params: list[nn.Parame
 
 
 # === 11. QUANTIZATION ===
-# Per-row codes -L..L with fp16 row scales for the q_attn/q_mlp stores, fp16/fp32 copies of the rest.
+# q_attn/q_mlp stores: per-row codes -L..L times fp16 row scales; fp16/fp32 stores: copies.
 
 CLIP_RATIOS = tuple(1 - 0.5 * (k / 24) ** 2 for k in range(25))  # 1 .. 0.5 of the row max, densest near 1
-REF_QUANTILES = (0.9999, 0.99995, 0.99999, 0.999995, 0.999999)  # the reference's per-row grid (spec 8.2)
+REF_QUANTILES = (0.9999, 0.99995, 0.99999, 0.999995, 0.999999)  # QUANT_METHOD=ref's grid (spec 8.2)
 GPTQ_DAMP = 0.01  # x mean diag(H) added to the diagonal: rarely excited inputs keep H invertible
-GPTQ_BLOCK = 128  # columns whose rounding errors reach the rest of the matrix in one matmul
-SELFGEN_TEMPERATURE = 0.8  # sampling temperature of self-generated calibration text
+GPTQ_BLOCK = 128  # columns whose rounding errors reach the later columns in one matmul
+SELFGEN_TEMPERATURE = 0.8
 STORES = ("q_attn", "q_mlp", "fp16", "fp32")  # payload order: like bytes next to like bytes
 FLOAT_STORES = {"fp16": "<f2", "fp32": "<f4"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -1754,7 +1754,7 @@ CODECS = {  # name: (compress, decompress); the position is the codec id in the 
 ARTIFACT_MAGIC = b"PGQZ\r\n\x1a\n"  # PNG-style: the CR/LF/EOF bytes expose text-mode mangling
 ARTIFACT_VERSION = 2
 ARTIFACT_HEAD = struct.Struct("<8sBBQ")  # magic, version, codec id, body bytes; the file ends with a sha256
-BUDGET_BYTES = Config.budget_bytes  # the challenge's decimal cap on code bytes + compressed model bytes
+BUDGET_BYTES = Config.budget_bytes
 
 
 @dataclass(frozen=True)
@@ -1762,7 +1762,7 @@ class StoredTensor:
     """A parameter as the artifact holds it: flat int8 codes + fp16 row scales, or flat fp16/fp32 values."""
     name: str
     shape: tuple[int, ...]
-    dtype: str  # the parameter's own dtype, restored on load
+    dtype: str  # the parameter's own, restored on load
     store: str
     levels: int  # 0 for the float stores
     values: np.ndarray
@@ -1777,12 +1777,11 @@ class StoredTensor:
 
 
 def quantize_rows(w: Tensor, scales: Tensor, levels: int) -> Tensor:
-    """Round-to-nearest codes of w (R, C) for row scales (R,), clamped to -levels..levels."""
     return torch.clamp(torch.round(w / scales[:, None]), -levels, levels)
 
 
 def row_scales(w: Tensor, levels: int, method: str) -> Tensor:
-    """The candidate row scales (R,) of w (R, C) with the least squared error, ties to the first."""
+    """The candidate row scales of w with the least squared error, ties to the first."""
     if QUANT_METHODS[method]["scales"] == "quantiles":  # scored in fp32 though stored in fp16
         candidates = (torch.quantile(w.abs(), w.new_tensor(REF_QUANTILES), dim=1) / levels).clamp_min(1e-12)
     else:  # as the file's fp16; 2^-24 keeps all-zero rows finite
@@ -1793,14 +1792,14 @@ def row_scales(w: Tensor, levels: int, method: str) -> Tensor:
 
 
 def gptq_codes(w: Tensor, hessian: Tensor, scales: Tensor, levels: int) -> Tensor | None:
-    """GPTQ codes of w (R, C): each rounding error goes onto the columns not yet rounded, via H (C, C)."""
-    dead = hessian.diagonal() == 0  # inputs never seen (zero rows and columns): their weights cannot matter
+    """Each rounding error goes onto the unrounded columns via H (C, C); None: H is not positive definite."""
+    dead = hessian.diagonal() == 0  # inputs never seen: their weights cannot matter
     h = hessian + torch.diag(dead.to(hessian.dtype))
     h.diagonal().add_(GPTQ_DAMP * h.diagonal().mean())
     order = torch.argsort(h.diagonal(), descending=True)  # the most excited inputs first
     w = w.masked_fill(dead, 0.0)[:, order]
     chol, info = torch.linalg.cholesky_ex(h[order][:, order])
-    if info:  # H is not positive definite: the caller rounds instead
+    if info:
         return None
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
     codes = torch.zeros_like(w)
@@ -1872,8 +1871,8 @@ def calibrate(cfg: Config, rt: Runtime, model: GPT, batches: TrainBatches, train
 
 def tensor_levels(cfg: Config, model: nn.Module, hessians: Mapping[str, Tensor],
                   forced: frozenset[str] = frozenset()) -> dict[str, int]:
-    """Each parameter's store_levels; QUANT_HIGH_TENSORS=N gives N matrices with a Hessian the high levels:
-    `forced` first, then by the output error of rounding at the low ones, tr(H) sum_r (row max / L)^2 / 12."""
+    """store_levels; QUANT_HIGH_TENSORS=N gives the high levels to N matrices with a Hessian: `forced`
+    first, then by the output error of rounding at the low ones, tr(H) sum_r (row max / L)^2 / 12."""
     stores = {row.name: row.rule.store for row in param_table(model)}
     levels = {name: store_levels(cfg, store) for name, store in stores.items()}
     if not cfg.quant_high_tensors:
@@ -1887,7 +1886,7 @@ def tensor_levels(cfg: Config, model: nn.Module, hessians: Mapping[str, Tensor],
 
 
 def export_rows(model: nn.Module) -> list[ParamRow]:
-    """The exported rows of the parameter table in STORES order (the artifact's tensor order)."""
+    """In the artifact's tensor order."""
     rows = [row for row in param_table(model) if row.name not in model.unexported()]
     return sorted(rows, key=lambda r: STORES.index(r.rule.store))
 
@@ -1895,7 +1894,7 @@ def export_rows(model: nn.Module) -> list[ParamRow]:
 @torch.no_grad()
 def quantize_tensor(cfg: Config, name: str, p: Tensor, store: str, levels: int,
                     hessian: Tensor | None) -> tuple[StoredTensor, bool]:
-    """A parameter as its store holds it at `levels` and whether GPTQ fell back to rounding."""
+    """p as its store holds it and whether GPTQ fell back to rounding."""
     meta = (name, tuple(p.shape), str(p.dtype).removeprefix("torch."), store, levels)
     if not levels:
         return StoredTensor(*meta, p.float().cpu().numpy().astype(FLOAT_STORES[store]).ravel()), False
@@ -1910,7 +1909,7 @@ def quantize_tensor(cfg: Config, name: str, p: Tensor, store: str, levels: int,
 
 def quantize_model(cfg: Config, model: nn.Module, hessians: Mapping[str, Tensor],
                    forced: frozenset[str] = frozenset()) -> tuple[list[StoredTensor], int]:
-    """The one-process export: every exported parameter at tensor_levels, and the count of GPTQ fallbacks."""
+    """The one-process export at tensor_levels, and the count of GPTQ fallbacks."""
     levels = tensor_levels(cfg, model, hessians, forced)
     results = [quantize_tensor(cfg, r.name, model.get_parameter(r.name).detach(), r.rule.store,
                                levels[r.name], hessians.get(r.name)) for r in export_rows(model)]
@@ -1927,22 +1926,24 @@ def artifact_body(cfg: Config, stored: list[StoredTensor]) -> bytes:
     return b"".join([struct.pack("<I", len(head)), head, *planes])
 
 
-def seal_artifact(packed: dict[str, bytes]) -> tuple[bytes, dict[str, int]]:
-    """ARTIFACT_HEAD | the smallest compressed body (ties: CODECS order) | sha256; and each codec's size."""
-    best = min(packed, key=lambda c: (len(packed[c]), list(CODECS).index(c)))
+def pack_artifact(cfg: Config, stored: list[StoredTensor],
+                  rt: Runtime | None = None) -> tuple[bytes, dict[str, int]]:
+    """ARTIFACT_HEAD | the smallest compressed body (ties: CODECS order) | sha256, and each COMPRESSOR codec's
+    size; `rt` spreads the codecs over the ranks. Each runs in a thread: both codecs release the GIL."""
+    body = artifact_body(cfg, stored)
+    codecs = codecs_for(cfg.compressor)[0]
+    mine = codecs[rt.rank::rt.world_size] if rt else codecs
+    with ThreadPoolExecutor(max(len(mine), 1)) as pool:
+        local = dict(zip(mine, pool.map(lambda c: CODECS[c][0](body), mine)))
+    packed = {c: data for part in (rt.gather_objects(local) if rt else [local]) for c, data in part.items()}
+    best = min(codecs, key=lambda c: (len(packed[c]), list(CODECS).index(c)))
     sealed = ARTIFACT_HEAD.pack(ARTIFACT_MAGIC, ARTIFACT_VERSION, list(CODECS).index(best), len(packed[best]))
     sealed += packed[best]
-    return sealed + hashlib.sha256(sealed).digest(), {c: len(data) for c, data in packed.items()}
-
-
-def pack_artifact(cfg: Config, stored: list[StoredTensor]) -> tuple[bytes, dict[str, int]]:
-    """The artifact file and each COMPRESSOR codec's body size, in one process."""
-    body = artifact_body(cfg, stored)
-    return seal_artifact({c: CODECS[c][0](body) for c in codecs_for(cfg.compressor)[0]})
+    return sealed + hashlib.sha256(sealed).digest(), {c: len(packed[c]) for c in codecs}
 
 
 def unpack_artifact(blob: bytes) -> tuple[dict, list[StoredTensor]]:
-    """Header and tensors of an artifact file; nothing in it runs, and any damage is a one-line ValueError."""
+    """Nothing in the file runs, and any damage is a one-line ValueError."""
     if blob[:len(ARTIFACT_MAGIC)] != ARTIFACT_MAGIC:
         pickled = "; a torch.save/pickle file" if blob[:2] == b"PK" or blob[:1] == b"\x80" else ""
         raise ValueError(f"not a train_gpt artifact (bad magic{pickled})")
@@ -1950,7 +1951,7 @@ def unpack_artifact(blob: bytes) -> tuple[dict, list[StoredTensor]]:
         raise ValueError(f"truncated artifact: {len(blob)} bytes")
     _, version, codec, size = ARTIFACT_HEAD.unpack_from(blob)
     if version != ARTIFACT_VERSION:
-        raise ValueError(f"artifact format version {version}; this script reads version {ARTIFACT_VERSION}")
+        raise ValueError(f"artifact format version {version}; this script reads {ARTIFACT_VERSION}")
     if len(blob) != ARTIFACT_HEAD.size + size + 32:
         raise ValueError(f"truncated artifact: {len(blob)} bytes, want {ARTIFACT_HEAD.size + size + 32}")
     if hashlib.sha256(blob[:-32]).digest() != blob[-32:]:
@@ -1998,7 +1999,6 @@ def budget_line(tag: str, code_bytes: int, model_bytes: int, budget: int = BUDGE
     return (f"{tag} code_bytes:{code_bytes} model_bytes:{model_bytes} total_bytes:{total} "
             f"budget_bytes:{budget} headroom_bytes:{budget - total}", total - budget)
 
-
 # --- the export shared by the ranks, sized to the budget (QUANT_FIT) ---
 
 LEVEL_LADDER = (3, 5, 7, 11, 15, 23, 31, 47, 63, 95, 127)  # ~1/2 bit per weight apart: the fit's choices
@@ -2008,7 +2008,7 @@ FIT_ROUNDS = 6  # real-size checks (each a full compression) before the fit give
 
 def code_cost(t: StoredTensor, p: Tensor, hessian: Tensor) -> tuple[float, float]:
     """A stored matrix's output error tr(dW H dW^T) and size-model bytes (order-0 entropy + fp16 scales)."""
-    d = p.float().reshape(len(t.scales), -1) - t.dequantize().float().reshape(len(t.scales), -1).to(p.device)
+    d = (p.float() - t.dequantize().to(p.device).float()).reshape(len(t.scales), -1)
     code_bytes = sum(n * math.log2(t.values.size / n) for n in np.unique(t.values, return_counts=True)[1]) / 8
     return float(((d @ hessian.float()) * d).sum()), float(code_bytes + 2 * len(t.scales))
 
@@ -2066,17 +2066,6 @@ def quantize_shared(cfg: Config, rt: Runtime, params: Mapping[str, Tensor], hess
     return {key: value for part in rt.gather_objects(local) for key, value in part.items()}
 
 
-def compress_shared(cfg: Config, rt: Runtime, stored: list[StoredTensor]) -> tuple[bytes, dict[str, int]]:
-    """pack_artifact, its codecs spread over the ranks, each in a thread (both codecs release the GIL)."""
-    body = artifact_body(cfg, stored)
-    codecs = codecs_for(cfg.compressor)[0]
-    mine = codecs[rt.rank::rt.world_size]
-    with ThreadPoolExecutor(max(len(mine), 1)) as pool:
-        local = dict(zip(mine, pool.map(lambda c: CODECS[c][0](body), mine)))
-    merged = {c: data for part in rt.gather_objects(local) for c, data in part.items()}
-    return seal_artifact({c: merged[c] for c in codecs})
-
-
 def export_artifact(cfg: Config, rt: Runtime, model: nn.Module, hessians: Mapping[str, Tensor],
                     forced: frozenset[str], code_bytes: int) -> tuple[bytes, dict[str, int], int]:
     """The file, its codec sizes and GPTQ fallbacks; past the budget (or to spend) levels by choose_levels."""
@@ -2087,7 +2076,7 @@ def export_artifact(cfg: Config, rt: Runtime, model: nn.Module, hessians: Mappin
 
     def build(levels: Mapping[str, int]) -> tuple[bytes, dict[str, int], int]:
         chosen = [done[(r.name, levels[r.name])] for r in rows]
-        blob, sizes = compress_shared(cfg, rt, [t for t, _, _ in chosen])
+        blob, sizes = pack_artifact(cfg, [t for t, _, _ in chosen], rt)
         return blob, sizes, sum(fell_back for _, fell_back, _ in chosen)
     artifact = build(start)
     configured = len(artifact[0])
