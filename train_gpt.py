@@ -1737,7 +1737,7 @@ def ttt_train(cfg: Config, rt: Runtime, model: nn.Module, params: list[nn.Parame
 
 
 # === 11. QUANTIZATION ===
-# q_attn/q_mlp stores: per-row codes -L..L times fp16 row scales; fp16/fp32 stores: copies.
+# q_attn/q_mlp: per-row codes -L..L times fp16 row scales; fp16/fp32: copies.
 
 CLIP_RATIOS = tuple(1 - 0.5 * (k / 24) ** 2 for k in range(25))  # 1 .. 0.5 of the row max, densest near 1
 REF_QUANTILES = (0.9999, 0.99995, 0.99999, 0.999995, 0.999999)  # QUANT_METHOD=ref's grid (spec 8.2)
@@ -1746,8 +1746,8 @@ GPTQ_BLOCK = 128  # columns whose rounding errors reach the later columns in one
 SELFGEN_TEMPERATURE = 0.8
 STORES = ("q_attn", "q_mlp", "fp16", "fp32")  # payload order: like bytes next to like bytes
 FLOAT_STORES = {"fp16": "<f2", "fp32": "<f4"}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-CODECS = {  # name: (compress, decompress); the position is the codec id in the file
+DTYPES = ("float32", "bfloat16", "float16")
+CODECS = {  # name: (compress, decompress); the position is the codec id
     "zstd": (lambda b: zstandard.ZstdCompressor(level=22).compress(b), lambda b: zstandard.decompress(b)),
     "brotli": (lambda b: brotli.compress(b, quality=11), lambda b: brotli.decompress(b)),
 }
@@ -1759,7 +1759,7 @@ BUDGET_BYTES = Config.budget_bytes
 
 @dataclass(frozen=True)
 class StoredTensor:
-    """A parameter as the artifact holds it: flat int8 codes + fp16 row scales, or flat fp16/fp32 values."""
+    """Flat int8 codes + fp16 row scales, or flat fp16/fp32 values."""
     name: str
     shape: tuple[int, ...]
     dtype: str  # the parameter's own, restored on load
@@ -1773,7 +1773,7 @@ class StoredTensor:
         values = torch.from_numpy(self.values.astype(np.float32))
         if self.levels:
             values = values.view(len(self.scales), -1) * torch.from_numpy(self.scales).float()[:, None]
-        return values.reshape(self.shape).to(DTYPES[self.dtype])
+        return values.reshape(self.shape).to(getattr(torch, self.dtype))
 
 
 def quantize_rows(w: Tensor, scales: Tensor, levels: int) -> Tensor:
@@ -1838,7 +1838,7 @@ def calibration_batches(cfg: Config, rt: Runtime, model: GPT, batches: TrainBatc
 
 @torch.no_grad()
 def collect_hessians(rt: Runtime, model: GPT, inputs: list[Tensor]) -> dict[str, Tensor]:
-    """Sum of x x^T (fp32: no autocast) over the inputs of every nn.Linear, every repeat and all ranks."""
+    """x x^T (fp32: no autocast) summed over every nn.Linear's inputs, repeats and ranks."""
     sums: dict[str, Tensor] = {}
     def accumulate(name: str, module: nn.Module, args: tuple[Tensor, ...]) -> None:
         x = args[0].flatten(0, -2).float()
@@ -1871,8 +1871,7 @@ def calibrate(cfg: Config, rt: Runtime, model: GPT, batches: TrainBatches, train
 
 def tensor_levels(cfg: Config, model: nn.Module, hessians: Mapping[str, Tensor],
                   forced: frozenset[str] = frozenset()) -> dict[str, int]:
-    """store_levels; QUANT_HIGH_TENSORS=N gives the high levels to N matrices with a Hessian: `forced`
-    first, then by the output error of rounding at the low ones, tr(H) sum_r (row max / L)^2 / 12."""
+    """QUANT_HIGH_TENSORS go high: `forced`, then by error at the low L, tr(H) sum_r (row max / L)^2 / 12."""
     stores = {row.name: row.rule.store for row in param_table(model)}
     levels = {name: store_levels(cfg, store) for name, store in stores.items()}
     if not cfg.quant_high_tensors:
@@ -1886,7 +1885,6 @@ def tensor_levels(cfg: Config, model: nn.Module, hessians: Mapping[str, Tensor],
 
 
 def export_rows(model: nn.Module) -> list[ParamRow]:
-    """In the artifact's tensor order."""
     rows = [row for row in param_table(model) if row.name not in model.unexported()]
     return sorted(rows, key=lambda r: STORES.index(r.rule.store))
 
@@ -1909,7 +1907,7 @@ def quantize_tensor(cfg: Config, name: str, p: Tensor, store: str, levels: int,
 
 def quantize_model(cfg: Config, model: nn.Module, hessians: Mapping[str, Tensor],
                    forced: frozenset[str] = frozenset()) -> tuple[list[StoredTensor], int]:
-    """The one-process export at tensor_levels, and the count of GPTQ fallbacks."""
+    """One process, at tensor_levels; and the count of GPTQ fallbacks."""
     levels = tensor_levels(cfg, model, hessians, forced)
     results = [quantize_tensor(cfg, r.name, model.get_parameter(r.name).detach(), r.rule.store,
                                levels[r.name], hessians.get(r.name)) for r in export_rows(model)]
@@ -1928,12 +1926,11 @@ def artifact_body(cfg: Config, stored: list[StoredTensor]) -> bytes:
 
 def pack_artifact(cfg: Config, stored: list[StoredTensor],
                   rt: Runtime | None = None) -> tuple[bytes, dict[str, int]]:
-    """ARTIFACT_HEAD | the smallest compressed body (ties: CODECS order) | sha256, and each COMPRESSOR codec's
-    size; `rt` spreads the codecs over the ranks. Each runs in a thread: both codecs release the GIL."""
+    """HEAD | smallest body (ties: CODECS order) | sha256, and each codec's size; `rt` splits the codecs."""
     body = artifact_body(cfg, stored)
     codecs = codecs_for(cfg.compressor)[0]
     mine = codecs[rt.rank::rt.world_size] if rt else codecs
-    with ThreadPoolExecutor(max(len(mine), 1)) as pool:
+    with ThreadPoolExecutor(max(len(mine), 1)) as pool:  # both codecs release the GIL
         local = dict(zip(mine, pool.map(lambda c: CODECS[c][0](body), mine)))
     packed = {c: data for part in (rt.gather_objects(local) if rt else [local]) for c, data in part.items()}
     best = min(codecs, key=lambda c: (len(packed[c]), list(CODECS).index(c)))
@@ -1944,8 +1941,8 @@ def pack_artifact(cfg: Config, stored: list[StoredTensor],
 
 def unpack_artifact(blob: bytes) -> tuple[dict, list[StoredTensor]]:
     """Nothing in the file runs, and any damage is a one-line ValueError."""
-    if blob[:len(ARTIFACT_MAGIC)] != ARTIFACT_MAGIC:
-        pickled = "; a torch.save/pickle file" if blob[:2] == b"PK" or blob[:1] == b"\x80" else ""
+    if not blob.startswith(ARTIFACT_MAGIC):
+        pickled = "; a torch.save/pickle file" if blob.startswith((b"PK", b"\x80")) else ""
         raise ValueError(f"not a train_gpt artifact (bad magic{pickled})")
     if len(blob) < ARTIFACT_HEAD.size + 32:
         raise ValueError(f"truncated artifact: {len(blob)} bytes")
@@ -1973,7 +1970,7 @@ def unpack_artifact(blob: bytes) -> tuple[dict, list[StoredTensor]]:
             itemsize = np.dtype(dtype).itemsize
             planes = np.frombuffer(body, np.uint8, count * itemsize, offset).reshape(itemsize, count)
             arrays.append(planes.T.copy().view(dtype).ravel())
-            offset += count * itemsize
+            offset += planes.size
         scales = iter(arrays[len(index):])
         stored = [StoredTensor(name, tuple(shape), dtype, store, L, values, next(scales) if L else None)
                   for (name, shape, dtype, store, L), values in zip(index, arrays)]
@@ -1994,16 +1991,17 @@ def artifact_config(cfg: Config, header: dict, environ: Mapping[str, str]) -> Co
 
 
 def budget_line(tag: str, code_bytes: int, model_bytes: int, budget: int = BUDGET_BYTES) -> tuple[str, int]:
-    """The size line of the artifact (or of DRY_RUN's estimate) and its excess over the budget (> 0: over)."""
+    """The size line (artifact or DRY_RUN estimate) and its excess over the budget (> 0: over)."""
     total = code_bytes + model_bytes
     return (f"{tag} code_bytes:{code_bytes} model_bytes:{model_bytes} total_bytes:{total} "
             f"budget_bytes:{budget} headroom_bytes:{budget - total}", total - budget)
 
+
 # --- the export shared by the ranks, sized to the budget (QUANT_FIT) ---
 
 LEVEL_LADDER = (3, 5, 7, 11, 15, 23, 31, 47, 63, 95, 127)  # ~1/2 bit per weight apart: the fit's choices
-FIT_RUNGS_DOWN = 4  # ladder rungs below its configured levels a tensor may go: ~2 bits per weight less
-FIT_ROUNDS = 6  # real-size checks (each a full compression) before the fit gives up
+FIT_RUNGS_DOWN = 4  # rungs a tensor may go below its configured levels: ~2 bits per weight
+FIT_ROUNDS = 6  # real-size checks (full compressions) before the fit gives up
 
 
 def code_cost(t: StoredTensor, p: Tensor, hessian: Tensor) -> tuple[float, float]:
@@ -2021,16 +2019,15 @@ def rungs_of(cfg: Config, levels: int) -> list[int]:
 
 def choose_levels(costs: dict[str, dict[int, tuple[float, float]]], start: Mapping[str, int], limit: float,
                   spend: bool) -> tuple[dict[str, int] | None, list[str]]:
-    """costs: name -> levels -> (error, bytes). Over `limit`, lower a rung of the tensor whose error grows
-    least per byte saved; within it, raise the one whose error falls most per byte (to its start; to spend,
-    to its top rung). Returns the levels (None: the lowest rungs are over) and one log line per change."""
+    """costs: name -> levels -> (error, bytes). Over `limit`, lower the least error per byte saved; within it,
+    raise the most error saved per byte (to start; to spend, to the top rung). None: the lowest are over."""
     levels = dict(start)
     lines = []
     total = sum(costs[n][levels[n]][1] for n in costs)
     while True:
         up = total <= limit  # lowering ends within the limit, and raising never leaves it
-        options = []  # (error change per byte saved: lowering minimizes it, raising maximizes it), ...
-        for name in sorted(costs):
+        options = []  # (error change per byte saved, signed so that the best is least), ...
+        for name in costs:
             rungs = sorted(costs[name])
             i = rungs.index(levels[name]) + (1 if up else -1)
             if not 0 <= i < len(rungs) or (up and not spend and rungs[i] > start[name]):
@@ -2039,8 +2036,8 @@ def choose_levels(costs: dict[str, dict[int, tuple[float, float]]], start: Mappi
             new_err, new_size = costs[name][rungs[i]]
             saved = size - new_size
             if (saved < 0 and total - saved <= limit) if up else saved > 0:
-                per_byte = (new_err - err) / saved
-                options.append((-per_byte if up else per_byte, name, rungs[i], -saved, new_err - err))
+                per_byte = (err - new_err if up else new_err - err) / saved
+                options.append((per_byte, name, rungs[i], -saved, new_err - err))
         if not options:
             return (levels if up else None), lines
         _, name, new, d_size, d_err = min(options)
@@ -2052,7 +2049,7 @@ def choose_levels(costs: dict[str, dict[int, tuple[float, float]]], start: Mappi
 
 def quantize_shared(cfg: Config, rt: Runtime, params: Mapping[str, Tensor], hessians: Mapping[str, Tensor],
                     items: list[tuple[str, str, int]]) -> dict[tuple[str, int], tuple]:
-    """Each (name, store, levels) item quantized by the least loaded rank: (stored, fell back, code_cost)."""
+    """Each (name, store, levels) quantized by the least loaded rank: (stored, fell back, code_cost)."""
     work = {it: params[it[0]].numel() * params[it[0]].shape[-1] for it in items}  # GPTQ: rows x cols^2
     loads = [0] * rt.world_size
     local = {}
@@ -2076,8 +2073,7 @@ def export_artifact(cfg: Config, rt: Runtime, model: nn.Module, hessians: Mappin
 
     def build(levels: Mapping[str, int]) -> tuple[bytes, dict[str, int], int]:
         chosen = [done[(r.name, levels[r.name])] for r in rows]
-        blob, sizes = pack_artifact(cfg, [t for t, _, _ in chosen], rt)
-        return blob, sizes, sum(fell_back for _, fell_back, _ in chosen)
+        return *pack_artifact(cfg, [t for t, _, _ in chosen], rt), sum(fallback for _, fallback, _ in chosen)
     artifact = build(start)
     configured = len(artifact[0])
     target = cfg.budget_bytes - code_bytes - (cfg.quant_fit_margin if cfg.quant_fit == "spend" else 0)
@@ -2150,7 +2146,7 @@ def estimate_fit(cfg: Config, model: nn.Module, code_bytes: int) -> tuple[int | 
 
 
 def estimate_from_weights(cfg: Config, model: nn.Module) -> int:
-    """Real weights' configured bytes without calibration data: identity Hessians (GPTQ rounds to nearest)."""
+    """Real weights' configured bytes, no calibration: identity Hessians (GPTQ rounds to nearest)."""
     eye = {r.name: torch.eye(r.shape[1]) for r in export_rows(model)  # the GPTQ matrices (nn.Linear weights)
            if r.rule.group == "muon" and cfg.uses_gptq}
     return len(pack_artifact(cfg, quantize_model(cfg, model, eye, model.recurrent_matrices())[0])[0])
