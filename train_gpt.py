@@ -1741,35 +1741,34 @@ def ttt_train(cfg: Config, rt: Runtime, model: nn.Module, params: list[nn.Parame
 
 CLIP_RATIOS = tuple(1 - 0.5 * (k / 24) ** 2 for k in range(25))  # 1 .. 0.5 of the row max, densest near 1
 REF_QUANTILES = (0.9999, 0.99995, 0.99999, 0.999995, 0.999999)  # QUANT_METHOD=ref's grid (spec 8.2)
-GPTQ_DAMP = 0.01  # x mean diag(H) added to the diagonal: rarely excited inputs keep H invertible
-GPTQ_BLOCK = 128  # columns whose rounding errors reach the later columns in one matmul
+GPTQ_DAMP = 0.01  # x mean diag(H) on the diagonal: rarely excited inputs keep H invertible
+GPTQ_BLOCK = 128  # columns whose errors reach the later ones in one matmul
 SELFGEN_TEMPERATURE = 0.8
 STORES = ("q_attn", "q_mlp", "fp16", "fp32")  # payload order: like bytes next to like bytes
 FLOAT_STORES = {"fp16": "<f2", "fp32": "<f4"}
 DTYPES = ("float32", "bfloat16", "float16")
-CODECS = {  # name: (compress, decompress); the position is the codec id
+CODECS = {  # name: (compress, decompress), in codec id order
     "zstd": (lambda b: zstandard.ZstdCompressor(level=22).compress(b), lambda b: zstandard.decompress(b)),
     "brotli": (lambda b: brotli.compress(b, quality=11), lambda b: brotli.decompress(b)),
 }
 ARTIFACT_MAGIC = b"PGQZ\r\n\x1a\n"  # PNG-style: the CR/LF/EOF bytes expose text-mode mangling
 ARTIFACT_VERSION = 2
-ARTIFACT_HEAD = struct.Struct("<8sBBQ")  # magic, version, codec id, body bytes; the file ends with a sha256
+ARTIFACT_HEAD = struct.Struct("<8sBBQ")  # magic, version, codec id, body bytes; a sha256 ends the file
 BUDGET_BYTES = Config.budget_bytes
 
 
 @dataclass(frozen=True)
 class StoredTensor:
-    """Flat int8 codes + fp16 row scales, or flat fp16/fp32 values."""
     name: str
     shape: tuple[int, ...]
-    dtype: str  # the parameter's own, restored on load
+    dtype: str  # the parameter's, restored on load
     store: str
     levels: int  # 0 for the float stores
     values: np.ndarray
     scales: np.ndarray | None = None
 
     def dequantize(self) -> Tensor:
-        """Exact: an int8 code times an fp16 scale has at most 18 significant bits."""
+        """Exact: an int8 code times an fp16 scale has <= 18 significant bits."""
         values = torch.from_numpy(self.values.astype(np.float32))
         if self.levels:
             values = values.view(len(self.scales), -1) * torch.from_numpy(self.scales).float()[:, None]
@@ -1781,7 +1780,7 @@ def quantize_rows(w: Tensor, scales: Tensor, levels: int) -> Tensor:
 
 
 def row_scales(w: Tensor, levels: int, method: str) -> Tensor:
-    """The candidate row scales of w with the least squared error, ties to the first."""
+    """The candidate row scales with the least squared error, ties to the first."""
     if QUANT_METHODS[method]["scales"] == "quantiles":  # scored in fp32 though stored in fp16
         candidates = (torch.quantile(w.abs(), w.new_tensor(REF_QUANTILES), dim=1) / levels).clamp_min(1e-12)
     else:  # as the file's fp16; 2^-24 keeps all-zero rows finite
@@ -1792,7 +1791,7 @@ def row_scales(w: Tensor, levels: int, method: str) -> Tensor:
 
 
 def gptq_codes(w: Tensor, hessian: Tensor, scales: Tensor, levels: int) -> Tensor | None:
-    """Each rounding error goes onto the unrounded columns via H (C, C); None: H is not positive definite."""
+    """Each rounding error goes onto the unrounded columns via H; None: H is not positive definite."""
     dead = hessian.diagonal() == 0  # inputs never seen: their weights cannot matter
     h = hessian + torch.diag(dead.to(hessian.dtype))
     h.diagonal().add_(GPTQ_DAMP * h.diagonal().mean())
@@ -1821,7 +1820,7 @@ def calibration_batches(cfg: Config, rt: Runtime, model: GPT, batches: TrainBatc
     if cfg.gptq_calib == "train":
         return [batches.next()[0] for _ in range(cfg.gptq_calib_batches)]
     start = time.perf_counter()
-    rows = -(-cfg.gptq_calib_seqs // rt.world_size)  # at least one: every rank joins the Hessian all-reduce
+    rows = -(-cfg.gptq_calib_seqs // rt.world_size)  # >= 1: every rank joins the Hessian all-reduce
     length = cfg.gptq_calib_seq_len or cfg.train_seq_len
     gen = torch.Generator(rt.device).manual_seed(cfg.seed + rt.rank)
     ids = new = torch.randint(cfg.vocab_size, (rows, 1), generator=gen, device=rt.device)
@@ -1854,7 +1853,7 @@ def collect_hessians(rt: Runtime, model: GPT, inputs: list[Tensor]) -> dict[str,
 
 def calibrate(cfg: Config, rt: Runtime, model: GPT, batches: TrainBatches, train_ms: float,
               reserve: float) -> dict[str, Tensor]:
-    """The Hessians QUANT_METHOD needs; with GPTQ_CALIB=train the training `reserve` pays for them."""
+    """The Hessians QUANT_METHOD needs; GPTQ_CALIB=train spends the training `reserve` on them."""
     if not cfg.uses_gptq:
         return {}
     start = time.perf_counter()
@@ -1957,8 +1956,8 @@ def unpack_artifact(blob: bytes) -> tuple[dict, list[StoredTensor]]:
     if name and not OPTIONAL_CODECS[name][1]:
         raise ValueError(f"compressed with {name}, not installed here: pip install "
                          f"{OPTIONAL_CODECS[name][0]}")
-    try:  # past the checksum, only a deliberately crafted file can fail here
-        body = bytearray(CODECS[name][1](blob[ARTIFACT_HEAD.size:-32]))
+    try:  # past the checksum only a crafted file can fail
+        body = CODECS[name][1](blob[ARTIFACT_HEAD.size:-32])
         (head_len,) = struct.unpack_from("<I", body)
         header = json.loads(body[4:4 + head_len])
         index = header["tensors"]
@@ -1974,8 +1973,8 @@ def unpack_artifact(blob: bytes) -> tuple[dict, list[StoredTensor]]:
         scales = iter(arrays[len(index):])
         stored = [StoredTensor(name, tuple(shape), dtype, store, L, values, next(scales) if L else None)
                   for (name, shape, dtype, store, L), values in zip(index, arrays)]
-        dtypes = {t.dtype for t in stored}
-        if offset != len(body) or set(header["config"]) != set(MODEL_FIELDS) or dtypes - set(DTYPES):
+        if (offset != len(body) or set(header["config"]) != set(MODEL_FIELDS)
+                or {t.dtype for t in stored} - set(DTYPES)):
             raise ValueError("the index does not match the payload")
     except Exception as err:
         raise ValueError(f"malformed artifact: {type(err).__name__}: {err}") from None
@@ -1983,7 +1982,7 @@ def unpack_artifact(blob: bytes) -> tuple[dict, list[StoredTensor]]:
 
 
 def artifact_config(cfg: Config, header: dict, environ: Mapping[str, str]) -> Config:
-    """cfg with the artifact's model fields; one the environment sets to another value is an error."""
+    """cfg with the artifact's model fields; the environment may not set one to another value."""
     for key, value in header["config"].items():
         if key.upper() in environ and value != getattr(cfg, key):
             raise ValueError(f"artifact has {key.upper()}={value}, the environment sets {getattr(cfg, key)}")
@@ -1991,28 +1990,28 @@ def artifact_config(cfg: Config, header: dict, environ: Mapping[str, str]) -> Co
 
 
 def budget_line(tag: str, code_bytes: int, model_bytes: int, budget: int = BUDGET_BYTES) -> tuple[str, int]:
-    """The size line (artifact or DRY_RUN estimate) and its excess over the budget (> 0: over)."""
+    """The size line and its excess over the budget (> 0: over)."""
     total = code_bytes + model_bytes
     return (f"{tag} code_bytes:{code_bytes} model_bytes:{model_bytes} total_bytes:{total} "
             f"budget_bytes:{budget} headroom_bytes:{budget - total}", total - budget)
 
 
-# --- the export shared by the ranks, sized to the budget (QUANT_FIT) ---
+# --- QUANT_FIT: the ranks' shared export, sized to the budget ---
 
 LEVEL_LADDER = (3, 5, 7, 11, 15, 23, 31, 47, 63, 95, 127)  # ~1/2 bit per weight apart: the fit's choices
 FIT_RUNGS_DOWN = 4  # rungs a tensor may go below its configured levels: ~2 bits per weight
-FIT_ROUNDS = 6  # real-size checks (full compressions) before the fit gives up
+FIT_ROUNDS = 6  # real-size checks (full compressions) before giving up
 
 
 def code_cost(t: StoredTensor, p: Tensor, hessian: Tensor) -> tuple[float, float]:
-    """A stored matrix's output error tr(dW H dW^T) and size-model bytes (order-0 entropy + fp16 scales)."""
+    """Output error tr(dW H dW^T) and size-model bytes (order-0 entropy + fp16 scales)."""
     d = (p.float() - t.dequantize().to(p.device).float()).reshape(len(t.scales), -1)
     code_bytes = sum(n * math.log2(t.values.size / n) for n in np.unique(t.values, return_counts=True)[1]) / 8
     return float(((d @ hessian.float()) * d).sum()), float(code_bytes + 2 * len(t.scales))
 
 
 def rungs_of(cfg: Config, levels: int) -> list[int]:
-    """`levels`, FIT_RUNGS_DOWN rungs below it and, to spend, the rungs up to QUANT_FIT_MAX_LEVELS."""
+    """`levels`, FIT_RUNGS_DOWN rungs below it and, to spend, those up to QUANT_FIT_MAX_LEVELS."""
     up = [r for r in LEVEL_LADDER if levels < r <= cfg.quant_fit_max_levels and cfg.quant_fit == "spend"]
     return [r for r in LEVEL_LADDER if r < levels][-FIT_RUNGS_DOWN:] + [levels] + up
 
@@ -2026,7 +2025,7 @@ def choose_levels(costs: dict[str, dict[int, tuple[float, float]]], start: Mappi
     total = sum(costs[n][levels[n]][1] for n in costs)
     while True:
         up = total <= limit  # lowering ends within the limit, and raising never leaves it
-        options = []  # (error change per byte saved, signed so that the best is least), ...
+        options = []  # (signed error change per byte saved: best least), ...
         for name in costs:
             rungs = sorted(costs[name])
             i = rungs.index(levels[name]) + (1 if up else -1)
@@ -2047,9 +2046,10 @@ def choose_levels(costs: dict[str, dict[int, tuple[float, float]]], start: Mappi
         total += d_size
 
 
-def quantize_shared(cfg: Config, rt: Runtime, params: Mapping[str, Tensor], hessians: Mapping[str, Tensor],
+def quantize_shared(cfg: Config, rt: Runtime, model: nn.Module, hessians: Mapping[str, Tensor],
                     items: list[tuple[str, str, int]]) -> dict[tuple[str, int], tuple]:
     """Each (name, store, levels) quantized by the least loaded rank: (stored, fell back, code_cost)."""
+    params = {name: p.detach() for name, p in model.named_parameters()}
     work = {it: params[it[0]].numel() * params[it[0]].shape[-1] for it in items}  # GPTQ: rows x cols^2
     loads = [0] * rt.world_size
     local = {}
@@ -2066,10 +2066,9 @@ def quantize_shared(cfg: Config, rt: Runtime, params: Mapping[str, Tensor], hess
 def export_artifact(cfg: Config, rt: Runtime, model: nn.Module, hessians: Mapping[str, Tensor],
                     forced: frozenset[str], code_bytes: int) -> tuple[bytes, dict[str, int], int]:
     """The file, its codec sizes and GPTQ fallbacks; past the budget (or to spend) levels by choose_levels."""
-    params = {name: p.detach() for name, p in model.named_parameters()}
     rows = export_rows(model)
     start = tensor_levels(cfg, model, hessians, forced)
-    done = quantize_shared(cfg, rt, params, hessians, [(r.name, r.rule.store, start[r.name]) for r in rows])
+    done = quantize_shared(cfg, rt, model, hessians, [(r.name, r.rule.store, start[r.name]) for r in rows])
 
     def build(levels: Mapping[str, int]) -> tuple[bytes, dict[str, int], int]:
         chosen = [done[(r.name, levels[r.name])] for r in rows]
@@ -2081,7 +2080,7 @@ def export_artifact(cfg: Config, rt: Runtime, model: nn.Module, hessians: Mappin
     if cfg.quant_fit == "off" or not rungs or (cfg.quant_fit == "fit" and configured <= target):
         return artifact
     more = [(r.name, r.rule.store, L) for r in rows for L in rungs.get(r.name, ()) if L != start[r.name]]
-    done |= quantize_shared(cfg, rt, params, hessians, more)
+    done |= quantize_shared(cfg, rt, model, hessians, more)
     costs = {n: {L: done[(n, L)][2] for L in rungs[n]} for n in rungs}
     start_bytes = sum(costs[n][start[n]][1] for n in costs)
     slope = 1.0  # real bytes ~ configured + slope * size-model bytes moved
@@ -2147,8 +2146,7 @@ def estimate_fit(cfg: Config, model: nn.Module, code_bytes: int) -> tuple[int | 
 
 def estimate_from_weights(cfg: Config, model: nn.Module) -> int:
     """Real weights' configured bytes, no calibration: identity Hessians (GPTQ rounds to nearest)."""
-    eye = {r.name: torch.eye(r.shape[1]) for r in export_rows(model)  # the GPTQ matrices (nn.Linear weights)
-           if r.rule.group == "muon" and cfg.uses_gptq}
+    eye = {r.name: torch.eye(r.shape[1]) for r in export_rows(model) if r.rule.group == "muon"}
     return len(pack_artifact(cfg, quantize_model(cfg, model, eye, model.recurrent_matrices())[0])[0])
 
 
