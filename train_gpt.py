@@ -2018,8 +2018,8 @@ def rungs_of(cfg: Config, levels: int) -> list[int]:
 
 def choose_levels(costs: dict[str, dict[int, tuple[float, float]]], start: Mapping[str, int], limit: float,
                   spend: bool) -> tuple[dict[str, int] | None, list[str]]:
-    """costs: name -> levels -> (error, bytes). Over `limit`, lower the least error per byte saved; within it,
-    raise the most error saved per byte (to start; to spend, to the top rung). None: the lowest are over."""
+    """costs: name -> levels -> (error, bytes). Over `limit`, lower where error grows least per byte saved;
+    within it, raise where it falls most per byte (to start; to spend, to the top rung). None: lowest over."""
     levels = dict(start)
     lines = []
     total = sum(costs[n][levels[n]][1] for n in costs)
