@@ -1693,52 +1693,50 @@ def ttt_train(cfg: Config, rt: Runtime, model: nn.Module, params: list[nn.Parame
 
 
 # === 11. QUANTIZATION ===
-# Per-row codes -L..L with fp16 row scales for the q_attn/q_mlp stores, fp16/fp32 copies of the rest.
+# q_attn/q_mlp: per-row codes -L..L times fp16 row scales; fp16/fp32: copies.
 
 CLIP_RATIOS = tuple(1 - 0.5 * (k / 24) ** 2 for k in range(25))  # 1 .. 0.5 of the row max, densest near 1
-REF_QUANTILES = (0.9999, 0.99995, 0.99999, 0.999995, 0.999999)  # the reference's per-row grid (spec 8.2)
-GPTQ_DAMP = 0.01  # x mean diag(H) added to the diagonal: rarely excited inputs keep H invertible
-GPTQ_BLOCK = 128  # columns whose rounding errors reach the rest of the matrix in one matmul
-SELFGEN_TEMPERATURE = 0.8  # sampling temperature of self-generated calibration text
+REF_QUANTILES = (0.9999, 0.99995, 0.99999, 0.999995, 0.999999)  # QUANT_METHOD=ref's grid (spec 8.2)
+GPTQ_DAMP = 0.01  # x mean diag(H) on the diagonal: rarely excited inputs keep H invertible
+GPTQ_BLOCK = 128  # columns whose errors reach the later ones in one matmul
+SELFGEN_TEMPERATURE = 0.8
 STORES = ("q_attn", "q_mlp", "fp16", "fp32")  # payload order: like bytes next to like bytes
 FLOAT_STORES = {"fp16": "<f2", "fp32": "<f4"}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-CODECS = {  # name: (compress, decompress); the position is the codec id in the file
+DTYPES = ("float32", "bfloat16", "float16")
+CODECS = {  # name: (compress, decompress), in codec id order
     "zstd": (lambda b: zstandard.ZstdCompressor(level=22).compress(b), lambda b: zstandard.decompress(b)),
     "brotli": (lambda b: brotli.compress(b, quality=11), lambda b: brotli.decompress(b)),
 }
 ARTIFACT_MAGIC = b"PGQZ\r\n\x1a\n"  # PNG-style: the CR/LF/EOF bytes expose text-mode mangling
 ARTIFACT_VERSION = 2
-ARTIFACT_HEAD = struct.Struct("<8sBBQ")  # magic, version, codec id, body bytes; the file ends with a sha256
-BUDGET_BYTES = Config.budget_bytes  # the challenge's decimal cap on code bytes + compressed model bytes
+ARTIFACT_HEAD = struct.Struct("<8sBBQ")  # magic, version, codec id, body bytes; a sha256 ends the file
+BUDGET_BYTES = Config.budget_bytes
 
 
 @dataclass(frozen=True)
 class StoredTensor:
-    """A parameter as the artifact holds it: flat int8 codes + fp16 row scales, or flat fp16/fp32 values."""
     name: str
     shape: tuple[int, ...]
-    dtype: str  # the parameter's own dtype, restored on load
+    dtype: str  # the parameter's, restored on load
     store: str
     levels: int  # 0 for the float stores
     values: np.ndarray
     scales: np.ndarray | None = None
 
     def dequantize(self) -> Tensor:
-        """Exact: an int8 code times an fp16 scale has at most 18 significant bits."""
+        """Exact: an int8 code times an fp16 scale has <= 18 significant bits."""
         values = torch.from_numpy(self.values.astype(np.float32))
         if self.levels:
             values = values.view(len(self.scales), -1) * torch.from_numpy(self.scales).float()[:, None]
-        return values.reshape(self.shape).to(DTYPES[self.dtype])
+        return values.reshape(self.shape).to(getattr(torch, self.dtype))
 
 
 def quantize_rows(w: Tensor, scales: Tensor, levels: int) -> Tensor:
-    """Round-to-nearest codes of w (R, C) for row scales (R,), clamped to -levels..levels."""
     return torch.clamp(torch.round(w / scales[:, None]), -levels, levels)
 
 
 def row_scales(w: Tensor, levels: int, method: str) -> Tensor:
-    """The candidate row scales (R,) of w (R, C) with the least squared error, ties to the first."""
+    """The candidate row scales with the least squared error, ties to the first."""
     if QUANT_METHODS[method]["scales"] == "quantiles":  # scored in fp32 though stored in fp16
         candidates = (torch.quantile(w.abs(), w.new_tensor(REF_QUANTILES), dim=1) / levels).clamp_min(1e-12)
     else:  # as the file's fp16; 2^-24 keeps all-zero rows finite
@@ -1749,14 +1747,14 @@ def row_scales(w: Tensor, levels: int, method: str) -> Tensor:
 
 
 def gptq_codes(w: Tensor, hessian: Tensor, scales: Tensor, levels: int) -> Tensor | None:
-    """GPTQ codes of w (R, C): each rounding error goes onto the columns not yet rounded, via H (C, C)."""
-    dead = hessian.diagonal() == 0  # inputs never seen (zero rows and columns): their weights cannot matter
+    """Each rounding error goes onto the unrounded columns via H; None: H is not positive definite."""
+    dead = hessian.diagonal() == 0  # inputs never seen: their weights cannot matter
     h = hessian + torch.diag(dead.to(hessian.dtype))
     h.diagonal().add_(GPTQ_DAMP * h.diagonal().mean())
     order = torch.argsort(h.diagonal(), descending=True)  # the most excited inputs first
     w = w.masked_fill(dead, 0.0)[:, order]
     chol, info = torch.linalg.cholesky_ex(h[order][:, order])
-    if info:  # H is not positive definite: the caller rounds instead
+    if info:
         return None
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
     codes = torch.zeros_like(w)
@@ -1778,7 +1776,7 @@ def calibration_batches(cfg: Config, rt: Runtime, model: GPT, batches: TrainBatc
     if cfg.gptq_calib == "train":
         return [batches.next()[0] for _ in range(cfg.gptq_calib_batches)]
     start = time.perf_counter()
-    rows = -(-cfg.gptq_calib_seqs // rt.world_size)  # at least one: every rank joins the Hessian all-reduce
+    rows = -(-cfg.gptq_calib_seqs // rt.world_size)  # >= 1: every rank joins the Hessian all-reduce
     length = cfg.gptq_calib_seq_len or cfg.train_seq_len
     gen = torch.Generator(rt.device).manual_seed(cfg.seed + rt.rank)
     ids = new = torch.randint(cfg.vocab_size, (rows, 1), generator=gen, device=rt.device)
@@ -1795,7 +1793,7 @@ def calibration_batches(cfg: Config, rt: Runtime, model: GPT, batches: TrainBatc
 
 @torch.no_grad()
 def collect_hessians(rt: Runtime, model: GPT, inputs: list[Tensor]) -> dict[str, Tensor]:
-    """Sum of x x^T (fp32: no autocast) over the inputs of every nn.Linear, every repeat and all ranks."""
+    """x x^T (fp32: no autocast) summed over every nn.Linear's inputs, repeats and ranks."""
     sums: dict[str, Tensor] = {}
     def accumulate(name: str, module: nn.Module, args: tuple[Tensor, ...]) -> None:
         x = args[0].flatten(0, -2).float()
@@ -1811,7 +1809,7 @@ def collect_hessians(rt: Runtime, model: GPT, inputs: list[Tensor]) -> dict[str,
 
 def calibrate(cfg: Config, rt: Runtime, model: GPT, batches: TrainBatches, train_ms: float,
               reserve: float) -> dict[str, Tensor]:
-    """The Hessians QUANT_METHOD needs; with GPTQ_CALIB=train the training `reserve` pays for them."""
+    """The Hessians QUANT_METHOD needs; GPTQ_CALIB=train spends the training `reserve` on them."""
     if not cfg.uses_gptq:
         return {}
     start = time.perf_counter()
@@ -1828,8 +1826,7 @@ def calibrate(cfg: Config, rt: Runtime, model: GPT, batches: TrainBatches, train
 
 def tensor_levels(cfg: Config, model: nn.Module, hessians: Mapping[str, Tensor],
                   forced: frozenset[str] = frozenset()) -> dict[str, int]:
-    """Each parameter's store_levels; QUANT_HIGH_TENSORS=N gives N matrices with a Hessian the high levels:
-    `forced` first, then by the output error of rounding at the low ones, tr(H) sum_r (row max / L)^2 / 12."""
+    """QUANT_HIGH_TENSORS go high: `forced`, then by error at the low L, tr(H) sum_r (row max / L)^2 / 12."""
     stores = {row.name: row.rule.store for row in param_table(model)}
     levels = {name: store_levels(cfg, store) for name, store in stores.items()}
     if not cfg.quant_high_tensors:
@@ -1843,7 +1840,6 @@ def tensor_levels(cfg: Config, model: nn.Module, hessians: Mapping[str, Tensor],
 
 
 def export_rows(model: nn.Module) -> list[ParamRow]:
-    """The exported rows of the parameter table in STORES order (the artifact's tensor order)."""
     rows = [row for row in param_table(model) if row.name not in model.unexported()]
     return sorted(rows, key=lambda r: STORES.index(r.rule.store))
 
@@ -1851,7 +1847,7 @@ def export_rows(model: nn.Module) -> list[ParamRow]:
 @torch.no_grad()
 def quantize_tensor(cfg: Config, name: str, p: Tensor, store: str, levels: int,
                     hessian: Tensor | None) -> tuple[StoredTensor, bool]:
-    """A parameter as its store holds it at `levels` and whether GPTQ fell back to rounding."""
+    """p as its store holds it and whether GPTQ fell back to rounding."""
     meta = (name, tuple(p.shape), str(p.dtype).removeprefix("torch."), store, levels)
     if not levels:
         return StoredTensor(*meta, p.float().cpu().numpy().astype(FLOAT_STORES[store]).ravel()), False
@@ -1866,7 +1862,7 @@ def quantize_tensor(cfg: Config, name: str, p: Tensor, store: str, levels: int,
 
 def quantize_model(cfg: Config, model: nn.Module, hessians: Mapping[str, Tensor],
                    forced: frozenset[str] = frozenset()) -> tuple[list[StoredTensor], int]:
-    """The one-process export: every exported parameter at tensor_levels, and the count of GPTQ fallbacks."""
+    """One process, at tensor_levels; and the count of GPTQ fallbacks."""
     levels = tensor_levels(cfg, model, hessians, forced)
     results = [quantize_tensor(cfg, r.name, model.get_parameter(r.name).detach(), r.rule.store,
                                levels[r.name], hessians.get(r.name)) for r in export_rows(model)]
@@ -1883,30 +1879,31 @@ def artifact_body(cfg: Config, stored: list[StoredTensor]) -> bytes:
     return b"".join([struct.pack("<I", len(head)), head, *planes])
 
 
-def seal_artifact(packed: dict[str, bytes]) -> tuple[bytes, dict[str, int]]:
-    """ARTIFACT_HEAD | the smallest compressed body (ties: CODECS order) | sha256; and each codec's size."""
-    best = min(packed, key=lambda c: (len(packed[c]), list(CODECS).index(c)))
+def pack_artifact(cfg: Config, stored: list[StoredTensor],
+                  rt: Runtime | None = None) -> tuple[bytes, dict[str, int]]:
+    """HEAD | smallest body (ties: CODECS order) | sha256, and each codec's size; `rt` splits the codecs."""
+    body = artifact_body(cfg, stored)
+    codecs = codecs_for(cfg.compressor)[0]
+    mine = codecs[rt.rank::rt.world_size] if rt else codecs
+    with ThreadPoolExecutor(max(len(mine), 1)) as pool:  # both codecs release the GIL
+        local = dict(zip(mine, pool.map(lambda c: CODECS[c][0](body), mine)))
+    packed = {c: data for part in (rt.gather_objects(local) if rt else [local]) for c, data in part.items()}
+    best = min(codecs, key=lambda c: (len(packed[c]), list(CODECS).index(c)))
     sealed = ARTIFACT_HEAD.pack(ARTIFACT_MAGIC, ARTIFACT_VERSION, list(CODECS).index(best), len(packed[best]))
     sealed += packed[best]
-    return sealed + hashlib.sha256(sealed).digest(), {c: len(data) for c, data in packed.items()}
-
-
-def pack_artifact(cfg: Config, stored: list[StoredTensor]) -> tuple[bytes, dict[str, int]]:
-    """The artifact file and each COMPRESSOR codec's body size, in one process."""
-    body = artifact_body(cfg, stored)
-    return seal_artifact({c: CODECS[c][0](body) for c in codecs_for(cfg.compressor)[0]})
+    return sealed + hashlib.sha256(sealed).digest(), {c: len(packed[c]) for c in codecs}
 
 
 def unpack_artifact(blob: bytes) -> tuple[dict, list[StoredTensor]]:
-    """Header and tensors of an artifact file; nothing in it runs, and any damage is a one-line ValueError."""
-    if blob[:len(ARTIFACT_MAGIC)] != ARTIFACT_MAGIC:
-        pickled = "; a torch.save/pickle file" if blob[:2] == b"PK" or blob[:1] == b"\x80" else ""
+    """Nothing in the file runs, and any damage is a one-line ValueError."""
+    if not blob.startswith(ARTIFACT_MAGIC):
+        pickled = "; a torch.save/pickle file" if blob.startswith((b"PK", b"\x80")) else ""
         raise ValueError(f"not a train_gpt artifact (bad magic{pickled})")
     if len(blob) < ARTIFACT_HEAD.size + 32:
         raise ValueError(f"truncated artifact: {len(blob)} bytes")
     _, version, codec, size = ARTIFACT_HEAD.unpack_from(blob)
     if version != ARTIFACT_VERSION:
-        raise ValueError(f"artifact format version {version}; this script reads version {ARTIFACT_VERSION}")
+        raise ValueError(f"artifact format version {version}; this script reads {ARTIFACT_VERSION}")
     if len(blob) != ARTIFACT_HEAD.size + size + 32:
         raise ValueError(f"truncated artifact: {len(blob)} bytes, want {ARTIFACT_HEAD.size + size + 32}")
     if hashlib.sha256(blob[:-32]).digest() != blob[-32:]:
@@ -1915,8 +1912,8 @@ def unpack_artifact(blob: bytes) -> tuple[dict, list[StoredTensor]]:
     if name and not OPTIONAL_CODECS[name][1]:
         raise ValueError(f"compressed with {name}, not installed here: pip install "
                          f"{OPTIONAL_CODECS[name][0]}")
-    try:  # past the checksum, only a deliberately crafted file can fail here
-        body = bytearray(CODECS[name][1](blob[ARTIFACT_HEAD.size:-32]))
+    try:  # past the checksum only a crafted file can fail
+        body = CODECS[name][1](blob[ARTIFACT_HEAD.size:-32])
         (head_len,) = struct.unpack_from("<I", body)
         header = json.loads(body[4:4 + head_len])
         index = header["tensors"]
@@ -1928,12 +1925,12 @@ def unpack_artifact(blob: bytes) -> tuple[dict, list[StoredTensor]]:
             itemsize = np.dtype(dtype).itemsize
             planes = np.frombuffer(body, np.uint8, count * itemsize, offset).reshape(itemsize, count)
             arrays.append(planes.T.copy().view(dtype).ravel())
-            offset += count * itemsize
+            offset += planes.size
         scales = iter(arrays[len(index):])
         stored = [StoredTensor(name, tuple(shape), dtype, store, L, values, next(scales) if L else None)
                   for (name, shape, dtype, store, L), values in zip(index, arrays)]
-        dtypes = {t.dtype for t in stored}
-        if offset != len(body) or set(header["config"]) != set(MODEL_FIELDS) or dtypes - set(DTYPES):
+        if (offset != len(body) or set(header["config"]) != set(MODEL_FIELDS)
+                or {t.dtype for t in stored} - set(DTYPES)):
             raise ValueError("the index does not match the payload")
     except Exception as err:
         raise ValueError(f"malformed artifact: {type(err).__name__}: {err}") from None
@@ -1941,7 +1938,7 @@ def unpack_artifact(blob: bytes) -> tuple[dict, list[StoredTensor]]:
 
 
 def artifact_config(cfg: Config, header: dict, environ: Mapping[str, str]) -> Config:
-    """cfg with the artifact's model fields; one the environment sets to another value is an error."""
+    """cfg with the artifact's model fields; the environment may not set one to another value."""
     for key, value in header["config"].items():
         if key.upper() in environ and value != getattr(cfg, key):
             raise ValueError(f"artifact has {key.upper()}={value}, the environment sets {getattr(cfg, key)}")
@@ -1949,44 +1946,43 @@ def artifact_config(cfg: Config, header: dict, environ: Mapping[str, str]) -> Co
 
 
 def budget_line(tag: str, code_bytes: int, model_bytes: int, budget: int = BUDGET_BYTES) -> tuple[str, int]:
-    """The size line of the artifact (or of DRY_RUN's estimate) and its excess over the budget (> 0: over)."""
+    """The size line and its excess over the budget (> 0: over)."""
     total = code_bytes + model_bytes
     return (f"{tag} code_bytes:{code_bytes} model_bytes:{model_bytes} total_bytes:{total} "
             f"budget_bytes:{budget} headroom_bytes:{budget - total}", total - budget)
 
 
-# --- the export shared by the ranks, sized to the budget (QUANT_FIT) ---
+# --- QUANT_FIT: the ranks' shared export, sized to the budget ---
 
 LEVEL_LADDER = (3, 5, 7, 11, 15, 23, 31, 47, 63, 95, 127)  # ~1/2 bit per weight apart: the fit's choices
-FIT_RUNGS_DOWN = 4  # ladder rungs below its configured levels a tensor may go: ~2 bits per weight less
-FIT_ROUNDS = 6  # real-size checks (each a full compression) before the fit gives up
+FIT_RUNGS_DOWN = 4  # rungs a tensor may go below its configured levels: ~2 bits per weight
+FIT_ROUNDS = 6  # real-size checks (full compressions) before giving up
 
 
 def code_cost(t: StoredTensor, p: Tensor, hessian: Tensor) -> tuple[float, float]:
-    """A stored matrix's output error tr(dW H dW^T) and size-model bytes (order-0 entropy + fp16 scales)."""
-    d = p.float().reshape(len(t.scales), -1) - t.dequantize().float().reshape(len(t.scales), -1).to(p.device)
+    """Output error tr(dW H dW^T) and size-model bytes (order-0 entropy + fp16 scales)."""
+    d = (p.float() - t.dequantize().to(p.device).float()).reshape(len(t.scales), -1)
     code_bytes = sum(n * math.log2(t.values.size / n) for n in np.unique(t.values, return_counts=True)[1]) / 8
     return float(((d @ hessian.float()) * d).sum()), float(code_bytes + 2 * len(t.scales))
 
 
 def rungs_of(cfg: Config, levels: int) -> list[int]:
-    """`levels`, FIT_RUNGS_DOWN rungs below it and, to spend, the rungs up to QUANT_FIT_MAX_LEVELS."""
+    """`levels`, FIT_RUNGS_DOWN rungs below it and, to spend, those up to QUANT_FIT_MAX_LEVELS."""
     up = [r for r in LEVEL_LADDER if levels < r <= cfg.quant_fit_max_levels and cfg.quant_fit == "spend"]
     return [r for r in LEVEL_LADDER if r < levels][-FIT_RUNGS_DOWN:] + [levels] + up
 
 
 def choose_levels(costs: dict[str, dict[int, tuple[float, float]]], start: Mapping[str, int], limit: float,
                   spend: bool) -> tuple[dict[str, int] | None, list[str]]:
-    """costs: name -> levels -> (error, bytes). Over `limit`, lower a rung of the tensor whose error grows
-    least per byte saved; within it, raise the one whose error falls most per byte (to its start; to spend,
-    to its top rung). Returns the levels (None: the lowest rungs are over) and one log line per change."""
+    """costs: name -> levels -> (error, bytes). Over `limit`, lower where error grows least per byte saved;
+    within it, raise where it falls most per byte (to start; to spend, to the top rung). None: lowest over."""
     levels = dict(start)
     lines = []
     total = sum(costs[n][levels[n]][1] for n in costs)
     while True:
         up = total <= limit  # lowering ends within the limit, and raising never leaves it
-        options = []  # (error change per byte saved: lowering minimizes it, raising maximizes it), ...
-        for name in sorted(costs):
+        options = []  # (signed error change per byte saved: best least), ...
+        for name in costs:
             rungs = sorted(costs[name])
             i = rungs.index(levels[name]) + (1 if up else -1)
             if not 0 <= i < len(rungs) or (up and not spend and rungs[i] > start[name]):
@@ -1995,8 +1991,8 @@ def choose_levels(costs: dict[str, dict[int, tuple[float, float]]], start: Mappi
             new_err, new_size = costs[name][rungs[i]]
             saved = size - new_size
             if (saved < 0 and total - saved <= limit) if up else saved > 0:
-                per_byte = (new_err - err) / saved
-                options.append((-per_byte if up else per_byte, name, rungs[i], -saved, new_err - err))
+                per_byte = (err - new_err if up else new_err - err) / saved
+                options.append((per_byte, name, rungs[i], -saved, new_err - err))
         if not options:
             return (levels if up else None), lines
         _, name, new, d_size, d_err = min(options)
@@ -2006,9 +2002,10 @@ def choose_levels(costs: dict[str, dict[int, tuple[float, float]]], start: Mappi
         total += d_size
 
 
-def quantize_shared(cfg: Config, rt: Runtime, params: Mapping[str, Tensor], hessians: Mapping[str, Tensor],
+def quantize_shared(cfg: Config, rt: Runtime, model: nn.Module, hessians: Mapping[str, Tensor],
                     items: list[tuple[str, str, int]]) -> dict[tuple[str, int], tuple]:
-    """Each (name, store, levels) item quantized by the least loaded rank: (stored, fell back, code_cost)."""
+    """Each (name, store, levels) quantized by the least loaded rank: (stored, fell back, code_cost)."""
+    params = {name: p.detach() for name, p in model.named_parameters()}
     work = {it: params[it[0]].numel() * params[it[0]].shape[-1] for it in items}  # GPTQ: rows x cols^2
     loads = [0] * rt.world_size
     local = {}
@@ -2022,29 +2019,16 @@ def quantize_shared(cfg: Config, rt: Runtime, params: Mapping[str, Tensor], hess
     return {key: value for part in rt.gather_objects(local) for key, value in part.items()}
 
 
-def compress_shared(cfg: Config, rt: Runtime, stored: list[StoredTensor]) -> tuple[bytes, dict[str, int]]:
-    """pack_artifact, its codecs spread over the ranks, each in a thread (both codecs release the GIL)."""
-    body = artifact_body(cfg, stored)
-    codecs = codecs_for(cfg.compressor)[0]
-    mine = codecs[rt.rank::rt.world_size]
-    with ThreadPoolExecutor(max(len(mine), 1)) as pool:
-        local = dict(zip(mine, pool.map(lambda c: CODECS[c][0](body), mine)))
-    merged = {c: data for part in rt.gather_objects(local) for c, data in part.items()}
-    return seal_artifact({c: merged[c] for c in codecs})
-
-
 def export_artifact(cfg: Config, rt: Runtime, model: nn.Module, hessians: Mapping[str, Tensor],
                     forced: frozenset[str], code_bytes: int) -> tuple[bytes, dict[str, int], int]:
     """The file, its codec sizes and GPTQ fallbacks; past the budget (or to spend) levels by choose_levels."""
-    params = {name: p.detach() for name, p in model.named_parameters()}
     rows = export_rows(model)
     start = tensor_levels(cfg, model, hessians, forced)
-    done = quantize_shared(cfg, rt, params, hessians, [(r.name, r.rule.store, start[r.name]) for r in rows])
+    done = quantize_shared(cfg, rt, model, hessians, [(r.name, r.rule.store, start[r.name]) for r in rows])
 
     def build(levels: Mapping[str, int]) -> tuple[bytes, dict[str, int], int]:
         chosen = [done[(r.name, levels[r.name])] for r in rows]
-        blob, sizes = compress_shared(cfg, rt, [t for t, _, _ in chosen])
-        return blob, sizes, sum(fell_back for _, fell_back, _ in chosen)
+        return *pack_artifact(cfg, [t for t, _, _ in chosen], rt), sum(fallback for _, fallback, _ in chosen)
     artifact = build(start)
     configured = len(artifact[0])
     target = cfg.budget_bytes - code_bytes - (cfg.quant_fit_margin if cfg.quant_fit == "spend" else 0)
@@ -2052,7 +2036,7 @@ def export_artifact(cfg: Config, rt: Runtime, model: nn.Module, hessians: Mappin
     if cfg.quant_fit == "off" or not rungs or (cfg.quant_fit == "fit" and configured <= target):
         return artifact
     more = [(r.name, r.rule.store, L) for r in rows for L in rungs.get(r.name, ()) if L != start[r.name]]
-    done |= quantize_shared(cfg, rt, params, hessians, more)
+    done |= quantize_shared(cfg, rt, model, hessians, more)
     costs = {n: {L: done[(n, L)][2] for L in rungs[n]} for n in rungs}
     start_bytes = sum(costs[n][start[n]][1] for n in costs)
     slope = 1.0  # real bytes ~ configured + slope * size-model bytes moved
@@ -2117,9 +2101,8 @@ def estimate_fit(cfg: Config, model: nn.Module, code_bytes: int) -> tuple[int | 
 
 
 def estimate_from_weights(cfg: Config, model: nn.Module) -> int:
-    """Real weights' configured bytes without calibration data: identity Hessians (GPTQ rounds to nearest)."""
-    eye = {r.name: torch.eye(r.shape[1]) for r in export_rows(model)  # the GPTQ matrices (nn.Linear weights)
-           if r.rule.group == "muon" and cfg.uses_gptq}
+    """Real weights' configured bytes, no calibration: identity Hessians (GPTQ rounds to nearest)."""
+    eye = {r.name: torch.eye(r.shape[1]) for r in export_rows(model) if r.rule.group == "muon"}
     return len(pack_artifact(cfg, quantize_model(cfg, model, eye, model.recurrent_matrices())[0])[0])
 
 
