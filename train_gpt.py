@@ -1959,6 +1959,11 @@ FIT_RUNGS_DOWN = 4  # rungs a tensor may go below its configured levels: ~2 bits
 FIT_ROUNDS = 6  # real-size checks (full compressions) before giving up
 
 
+def fit_target(cfg: Config, code_bytes: int) -> int:
+    """The model bytes the fit aims at: the budget less the code, and with spend less QUANT_FIT_MARGIN."""
+    return cfg.budget_bytes - code_bytes - (cfg.quant_fit_margin if cfg.quant_fit == "spend" else 0)
+
+
 def code_cost(t: StoredTensor, p: Tensor, hessian: Tensor) -> tuple[float, float]:
     """Output error tr(dW H dW^T) and size-model bytes (order-0 entropy + fp16 scales)."""
     d = (p.float() - t.dequantize().to(p.device).float()).reshape(len(t.scales), -1)
@@ -2031,7 +2036,7 @@ def export_artifact(cfg: Config, rt: Runtime, model: nn.Module, hessians: Mappin
         return *pack_artifact(cfg, [t for t, _, _ in chosen], rt), sum(fallback for _, fallback, _ in chosen)
     artifact = build(start)
     configured = len(artifact[0])
-    target = cfg.budget_bytes - code_bytes - (cfg.quant_fit_margin if cfg.quant_fit == "spend" else 0)
+    target = fit_target(cfg, code_bytes)
     rungs = {n: rungs_of(cfg, start[n]) for n in sorted(hessians) if start.get(n)}
     if cfg.quant_fit == "off" or not rungs or (cfg.quant_fit == "fit" and configured <= target):
         return artifact
@@ -2086,7 +2091,7 @@ def estimate_model_bytes(cfg: Config, model: nn.Module) -> int:
 def estimate_fit(cfg: Config, model: nn.Module, code_bytes: int) -> tuple[int | None, dict[str, int]]:
     """QUANT_FIT at init, error numel / L^2 (shapes only): bytes (None: no fit), GPTQ matrices' levels."""
     configured = estimate_model_bytes(cfg, model)
-    target = cfg.budget_bytes - code_bytes - (cfg.quant_fit_margin if cfg.quant_fit == "spend" else 0)
+    target = fit_target(cfg, code_bytes)
     levels = tensor_levels(cfg, model, {})
     rows = [r for r in export_rows(model) if r.rule.group == "muon" and levels[r.name]]
     start = {r.name: levels[r.name] for r in rows}
