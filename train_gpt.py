@@ -2029,6 +2029,9 @@ def export_artifact(cfg: Config, rt: Runtime, model: nn.Module, hessians: Mappin
     """The file, its codec sizes and GPTQ fallbacks; past the budget (or to spend) levels by choose_levels."""
     rows = export_rows(model)
     start = tensor_levels(cfg, model, hessians, forced)
+    if cfg.quant_high_tensors:
+        high = sum(start[name] == cfg.quant_levels for name in hessians)
+        rt.log(f"quant_levels high:{high} low:{len(hessians) - high} by:hessian_rounding_error")
     done = quantize_shared(cfg, rt, model, hessians, [(r.name, r.rule.store, start[r.name]) for r in rows])
 
     def build(levels: Mapping[str, int]) -> tuple[bytes, dict[str, int], int]:
@@ -2596,10 +2599,6 @@ def train_and_export(cfg: Config, rt: Runtime, tables: ByteTables, val_tokens: T
     start = time.perf_counter()
     blob, sizes, fallbacks = export_artifact(cfg, rt, model, hessians, model.recurrent_matrices(),
                                              len(Path(__file__).read_bytes()))
-    if cfg.quant_high_tensors:
-        levels = tensor_levels(cfg, model, hessians, model.recurrent_matrices())
-        high = sum(levels[name] == cfg.quant_levels for name in hessians)
-        rt.log(f"quant_levels high:{high} low:{len(hessians) - high} by:hessian_rounding_error")
     if rt.is_main:
         path.write_bytes(blob)
     codec_bytes = " ".join(f"{codec}_bytes:{n}" for codec, n in sizes.items())
