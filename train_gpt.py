@@ -106,10 +106,9 @@ TORCH_MIN = (2, 5)  # SDPA's enable_gqa; then F.rms_norm (2.4), init_process_gro
 
 def torch_version_problem(version: str) -> str:
     """'' when this torch is new enough, else the config_error line."""
-    need = ".".join(map(str, TORCH_MIN))
     if tuple(int(part) for part in re.findall(r"\d+", version)[:2]) >= TORCH_MIN:
         return ""
-    return f"torch {version} found, this script needs torch>={need} (SDPA enable_gqa)"
+    return f"torch {version} found, this script needs torch>={TORCH_MIN[0]}.{TORCH_MIN[1]} (SDPA enable_gqa)"
 
 
 BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True,
@@ -117,16 +116,13 @@ BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True,
 
 
 def _parse_value(key: str, raw: str, kind: str) -> object:
-    if kind == "str":
-        return raw
-    if kind == "bool":
-        if (word := raw.strip().lower()) not in BOOL_WORDS:
-            raise ConfigError(f"{key} must be 0 or 1, got {raw!r}")
-        return BOOL_WORDS[word]
     try:
-        return int(raw) if kind == "int" else float(raw)
-    except ValueError:
-        raise ConfigError(f"{key} must be a number ({kind}), got {raw!r}") from None
+        if kind == "bool":
+            return BOOL_WORDS[raw.strip().lower()]
+        return {"str": str, "int": int, "float": float}[kind](raw)
+    except (KeyError, ValueError):
+        expected = "0 or 1" if kind == "bool" else f"a number ({kind})"
+        raise ConfigError(f"{key} must be {expected}, got {raw!r}") from None
 
 
 def parse_prog_depth(spec: str) -> tuple[tuple[float, int], ...]:
@@ -175,71 +171,64 @@ def _allowed_problem(f: dataclasses.Field, value: object) -> str:
 
 
 def _config_problems(c: Config) -> Iterator[str]:
-    """Declared values, then cross-knob rules; only the first is raised: a rule may assume earlier ones."""
+    """Declared values, then cross-knob rules; only the first is raised, so a rule may assume the declared."""
     for f in dataclasses.fields(c):
         if problem := _allowed_problem(f, getattr(c, f.name)):
             yield f"{f.name.upper()} {problem}"
-    if c.model_dim % c.num_heads:
-        yield f"NUM_HEADS={c.num_heads} must divide MODEL_DIM={c.model_dim}"
-    if c.head_dim % 2:
-        yield f"head dim MODEL_DIM/NUM_HEADS={c.head_dim} must be even for RoPE"
-    if c.num_heads % c.num_kv_heads:
-        yield f"NUM_KV_HEADS={c.num_kv_heads} must divide NUM_HEADS={c.num_heads}"
-    if c.vocab_size > 65536:
-        yield f"VOCAB_SIZE={c.vocab_size} does not fit the uint16 shard format"
-    if 0 < c.val_max_tokens < c.train_seq_len:
-        yield (f"VAL_MAX_TOKENS must be 0 (the whole split) or >= TRAIN_SEQ_LEN={c.train_seq_len}, "
-               f"got {c.val_max_tokens}")
-    if not re.fullmatch(r"[A-Za-z0-9._-]*", c.run_id) or c.run_id.startswith("."):
-        yield f"RUN_ID names files in logs/: use [A-Za-z0-9._-], not first '.', got {c.run_id!r}"
-    if c.resume == "auto" and not c.run_id:
-        yield "RESUME=auto resumes logs/<RUN_ID>.ckpt: set the RUN_ID to continue"
-    if c.train_batch_tokens % c.train_seq_len:
-        yield f"TRAIN_SEQ_LEN={c.train_seq_len} must divide TRAIN_BATCH_TOKENS={c.train_batch_tokens}"
-    if c.device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?", c.device):
-        yield f"DEVICE must be auto, cpu, cuda or cuda:N, got {c.device!r}"
-    if not 0 <= c.eval_stride <= c.eval_seq_len:
-        yield f"EVAL_STRIDE must be in 0..EVAL_SEQ_LEN={c.eval_seq_len} (0: off), got {c.eval_stride}"
-    if c.ttt and not c.eval_stride:
-        yield "TTT=1 needs EVAL_STRIDE > 0 (it scores on the sliding windows)"
-    if c.ttt_chunk_tokens < c.eval_seq_len:
-        yield f"TTT_CHUNK_TOKENS must be >= EVAL_SEQ_LEN={c.eval_seq_len}, got {c.ttt_chunk_tokens}"
-    if not 0 <= c.ttt_freeze_blocks <= c.num_layers:
-        yield f"TTT_FREEZE_BLOCKS must be in 0..NUM_LAYERS={c.num_layers}, got {c.ttt_freeze_blocks}"
-    if not c.tokenizer_path.endswith(".model"):
-        yield f"TOKENIZER_PATH must be a SentencePiece .model file, got {c.tokenizer_path!r}"
-    if c.ema_decay > 0 and c.swa_enabled:
-        yield f"EMA_DECAY={c.ema_decay} replaces SWA as the exported average; set SWA_ENABLED=0"
-    if c.quant_high_tensors and not c.uses_gptq:
-        yield f"QUANT_HIGH_TENSORS={c.quant_high_tensors} ranks tensors by GPTQ Hessians (QUANT_METHOD=gptq)"
-    if c.reserves_calibration_time and c.gptq_reserve_seconds >= c.max_wallclock_seconds:
-        yield (f"GPTQ_RESERVE_SECONDS={c.gptq_reserve_seconds} must be below MAX_WALLCLOCK_SECONDS="
-               f"{c.max_wallclock_seconds} (GPTQ_CALIB=train calibrates within it)")
     usable, missing = codecs_for(c.compressor)
-    if missing and not usable and not (c.dry_run or c.eval_only):  # before training, not after it
-        yield (f"COMPRESSOR={c.compressor} needs {' or '.join(missing)}, not installed: "
-               f"pip install {' '.join(missing)}")
     fracs = [frac for frac, _ in c.depth_schedule]
-    if any(not 0 < frac <= 1 for frac in fracs) or fracs != sorted(set(fracs)):
-        yield f"PROG_DEPTH fractions must be increasing and in (0, 1], got {c.prog_depth!r}"
-    for _, reps in c.depth_schedule:
-        if not 1 <= reps <= c.num_repeats:
-            yield f"PROG_DEPTH repeats {reps} must be in 1..NUM_REPEATS={c.num_repeats}"
-    if c.depth_schedule[-1][1] != c.num_repeats:
-        yield f"PROG_DEPTH must end at NUM_REPEATS={c.num_repeats} (the exported depth), got {c.prog_depth!r}"
+    repeats = [reps for _, reps in c.depth_schedule]
     recur = parse_ints(c.recur_layers)
-    if recur and (recur != list(range(recur[0], recur[-1] + 1)) or recur[0] < 0 or recur[-1] >= c.num_layers):
-        yield f"RECUR_LAYERS must be consecutive layers in 0..{c.num_layers - 1}, got {c.recur_layers!r}"
-    if c.bigram_vocab_size == 1:
-        yield "BIGRAM_VOCAB_SIZE must be 0 (off) or >= 2 (bucket 0 is the first position's)"
-    if c.rope_dims % 2 or c.rope_dims > c.head_dim:
-        yield f"ROPE_DIMS must be even and <= the head dim {c.head_dim} (0: all), got {c.rope_dims}"
-    if c.parallel_last_n > c.depth:
-        yield f"PARALLEL_LAST_N={c.parallel_last_n} exceeds the {c.depth} effective layers"
     ve = parse_ints(c.ve_layers)
-    if bool(c.ve_dim) != bool(ve) or any(not 0 <= i < c.depth for i in ve):
-        yield (f"VE_DIM > 0 needs VE_LAYERS (effective layers in 0..{c.depth - 1}) and VE_LAYERS needs "
-               f"VE_DIM > 0; got VE_DIM={c.ve_dim} VE_LAYERS={c.ve_layers!r}")
+    rules = [  # (broken, the config_error line)
+        (c.model_dim % c.num_heads, f"NUM_HEADS={c.num_heads} must divide MODEL_DIM={c.model_dim}"),
+        (c.head_dim % 2, f"head dim MODEL_DIM/NUM_HEADS={c.head_dim} must be even for RoPE"),
+        (c.num_heads % c.num_kv_heads, f"NUM_KV_HEADS={c.num_kv_heads} must divide NUM_HEADS={c.num_heads}"),
+        (c.vocab_size > 65536, f"VOCAB_SIZE={c.vocab_size} does not fit the uint16 shard format"),
+        (0 < c.val_max_tokens < c.train_seq_len, "VAL_MAX_TOKENS must be 0 (the whole split) or >= "
+         f"TRAIN_SEQ_LEN={c.train_seq_len}, got {c.val_max_tokens}"),
+        (not re.fullmatch(r"[A-Za-z0-9._-]*", c.run_id) or c.run_id.startswith("."),
+         f"RUN_ID names files in logs/: use [A-Za-z0-9._-], not first '.', got {c.run_id!r}"),
+        (c.resume == "auto" and not c.run_id, "RESUME=auto resumes logs/<RUN_ID>.ckpt: set the RUN_ID"),
+        (c.train_batch_tokens % c.train_seq_len,
+         f"TRAIN_SEQ_LEN={c.train_seq_len} must divide TRAIN_BATCH_TOKENS={c.train_batch_tokens}"),
+        (c.device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?", c.device),
+         f"DEVICE must be auto, cpu, cuda or cuda:N, got {c.device!r}"),
+        (not 0 <= c.eval_stride <= c.eval_seq_len,
+         f"EVAL_STRIDE must be in 0..EVAL_SEQ_LEN={c.eval_seq_len} (0: off), got {c.eval_stride}"),
+        (c.ttt and not c.eval_stride, "TTT=1 needs EVAL_STRIDE > 0 (it scores on the sliding windows)"),
+        (c.ttt_chunk_tokens < c.eval_seq_len,
+         f"TTT_CHUNK_TOKENS must be >= EVAL_SEQ_LEN={c.eval_seq_len}, got {c.ttt_chunk_tokens}"),
+        (not 0 <= c.ttt_freeze_blocks <= c.num_layers,
+         f"TTT_FREEZE_BLOCKS must be in 0..NUM_LAYERS={c.num_layers}, got {c.ttt_freeze_blocks}"),
+        (not c.tokenizer_path.endswith(".model"),
+         f"TOKENIZER_PATH must be a SentencePiece .model file, got {c.tokenizer_path!r}"),
+        (c.ema_decay > 0 and c.swa_enabled,
+         f"EMA_DECAY={c.ema_decay} replaces SWA as the exported average; set SWA_ENABLED=0"),
+        (c.quant_high_tensors and not c.uses_gptq,
+         f"QUANT_HIGH_TENSORS={c.quant_high_tensors} ranks tensors by GPTQ Hessians (QUANT_METHOD=gptq)"),
+        (c.reserves_calibration_time and c.gptq_reserve_seconds >= c.max_wallclock_seconds,
+         f"GPTQ_RESERVE_SECONDS={c.gptq_reserve_seconds} must be below MAX_WALLCLOCK_SECONDS="
+         f"{c.max_wallclock_seconds} (GPTQ_CALIB=train calibrates within it)"),
+        (missing and not usable and not (c.dry_run or c.eval_only),  # before training, not after it
+         f"COMPRESSOR={c.compressor} needs {' or '.join(missing)}, not installed: "
+         f"pip install {' '.join(missing)}"),
+        (any(not 0 < frac <= 1 for frac in fracs) or fracs != sorted(set(fracs)),
+         f"PROG_DEPTH fractions must be increasing and in (0, 1], got {c.prog_depth!r}"),
+        (any(not 1 <= reps <= c.num_repeats for reps in repeats) or repeats[-1] != c.num_repeats,
+         f"PROG_DEPTH repeats must be in 1..NUM_REPEATS={c.num_repeats}, ending at it, got {c.prog_depth!r}"),
+        (recur and (recur != list(range(*c.recur_span)) or recur[0] < 0 or recur[-1] >= c.num_layers),
+         f"RECUR_LAYERS must be consecutive layers in 0..{c.num_layers - 1}, got {c.recur_layers!r}"),
+        (c.bigram_vocab_size == 1, "BIGRAM_VOCAB_SIZE must be 0 (off) or >= 2 (bucket 0 is position 0's)"),
+        (c.rope_dims % 2 or c.rope_dims > c.head_dim,
+         f"ROPE_DIMS must be even and <= the head dim {c.head_dim} (0: all), got {c.rope_dims}"),
+        (c.parallel_last_n > c.depth,
+         f"PARALLEL_LAST_N={c.parallel_last_n} exceeds the {c.depth} effective layers"),
+        (bool(c.ve_dim) != bool(ve) or any(not 0 <= i < c.depth for i in ve),
+         f"VE_DIM > 0 needs VE_LAYERS (effective layers in 0..{c.depth - 1}) and VE_LAYERS needs "
+         f"VE_DIM > 0; got VE_DIM={c.ve_dim} VE_LAYERS={c.ve_layers!r}"),
+    ]
+    yield from (message for broken, message in rules if broken)
 
 
 # QUANT_METHOD's one home (section 11 reads it): scales from CLIP_RATIOS or REF_QUANTILES, GPTQ or rounding.
