@@ -83,8 +83,6 @@ brotli = optional_module("brotli")
 OPTIONAL_CODECS = {"zstd": ("zstandard", zstandard), "brotli": ("brotli", brotli)}  # pip name, module
 
 # === 2. CONFIG ===
-# A field's env var is its upper-cased name; knob() declares its default, kind and allowed values, whence the
-# validation, MODEL_FIELDS, resume_key and the README's knob table derive.
 
 MODEL = "model"  # the network's shape: the artifact carries it
 TRAIN = "train"  # what training computes: a resume needs the same values
@@ -96,9 +94,10 @@ class ConfigError(ValueError):
     """A bad knob: one line and exit code 2 before any work starts."""
 
 
-def knob(default: object, kind: str, allowed: str | tuple[str, ...] = "") -> object:
-    """allowed: "> 0", ">= 0" (a float: also finite), an interval like "[0, 1)", or the choices."""
-    return field(default=default, metadata={"kind": kind, "allowed": allowed})
+def knob(default: object, kind: str, allowed: str | tuple[str, ...] = "", divides: str = "") -> object:
+    """The field's env var is its name upper-cased. allowed: "> 0", ">= 0" (a float: also finite), an interval
+    like "[0, 1)", an integer range like "0..num_layers" (a bound may name a knob), or the choices."""
+    return field(default=default, metadata={"kind": kind, "allowed": allowed, "divides": divides})
 
 
 TORCH_MIN = (2, 5)  # SDPA's enable_gqa; then F.rms_norm (2.4), init_process_group's device_id
@@ -125,18 +124,6 @@ def _parse_value(key: str, raw: str, kind: str) -> object:
         raise ConfigError(f"{key} must be {expected}, got {raw!r}") from None
 
 
-def parse_prog_depth(spec: str) -> tuple[tuple[float, int], ...]:
-    """'0.30:2,1.0:4' -> ((0.3, 2), (1.0, 4))."""
-    pairs = []
-    for item in spec.split(","):
-        frac, _, reps = item.strip().partition(":")
-        try:  # no colon: int("") fails too
-            pairs.append((float(frac), int(reps)))
-        except ValueError:
-            raise ConfigError(f"PROG_DEPTH item {item.strip()!r} is not frac:repeats (e.g. 0.30:2)") from None
-    return tuple(pairs)
-
-
 def parse_ints(spec: str) -> list[int]:
     """'4,5' -> [4, 5]; '' -> []."""
     try:
@@ -153,54 +140,53 @@ def codecs_for(compressor: str) -> tuple[list[str], list[str]]:
     return usable, missing
 
 
-def _allowed_problem(f: dataclasses.Field, value: object) -> str:
+def _allowed_problem(c: Config, f: dataclasses.Field) -> str:
+    value = getattr(c, f.name)
     allowed = f.metadata["allowed"]
     if isinstance(allowed, tuple):
         return "" if value in allowed else f"must be one of {', '.join(allowed)}, got {value!r}"
-    if not allowed:
+    # A knob named as a bound stands for its value; a message shows it as NAME=value.
+    shown = re.sub(r"[a-z_]+", lambda name: f"{name[0].upper()}={getattr(c, name[0])}", allowed)
+    bounds = re.sub(r"[a-z_]+", lambda name: str(getattr(c, name[0])), allowed)
+    if ".." in bounds:
+        bounds = f"[{bounds.replace('..', ', ')}]"
+    if not bounds:
         return ""
-    if allowed.startswith(">"):  # inf and nan fail too
-        bound = float(allowed.split()[1])
-        ok = value < math.inf and (value >= bound if allowed.startswith(">=") else value > bound)
+    if bounds.startswith(">"):  # inf and nan fail too
+        bound = float(bounds.split()[1])
+        ok = value < math.inf and (value >= bound if bounds.startswith(">=") else value > bound)
         finite = "a finite number " if f.type == "float" else ""
-        return "" if ok else f"must be {finite}{allowed}, got {value}"
-    lo, hi = (float(end) for end in allowed[1:-1].split(","))
-    above = lo <= value if allowed[0] == "[" else lo < value
-    below = value <= hi if allowed[-1] == "]" else value < hi
-    return "" if above and below else f"must be in {allowed}, got {value}"
+        return "" if ok else f"must be {finite}{shown}, got {value}"
+    lo, hi = (float(end) for end in bounds[1:-1].split(","))
+    above = lo <= value if bounds[0] == "[" else lo < value
+    below = value <= hi if bounds[-1] == "]" else value < hi
+    return "" if above and below else f"must be in {shown}, got {value}"
 
 
 def _config_problems(c: Config) -> Iterator[str]:
     """Declared values, then cross-knob rules; only the first is raised, so a rule may assume the declared."""
     for f in dataclasses.fields(c):
-        if problem := _allowed_problem(f, getattr(c, f.name)):
+        value = getattr(c, f.name)
+        if problem := _allowed_problem(c, f):
             yield f"{f.name.upper()} {problem}"
+        if (multiple := f.metadata["divides"]) and getattr(c, multiple) % value:
+            yield f"{f.name.upper()}={value} must divide {multiple.upper()}={getattr(c, multiple)}"
     usable, missing = codecs_for(c.compressor)
     fracs = [frac for frac, _ in c.depth_schedule]
-    repeats = [reps for _, reps in c.depth_schedule]
+    outside = [str(reps) for _, reps in c.depth_schedule if not 1 <= reps <= c.num_repeats]
     recur = parse_ints(c.recur_layers)
     ve = parse_ints(c.ve_layers)
     rules = [  # (broken, the config_error line)
-        (c.model_dim % c.num_heads, f"NUM_HEADS={c.num_heads} must divide MODEL_DIM={c.model_dim}"),
         (c.head_dim % 2, f"head dim MODEL_DIM/NUM_HEADS={c.head_dim} must be even for RoPE"),
-        (c.num_heads % c.num_kv_heads, f"NUM_KV_HEADS={c.num_kv_heads} must divide NUM_HEADS={c.num_heads}"),
         (c.vocab_size > 65536, f"VOCAB_SIZE={c.vocab_size} does not fit the uint16 shard format"),
         (0 < c.val_max_tokens < c.train_seq_len, "VAL_MAX_TOKENS must be 0 (the whole split) or >= "
          f"TRAIN_SEQ_LEN={c.train_seq_len}, got {c.val_max_tokens}"),
         (not re.fullmatch(r"[A-Za-z0-9._-]*", c.run_id) or c.run_id.startswith("."),
          f"RUN_ID names files in logs/: use [A-Za-z0-9._-], not first '.', got {c.run_id!r}"),
         (c.resume == "auto" and not c.run_id, "RESUME=auto resumes logs/<RUN_ID>.ckpt: set the RUN_ID"),
-        (c.train_batch_tokens % c.train_seq_len,
-         f"TRAIN_SEQ_LEN={c.train_seq_len} must divide TRAIN_BATCH_TOKENS={c.train_batch_tokens}"),
         (c.device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?", c.device),
          f"DEVICE must be auto, cpu, cuda or cuda:N, got {c.device!r}"),
-        (not 0 <= c.eval_stride <= c.eval_seq_len,
-         f"EVAL_STRIDE must be in 0..EVAL_SEQ_LEN={c.eval_seq_len} (0: off), got {c.eval_stride}"),
         (c.ttt and not c.eval_stride, "TTT=1 needs EVAL_STRIDE > 0 (it scores on the sliding windows)"),
-        (c.ttt_chunk_tokens < c.eval_seq_len,
-         f"TTT_CHUNK_TOKENS must be >= EVAL_SEQ_LEN={c.eval_seq_len}, got {c.ttt_chunk_tokens}"),
-        (not 0 <= c.ttt_freeze_blocks <= c.num_layers,
-         f"TTT_FREEZE_BLOCKS must be in 0..NUM_LAYERS={c.num_layers}, got {c.ttt_freeze_blocks}"),
         (not c.tokenizer_path.endswith(".model"),
          f"TOKENIZER_PATH must be a SentencePiece .model file, got {c.tokenizer_path!r}"),
         (c.ema_decay > 0 and c.swa_enabled,
@@ -215,8 +201,9 @@ def _config_problems(c: Config) -> Iterator[str]:
          f"pip install {' '.join(missing)}"),
         (any(not 0 < frac <= 1 for frac in fracs) or fracs != sorted(set(fracs)),
          f"PROG_DEPTH fractions must be increasing and in (0, 1], got {c.prog_depth!r}"),
-        (any(not 1 <= reps <= c.num_repeats for reps in repeats) or repeats[-1] != c.num_repeats,
-         f"PROG_DEPTH repeats must be in 1..NUM_REPEATS={c.num_repeats}, ending at it, got {c.prog_depth!r}"),
+        (outside, f"PROG_DEPTH repeats {', '.join(outside)} must be in 1..NUM_REPEATS={c.num_repeats}"),
+        (c.depth_schedule[-1][1] != c.num_repeats,
+         f"PROG_DEPTH must end at NUM_REPEATS={c.num_repeats} (the exported depth), got {c.prog_depth!r}"),
         (recur and (recur != list(range(*c.recur_span)) or recur[0] < 0 or recur[-1] >= c.num_layers),
          f"RECUR_LAYERS must be consecutive layers in 0..{c.num_layers - 1}, got {c.recur_layers!r}"),
         (c.bigram_vocab_size == 1, "BIGRAM_VOCAB_SIZE must be 0 (off) or >= 2 (bucket 0 is position 0's)"),
@@ -294,8 +281,8 @@ class Config:
     num_layers: int = knob(3, MODEL, "> 0")
     num_repeats: int = knob(4, MODEL, "> 0")
     model_dim: int = knob(880, MODEL, "> 0")
-    num_heads: int = knob(8, MODEL, "> 0")
-    num_kv_heads: int = knob(4, MODEL, "> 0")
+    num_heads: int = knob(8, MODEL, "> 0", divides="model_dim")
+    num_kv_heads: int = knob(4, MODEL, "> 0", divides="num_heads")
     mlp_mult: float = knob(3.0, MODEL, "> 0")
     num_value_embeds: int = knob(2, MODEL, ">= 0")
     xsa_last_n: int = knob(4, MODEL, ">= 0")
@@ -327,7 +314,7 @@ class Config:
     iterations: int = knob(20000, TRAIN, "> 0")
     max_wallclock_seconds: float = knob(600.0, TRAIN, ">= 0")
     train_batch_tokens: int = knob(524288, TRAIN, "> 0")
-    train_seq_len: int = knob(1024, TRAIN, "> 0")
+    train_seq_len: int = knob(1024, TRAIN, "> 0", divides="train_batch_tokens")
     grad_accum_steps: int = knob(0, TRAIN, ">= 0")
     lr_warmup_steps: int = knob(50, TRAIN, ">= 0")
     warmdown_iters: int = knob(3000, TRAIN, ">= 0")
@@ -354,18 +341,18 @@ class Config:
     swa_every: int = knob(30, TRAIN, "> 0")
     ema_decay: float = knob(0.0, TRAIN, "[0, 1)")
     eval_seq_len: int = knob(1024, EVAL, "> 0")
-    eval_stride: int = knob(256, EVAL)
+    eval_stride: int = knob(256, EVAL, "0..eval_seq_len")  # 0: no sliding-window evals
     eval_batch_seqs: int = knob(32, EVAL, "> 0")
     mixer_update_targets: int = knob(0, EVAL, ">= 0")
     mixer: str = knob("normalized", EVAL, ("normalized", "reference_hedge", "off"))
     mixer_eta: float = knob(1.0, EVAL, ">= 0")
     hedge_eta: float = knob(0.1, EVAL, ">= 0")
     ttt: bool = knob(False, EVAL)
-    ttt_chunk_tokens: int = knob(32768, EVAL)
+    ttt_chunk_tokens: int = knob(32768, EVAL, ">= eval_seq_len")
     ttt_lr: float = knob(5e-4, EVAL, ">= 0")
     ttt_epochs: int = knob(1, EVAL, ">= 0")
     ttt_batch_seqs: int = knob(16, EVAL, "> 0")
-    ttt_freeze_blocks: int = knob(0, EVAL)
+    ttt_freeze_blocks: int = knob(0, EVAL, "0..num_layers")
     ttt_grad_clip: float = knob(1.0, EVAL, ">= 0")
     quant_levels: int = knob(63, EVAL, "[1, 127]")  # levels L give 2L+1 codes: 63 is "int7", 16 "int5"
     mlp_quant_levels: int = knob(16, EVAL, "[1, 127]")
@@ -404,7 +391,15 @@ class Config:
 
     @property
     def depth_schedule(self) -> tuple[tuple[float, int], ...]:
-        return parse_prog_depth(self.prog_depth)
+        """PROG_DEPTH '0.30:2,1.0:4' -> ((0.3, 2), (1.0, 4))."""
+        pairs = []
+        for item in self.prog_depth.split(","):
+            frac, _, reps = item.strip().partition(":")
+            try:  # no colon: int("") fails too
+                pairs.append((float(frac), int(reps)))
+            except ValueError:
+                raise ConfigError(f"PROG_DEPTH {item.strip()!r} is not frac:repeats (e.g. 0.30:2)") from None
+        return tuple(pairs)
 
     @property
     def uses_gptq(self) -> bool:

@@ -258,9 +258,9 @@ def test_config_is_frozen():
 
 
 def test_parse_prog_depth():
-    assert train_gpt.parse_prog_depth("0.30:2, 0.50:3 ,1.0:4") == ((0.3, 2), (0.5, 3), (1.0, 4))
+    assert Config(prog_depth="0.30:2, 0.50:3 ,1.0:4").depth_schedule == ((0.3, 2), (0.5, 3), (1.0, 4))
     with pytest.raises(ConfigError, match="PROG_DEPTH"):
-        train_gpt.parse_prog_depth("0.3")
+        Config(prog_depth="0.3")
 
 
 # --- batch arithmetic ---
