@@ -462,12 +462,12 @@ class Runtime:
             dist.init_process_group(backend, device_id=self.device if self.is_cuda else None)
             dist.barrier()
         self.use_compile = cfg.compile == "1" or (cfg.compile == "auto" and self.is_cuda)
-        # Rank 0 picks precision and run id: all ranks compute and name files alike.
-        decision = self.choose_precision(cfg) if self.is_main else None
-        self.precision, self.precision_reason = self.broadcast_object(decision)
+        # Rank 0 picks precision and run id (the others send None): all ranks compute and name files alike.
+        new_id = time.strftime("%Y%m%d_%H%M%S_") + secrets.token_hex(3)
+        picked = (self.choose_precision(cfg), cfg.run_id or new_id) if self.is_main else None
+        (self.precision, self.precision_reason), run_id = self.gather_objects(picked)[0]
         self.use_autocast = self.precision == "bf16"
         self.compute_dtype = torch.bfloat16 if self.use_autocast else torch.float32
-        run_id = self.broadcast_object(cfg.run_id or time.strftime("%Y%m%d_%H%M%S_") + secrets.token_hex(3))
         self.cfg = dataclasses.replace(cfg, run_id=run_id)
         self.log_path = Path("logs") / f"{run_id}.txt"
         if self.is_main:
@@ -498,18 +498,9 @@ class Runtime:
         if self.is_cuda:
             major, minor = torch.cuda.get_device_capability(self.device)
             return ("bf16" if major >= 8 else "fp32"), f"cuda_sm{major}{minor}"
-        # A fixed 50 MFLOP MLP shape: a tiny model's matmuls would time only overhead.
-        bf16_ms = matmul_ms(128, 256, 768, torch.bfloat16)
-        return pick_cpu_precision(bf16_ms, matmul_ms(128, 256, 768, torch.float32))
+        return pick_cpu_precision(matmul_ms(torch.bfloat16), matmul_ms(torch.float32))
 
     # --- collectives (no-ops in one process) ---
-    def broadcast_object(self, obj: object) -> object:
-        if not self.distributed:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
     def all_reduce(self, tensor: Tensor, op: str = "sum") -> Tensor:
         if self.distributed:
             dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
@@ -568,9 +559,8 @@ class Runtime:
     def peak_memory_line(self) -> str:
         if not self.is_cuda:
             return "peak_memory: n/a (cpu)"
-        mib = 1024 * 1024
-        return (f"peak_memory allocated:{torch.cuda.max_memory_allocated() // mib}MiB "
-                f"reserved:{torch.cuda.max_memory_reserved() // mib}MiB")
+        return (f"peak_memory allocated:{torch.cuda.max_memory_allocated() >> 20}MiB "
+                f"reserved:{torch.cuda.max_memory_reserved() >> 20}MiB")
 
     # --- logging (rank 0 only) ---
     def log(self, line: str, console: bool = True) -> None:
@@ -597,10 +587,11 @@ class Runtime:
         os._exit(code)
 
 
-def matmul_ms(rows: int, dim: int, hidden: int, dtype: torch.dtype) -> float:
-    """Best of 3 after a warm-up, one thread (a second, waiting for a busy core, times the scheduler)."""
-    x = torch.full((rows, dim), 0.5, dtype=dtype)
-    w = torch.full((dim, hidden), 0.25, dtype=dtype)
+def matmul_ms(dtype: torch.dtype) -> float:
+    """A fixed 50 MFLOP MLP shape (a tiny model's matmuls time only overhead): best of 3 after a warm-up, one
+    thread (a second, waiting for a busy core, times the scheduler)."""
+    x = torch.full((128, 256), 0.5, dtype=dtype)
+    w = torch.full((256, 768), 0.25, dtype=dtype)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     times = []
@@ -648,10 +639,7 @@ def muon_momentum_at(cfg: Config, step: int) -> float:
 
 def repeats_at(cfg: Config, progress: float) -> int:
     """Repeats of the first PROG_DEPTH phase still ahead, else of the last."""
-    for frac, reps in cfg.depth_schedule:
-        if progress < frac:
-            return reps
-    return cfg.depth_schedule[-1][1]
+    return next((reps for frac, reps in cfg.depth_schedule if progress < frac), cfg.depth_schedule[-1][1])
 
 
 def swa_due(cfg: Config, step: int, repeats: int, warmdown: float) -> bool:
