@@ -222,9 +222,6 @@ def _config_problems(c: Config) -> Iterator[str]:
 QUANT_METHODS = {"gptq": {"scales": "clip", "codes": "gptq"}, "clip": {"scales": "clip", "codes": "round"},
                  "ref": {"scales": "quantiles", "codes": "round"}}
 
-# Not knobs, though near a knob's name: torchrun's and the preset selector.
-NON_KNOB_ENV = frozenset({"PRESET", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK"})
-
 # What the 512-wide, 2048-token seeds pr1204 and pr456 share.
 LONG_CONTEXT_SEEDS = dict(
     model_dim=512, mlp_mult=3.0, num_value_embeds=0, loop_embed=False, smear_gate=True, train_seq_len=2048,
@@ -420,7 +417,7 @@ class Config:
         if problem := torch_version_problem(torch.__version__):
             raise ConfigError(problem)
         knobs = {f.name.upper(): f for f in dataclasses.fields(cls)}
-        for key in [key for key in environ if key not in knobs and key not in NON_KNOB_ENV]:
+        for key in [key for key in environ if key not in knobs and key != "PRESET"]:
             if close := difflib.get_close_matches(key.upper(), [*knobs, "PRESET"], n=1, cutoff=0.85):
                 raise ConfigError(f"unknown env var {key}; did you mean {close[0]}?")
         preset = environ.get("PRESET", "pr1453")
@@ -448,10 +445,9 @@ class Runtime:
         self.distributed = "RANK" in environ and "WORLD_SIZE" in environ
         self.rank = int(environ.get("RANK", 0))  # global (multi-node); LOCAL_RANK only picks the GPU
         self.world_size = int(environ.get("WORLD_SIZE", 1))
-        self.local_rank = int(environ.get("LOCAL_RANK", 0))
         self.is_main = self.rank == 0
         want = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        self.device = torch.device(f"cuda:{self.local_rank}" if want == "cuda" else want)
+        self.device = torch.device(f"cuda:{int(environ.get('LOCAL_RANK', 0))}" if want == "cuda" else want)
         self.is_cuda = self.device.type == "cuda"
         if self.is_cuda:
             torch.cuda.set_device(self.device)
@@ -563,18 +559,17 @@ class Runtime:
                 f"reserved:{torch.cuda.max_memory_reserved() >> 20}MiB")
 
     # --- logging (rank 0 only) ---
-    def log(self, line: str, console: bool = True) -> None:
+    def log(self, line: str, console: bool = True, suffix: str = ".txt") -> None:
+        """Appends the line to logs/<RUN_ID><suffix> (and prints it)."""
         if not self.is_main:
             return
         if console:
             print(line, flush=True)
-        with self.log_path.open("a", encoding="utf-8") as fh:
+        with self.log_path.with_suffix(suffix).open("a", encoding="utf-8") as fh:
             fh.write(line + "\n")
 
     def log_json(self, record: dict) -> None:
-        if self.is_main:
-            with self.log_path.with_suffix(".jsonl").open("a", encoding="utf-8") as fh:
-                fh.write(json.dumps(record, sort_keys=True) + "\n")
+        self.log(json.dumps(record, sort_keys=True), console=False, suffix=".jsonl")
 
     def shutdown(self, code: int = 0) -> None:
         """Barrier, destroy the group, flush, hard exit (gloo can abort at exit)."""
