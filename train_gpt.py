@@ -178,7 +178,6 @@ def _config_problems(c: Config) -> Iterator[str]:
     ve = parse_ints(c.ve_layers)
     rules = [  # (broken, the config_error line)
         (c.head_dim % 2, f"head dim MODEL_DIM/NUM_HEADS={c.head_dim} must be even for RoPE"),
-        (c.vocab_size > 65536, f"VOCAB_SIZE={c.vocab_size} does not fit the uint16 shard format"),
         (0 < c.val_max_tokens < c.train_seq_len, "VAL_MAX_TOKENS must be 0 (the whole split) or >= "
          f"TRAIN_SEQ_LEN={c.train_seq_len}, got {c.val_max_tokens}"),
         (not re.fullmatch(r"[A-Za-z0-9._-]*", c.run_id) or c.run_id.startswith("."),
@@ -274,7 +273,7 @@ class Config:
     resume: str = knob("", RUN)
     record: bool = knob(True, RUN)
     eval_only: str = knob("", RUN)
-    vocab_size: int = knob(1024, MODEL, "> 0")
+    vocab_size: int = knob(1024, MODEL, "1..65536")  # the shards' tokens are uint16
     num_layers: int = knob(3, MODEL, "> 0")
     num_repeats: int = knob(4, MODEL, "> 0")
     model_dim: int = knob(880, MODEL, "> 0")
@@ -423,11 +422,9 @@ class Config:
         preset = environ.get("PRESET", "pr1453")
         if preset not in PRESETS:
             raise ConfigError(f"unknown PRESET={preset!r}; known: {', '.join(sorted(PRESETS))}")
-        values = dict(PRESETS[preset])
-        for key, f in knobs.items():
-            if key in environ:
-                values[f.name] = _parse_value(key, environ[key], f.type)
-        return cls(**values)
+        given = {f.name: _parse_value(key, environ[key], f.type)
+                 for key, f in knobs.items() if key in environ}
+        return cls(**{**PRESETS[preset], **given})
 
 
 def knob_names(*kinds: str) -> tuple[str, ...]:
