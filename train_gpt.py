@@ -496,7 +496,7 @@ class Runtime:
     # --- collectives (no-ops in one process) ---
     def all_reduce(self, tensor: Tensor, op: str = "sum") -> Tensor:
         if self.distributed:
-            dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+            dist.all_reduce(tensor, op=getattr(dist.ReduceOp, op.upper()))
         return tensor
 
     def all_max(self, *values: float) -> list[float]:
