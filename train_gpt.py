@@ -183,7 +183,7 @@ def _config_problems(c: Config) -> Iterator[str]:
         (not re.fullmatch(r"[A-Za-z0-9._-]*", c.run_id) or c.run_id.startswith("."),
          f"RUN_ID names files in logs/: use [A-Za-z0-9._-], not first '.', got {c.run_id!r}"),
         (c.resume == "auto" and not c.run_id, "RESUME=auto resumes logs/<RUN_ID>.ckpt: set the RUN_ID"),
-        (c.device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?", c.device),
+        (not re.fullmatch(r"auto|cpu|cuda(:\d+)?", c.device),
          f"DEVICE must be auto, cpu, cuda or cuda:N, got {c.device!r}"),
         (c.ttt and not c.eval_stride, "TTT=1 needs EVAL_STRIDE > 0 (it scores on the sliding windows)"),
         (not c.tokenizer_path.endswith(".model"),
