@@ -145,13 +145,13 @@ def _allowed_problem(c: Config, f: dataclasses.Field) -> str:
     allowed = f.metadata["allowed"]
     if isinstance(allowed, tuple):
         return "" if value in allowed else f"must be one of {', '.join(allowed)}, got {value!r}"
+    if not allowed:
+        return ""
     # A knob named as a bound stands for its value; a message shows it as NAME=value.
     shown = re.sub(r"[a-z_]+", lambda name: f"{name[0].upper()}={getattr(c, name[0])}", allowed)
     bounds = re.sub(r"[a-z_]+", lambda name: str(getattr(c, name[0])), allowed)
     if ".." in bounds:
         bounds = f"[{bounds.replace('..', ', ')}]"
-    if not bounds:
-        return ""
     if bounds.startswith(">"):  # inf and nan fail too
         bound = float(bounds.split()[1])
         ok = value < math.inf and (value >= bound if bounds.startswith(">=") else value > bound)
@@ -217,7 +217,7 @@ def _config_problems(c: Config) -> Iterator[str]:
     yield from (message for broken, message in rules if broken)
 
 
-# QUANT_METHOD's one home (section 11 reads it): scales from CLIP_RATIOS or REF_QUANTILES, GPTQ or rounding.
+# Each QUANT_METHOD's row scales (from CLIP_RATIOS or REF_QUANTILES) and codes (by GPTQ or by rounding).
 QUANT_METHODS = {"gptq": {"scales": "clip", "codes": "gptq"}, "clip": {"scales": "clip", "codes": "round"},
                  "ref": {"scales": "quantiles", "codes": "round"}}
 
