@@ -178,8 +178,9 @@ def _config_problems(c: Config) -> Iterator[str]:
     ve = parse_ints(c.ve_layers)
     rules = [  # (broken, the config_error line)
         (c.head_dim % 2, f"head dim MODEL_DIM/NUM_HEADS={c.head_dim} must be even for RoPE"),
-        (0 < c.val_max_tokens < c.train_seq_len, "VAL_MAX_TOKENS must be 0 (the whole split) or >= "
-         f"TRAIN_SEQ_LEN={c.train_seq_len}, got {c.val_max_tokens}"),
+        (0 < c.val_max_tokens < c.train_seq_len,
+         f"VAL_MAX_TOKENS must be 0 (the whole split) or >= TRAIN_SEQ_LEN={c.train_seq_len}, "
+         f"got {c.val_max_tokens}"),
         (not re.fullmatch(r"[A-Za-z0-9._-]*", c.run_id) or c.run_id.startswith("."),
          f"RUN_ID names files in logs/: use [A-Za-z0-9._-], not first '.', got {c.run_id!r}"),
         (c.resume == "auto" and not c.run_id, "RESUME=auto resumes logs/<RUN_ID>.ckpt: set the RUN_ID"),
