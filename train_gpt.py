@@ -687,9 +687,7 @@ SHARD_HEADER_INTS = 256
 
 def shard_tokens(path: Path) -> int:
     """The header's token count, checked against magic, version and file size (ValueError)."""
-    with path.open("rb") as fh:
-        head = fh.read(4 * SHARD_HEADER_INTS)
-    header = np.frombuffer(head[:len(head) // 4 * 4], dtype="<i4")
+    header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)  # fewer from a short file
     if header.size < SHARD_HEADER_INTS or header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
         raise ValueError(f"{path} is not a challenge shard: rebuild or remove it")
     count = int(header[2])
@@ -873,10 +871,10 @@ def rms_norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),), eps=RMS_EPS)
 
 
-def rope_tables(seq_len: int, dims: int, base: float, device: torch.device) -> Rope:
-    """cos, sin (T, dims/2) in fp32: bf16 has 513 distinct positions."""
+def rope_tables(seq_len: int, dims: int, base: float, device: torch.device, start: int = 0) -> Rope:
+    """cos, sin (seq_len - start, dims/2) of positions start.. in fp32: bf16 has 513 distinct positions."""
     inv_freq = base ** (-torch.arange(0, dims, 2, dtype=torch.float32, device=device) / dims)
-    angles = torch.arange(seq_len, dtype=torch.float32, device=device)[:, None] * inv_freq[None, :]
+    angles = torch.arange(start, seq_len, dtype=torch.float32, device=device)[:, None] * inv_freq[None, :]
     return angles.cos(), angles.sin()
 
 
@@ -921,10 +919,6 @@ class KVCache:
         return tuple(buffer[:, :, :end] for buffer in self.kv[layer])
 
 
-def xsa_start(depth: int, xsa_last_n: int) -> int:
-    return max(0, depth - xsa_last_n) if xsa_last_n > 0 else depth
-
-
 def layer_plan(cfg: Config, repeats: int) -> list[tuple[int, int, int]]:
     """(block, slot: index at full depth, occurrence) per layer."""
     lo, hi = cfg.recur_span
@@ -958,7 +952,7 @@ def effective_layers(cfg: Config, repeats: int) -> list[EffectiveLayer]:
     v_rows = {slot: row for row, slot in enumerate(parse_ints(cfg.ve_layers))}
     return [EffectiveLayer(
         block=p, slot=slot, scalars=slot if cfg.untie_scalars else p, v_embed=v_rows.get(slot),
-        attention=p > 0 or not cfg.disable_layer0_attn, xsa=i >= xsa_start(depth, cfg.xsa_last_n),
+        attention=p > 0 or not cfg.disable_layer0_attn, xsa=i >= depth - cfg.xsa_last_n,
         parallel=0 <= first_lane <= i, norm_scale=(slot + 1) ** -0.5 if cfg.ln_scale else 1.0,
         skip=(i - encoder, 2 * encoder - 1 - i) if 0 <= i - encoder < encoder else None,
         cross_repeat=(p - lo, k - 1) if k and cfg.cross_repeat else None,
@@ -1006,15 +1000,6 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.proj(F.leaky_relu(self.fc(x), negative_slope=self.slope).square())
-
-
-class Block(nn.Module):
-    """A physical layer's matrices; its gains, scales and x0 mix are GPT's."""
-
-    def __init__(self, cfg: Config):
-        super().__init__()
-        self.attn = Attention(cfg)
-        self.mlp = MLP(cfg)
 
 
 class BigramHash(nn.Module):
@@ -1079,7 +1064,9 @@ class GPT(nn.Module):
         lanes = cfg.parallel_last_n > 0  # routing per block: [attn, mlp] -> [lane 0, lane 1]
         self.lane_post = nn.Parameter(torch.ones(cfg.num_layers, 2, 2)) if lanes else None
         self.lane_resid = nn.Parameter(torch.full((cfg.num_layers, 2), math.sqrt(1.1))) if lanes else None
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        # A physical layer's matrices; its gains, scales and x0 mix are the rows above.
+        self.blocks = nn.ModuleList(nn.ModuleDict({"attn": Attention(cfg), "mlp": MLP(cfg)})
+                                    for _ in range(cfg.num_layers))
         self.repeat_mlps = nn.ModuleList(MLP(cfg) for _ in range((hi - lo) * repeats)) \
             if cfg.untie_repeat_mlp else None
         self.clone_repeat_mlps(0, cfg.num_repeats)
@@ -1116,12 +1103,11 @@ class GPT(nn.Module):
         """fp32 logits (B, T, V), or NLL (B, T) given targets; with a cache, ids continue it."""
         cfg = self.cfg
         start = 0 if cache is None else cache.length
+        end = start + ids.size(1)
         x0 = self.embed(ids) if cache is None else self.embed(cache.with_context(ids))[:, -ids.size(1):]
         values = [table(ids) for table in self.value_embeds]
         v_values = None if self.v_embed is None else self.v_embed(ids)
-        rope = rope_tables(start + ids.size(1), cfg.rope_dims or cfg.head_dim, cfg.rope_base, ids.device)
-        if start:  # decoding only: inductor's fp32 CPU code broke the heap on a zero-offset slice
-            rope = tuple(t[start:] for t in rope)
+        rope = rope_tables(end, cfg.rope_dims or cfg.head_dim, cfg.rope_base, ids.device, start)
         lanes = [x0]
         outputs = []
         for i, at in enumerate(self.plans[repeats]):
