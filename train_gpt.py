@@ -872,9 +872,10 @@ def rms_norm(x: Tensor) -> Tensor:
 
 
 def rope_tables(seq_len: int, dims: int, base: float, device: torch.device, start: int = 0) -> Rope:
-    """cos, sin (seq_len - start, dims/2) of positions start.. in fp32: bf16 has 513 distinct positions."""
+    """cos, sin (T, dims/2) of positions start.. in fp32: bf16 has 513 distinct positions."""
     inv_freq = base ** (-torch.arange(0, dims, 2, dtype=torch.float32, device=device) / dims)
-    angles = torch.arange(start, seq_len, dtype=torch.float32, device=device)[:, None] * inv_freq[None, :]
+    positions = torch.arange(start, start + seq_len, dtype=torch.float32, device=device)
+    angles = positions[:, None] * inv_freq[None, :]
     return angles.cos(), angles.sin()
 
 
@@ -909,14 +910,14 @@ class KVCache:
     def with_context(self, ids: Tensor) -> Tensor:  # the bigram hash and smear gate read the last token
         return ids if self.ids is None else torch.cat((self.ids[:, -2:], ids), 1)
 
-    def extend(self, layer: int, k: Tensor, v: Tensor) -> Rope:
+    def extend(self, layer: int, k: Tensor, v: Tensor) -> list[Tensor]:
         """Append k, v (B, Hkv, T, hd); return those of all positions."""
         end = self.length + k.size(2)
         if layer not in self.kv:
             self.kv[layer] = [x.new_empty(*x.shape[:2], self.capacity, x.size(3)) for x in (k, v)]
         for buffer, new in zip(self.kv[layer], (k, v)):
             buffer[:, :, self.length:end] = new
-        return tuple(buffer[:, :, :end] for buffer in self.kv[layer])
+        return [buffer[:, :, :end] for buffer in self.kv[layer]]
 
 
 def layer_plan(cfg: Config, repeats: int) -> list[tuple[int, int, int]]:
@@ -938,8 +939,7 @@ class EffectiveLayer:
     norm_scale: float
     v_embed: int | None  # row of layer scales
     skip: tuple[int, int] | None  # (skip row, index of the mirrored encoder layer)
-    cross_repeat: tuple[int, int] | None  # (run position, repeat - 1)
-    previous: int | None  # the block's previous application
+    cross_repeat: tuple[int, int, int] | None  # (run position, repeat - 1, the block's previous layer)
     repeat_mlp: int | None  # its own MLP's index
 
 
@@ -955,8 +955,7 @@ def effective_layers(cfg: Config, repeats: int) -> list[EffectiveLayer]:
         attention=p > 0 or not cfg.disable_layer0_attn, xsa=i >= depth - cfg.xsa_last_n,
         parallel=0 <= first_lane <= i, norm_scale=(slot + 1) ** -0.5 if cfg.ln_scale else 1.0,
         skip=(i - encoder, 2 * encoder - 1 - i) if 0 <= i - encoder < encoder else None,
-        cross_repeat=(p - lo, k - 1) if k and cfg.cross_repeat else None,
-        previous=i - (hi - lo) if k and cfg.cross_repeat else None,
+        cross_repeat=(p - lo, k - 1, i - (hi - lo)) if k and cfg.cross_repeat else None,
         repeat_mlp=(k - 1) * (hi - lo) + p - lo if k and cfg.untie_repeat_mlp else None)
         for i, (p, slot, k) in enumerate(plan)]
 
@@ -1000,6 +999,15 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.proj(F.leaky_relu(self.fc(x), negative_slope=self.slope).square())
+
+
+class Block(nn.Module):
+    """A physical layer's matrices; its gains, scales and x0 mix are GPT's."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.attn = Attention(cfg)
+        self.mlp = MLP(cfg)
 
 
 class BigramHash(nn.Module):
@@ -1064,9 +1072,7 @@ class GPT(nn.Module):
         lanes = cfg.parallel_last_n > 0  # routing per block: [attn, mlp] -> [lane 0, lane 1]
         self.lane_post = nn.Parameter(torch.ones(cfg.num_layers, 2, 2)) if lanes else None
         self.lane_resid = nn.Parameter(torch.full((cfg.num_layers, 2), math.sqrt(1.1))) if lanes else None
-        # A physical layer's matrices; its gains, scales and x0 mix are the rows above.
-        self.blocks = nn.ModuleList(nn.ModuleDict({"attn": Attention(cfg), "mlp": MLP(cfg)})
-                                    for _ in range(cfg.num_layers))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.repeat_mlps = nn.ModuleList(MLP(cfg) for _ in range((hi - lo) * repeats)) \
             if cfg.untie_repeat_mlp else None
         self.clone_repeat_mlps(0, cfg.num_repeats)
@@ -1092,8 +1098,8 @@ class GPT(nn.Module):
         return frozenset(n for n in names if n.startswith(prefixes))
 
     def embed(self, ids: Tensor) -> Tensor:
-        x = self.tok_emb(ids) if self.bigram is None else self.tok_emb(ids) + self.bigram(ids)
-        x = rms_norm(x)
+        x = self.tok_emb(ids)
+        x = rms_norm(x if self.bigram is None else x + self.bigram(ids))
         if self.smear_gate is not None:  # (1 - g) x_t + g x_{t-1}, per-dim gate g, x_{-1} = 0
             x = torch.lerp(x, F.pad(x[:, :-1], (0, 0, 1, 0)), torch.sigmoid(self.smear_gate))
         return x
@@ -1103,20 +1109,16 @@ class GPT(nn.Module):
         """fp32 logits (B, T, V), or NLL (B, T) given targets; with a cache, ids continue it."""
         cfg = self.cfg
         start = 0 if cache is None else cache.length
-        end = start + ids.size(1)
         x0 = self.embed(ids) if cache is None else self.embed(cache.with_context(ids))[:, -ids.size(1):]
         values = [table(ids) for table in self.value_embeds]
         v_values = None if self.v_embed is None else self.v_embed(ids)
-        rope = rope_tables(end, cfg.rope_dims or cfg.head_dim, cfg.rope_base, ids.device, start)
+        rope = rope_tables(ids.size(1), cfg.rope_dims or cfg.head_dim, cfg.rope_base, ids.device, start)
         lanes = [x0]
         outputs = []
         for i, at in enumerate(self.plans[repeats]):
             if at.parallel and len(lanes) == 1:  # both lanes start from the stream
                 lanes = lanes * 2
-            delta = self.stream_input(at, values, outputs)
-            lanes = lanes if delta is None else [lane + delta for lane in lanes]
-            if at.skip is not None:
-                lanes = self.add_skip(lanes, outputs, *at.skip)
+            lanes = self.stream_input(lanes, at, values, outputs)
             v_extra = None if at.v_embed is None else self.v_embed.layer_scales[at.v_embed] * v_values
             kv = None if cache is None else functools.partial(cache.extend, i)
             lanes = self.parallel_layer(lanes, x0, at, rope, v_extra, kv) if at.parallel \
@@ -1126,17 +1128,19 @@ class GPT(nn.Module):
             cache.ids = ids if cache.ids is None else torch.cat((cache.ids, ids), 1)
         return self.head(rms_norm(outputs[-1]), targets)
 
-    def stream_input(self, at: EffectiveLayer, values: list[Tensor], outputs: list[Tensor]) -> Tensor | None:
-        """The loop embedding, value embeddings and cross-repeat copy, added before a layer."""
+    def stream_input(self, lanes: list[Tensor], at: EffectiveLayer, values: list[Tensor],
+                     outputs: list[Tensor]) -> list[Tensor]:
+        """Adds the loop and value embeddings and cross-repeat copy, then adds or gates in the U-Net skip."""
         delta = self.loop_embed[at.slot] if self.loop_embed is not None else 0.0
         for j, value in enumerate(values):
             delta = delta + self.value_scales[at.slot, j] * value
         if at.cross_repeat is not None:
-            delta = delta + self.cross_repeat_scales[at.cross_repeat] * outputs[at.previous]
-        return delta if torch.is_tensor(delta) else None
-
-    def add_skip(self, lanes: list[Tensor], outputs: list[Tensor], row: int, source: int) -> list[Tensor]:
-        """U-Net: the mirrored encoder layer's output, added or gated in."""
+            position, repeat, previous = at.cross_repeat
+            delta = delta + self.cross_repeat_scales[position, repeat] * outputs[previous]
+        lanes = [lane + delta for lane in lanes] if torch.is_tensor(delta) else lanes
+        if at.skip is None:
+            return lanes
+        row, source = at.skip
         skip = self.skip_weights[row] * outputs[source]
         if self.skip_gates is None:
             return [lane + skip for lane in lanes]
@@ -1155,8 +1159,8 @@ class GPT(nn.Module):
         mlp = self.repeat_mlps[at.repeat_mlp] if untied else self.blocks[at.block].mlp
         return self.mlp_scale[at.scalars] * mlp(self.norm(x, at))
 
-    def layer(self, x: Tensor, x0: Tensor, at: EffectiveLayer, rope: Rope, v_extra: Tensor | None = None,
-              kv: Callable | None = None) -> Tensor:
+    def layer(self, x: Tensor, x0: Tensor, at: EffectiveLayer, rope: Rope, v_extra: Tensor | None,
+              kv: Callable | None) -> Tensor:
         mix = self.resid_mix[at.scalars]
         x = mix[0] * x + mix[1] * x0
         if at.attention:
