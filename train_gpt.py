@@ -875,7 +875,7 @@ def rope_tables(seq_len: int, dims: int, base: float, device: torch.device, star
     """cos, sin (T, dims/2) of positions start.. in fp32: bf16 has 513 distinct positions."""
     inv_freq = base ** (-torch.arange(0, dims, 2, dtype=torch.float32, device=device) / dims)
     positions = torch.arange(start, start + seq_len, dtype=torch.float32, device=device)
-    angles = positions[:, None] * inv_freq[None, :]
+    angles = positions[:, None] * inv_freq
     return angles.cos(), angles.sin()
 
 
@@ -896,28 +896,29 @@ def remove_self_value(y: Tensor, v: Tensor) -> Tensor:
 
 
 class KVCache:
-    """The tokens so far and each effective layer's keys and values."""
+    """Each effective layer's keys and values so far; the last two tokens."""
 
     def __init__(self, capacity: int):
         self.capacity = capacity
-        self.ids = None
+        self.length = 0
+        self.last = None
         self.kv = {}
 
-    @property
-    def length(self) -> int:
-        return 0 if self.ids is None else self.ids.size(1)
-
-    def with_context(self, ids: Tensor) -> Tensor:  # the bigram hash and smear gate read the last token
-        return ids if self.ids is None else torch.cat((self.ids[:, -2:], ids), 1)
+    def append(self, ids: Tensor) -> Tensor:
+        """Counts ids in; returns them after the last two tokens (the bigram hash and smear gate read)."""
+        self.length += ids.size(1)
+        context = ids if self.last is None else torch.cat((self.last, ids), 1)
+        self.last = context[:, -2:]
+        return context
 
     def extend(self, layer: int, k: Tensor, v: Tensor) -> list[Tensor]:
-        """Append k, v (B, Hkv, T, hd); return those of all positions."""
-        end = self.length + k.size(2)
+        """Stores k, v (B, Hkv, T, hd) of the last T positions; returns those of all positions."""
+        start = self.length - k.size(2)
         if layer not in self.kv:
             self.kv[layer] = [x.new_empty(*x.shape[:2], self.capacity, x.size(3)) for x in (k, v)]
         for buffer, new in zip(self.kv[layer], (k, v)):
-            buffer[:, :, self.length:end] = new
-        return [buffer[:, :, :end] for buffer in self.kv[layer]]
+            buffer[:, :, start:self.length] = new
+        return [buffer[:, :, :self.length] for buffer in self.kv[layer]]
 
 
 def layer_plan(cfg: Config, repeats: int) -> list[tuple[int, int, int]]:
@@ -1109,7 +1110,7 @@ class GPT(nn.Module):
         """fp32 logits (B, T, V), or NLL (B, T) given targets; with a cache, ids continue it."""
         cfg = self.cfg
         start = 0 if cache is None else cache.length
-        x0 = self.embed(ids) if cache is None else self.embed(cache.with_context(ids))[:, -ids.size(1):]
+        x0 = self.embed(ids) if cache is None else self.embed(cache.append(ids))[:, -ids.size(1):]
         values = [table(ids) for table in self.value_embeds]
         v_values = None if self.v_embed is None else self.v_embed(ids)
         rope = rope_tables(ids.size(1), cfg.rope_dims or cfg.head_dim, cfg.rope_base, ids.device, start)
@@ -1124,8 +1125,6 @@ class GPT(nn.Module):
             lanes = self.parallel_layer(lanes, x0, at, rope, v_extra, kv) if at.parallel \
                 else [self.layer(lanes[0], x0, at, rope, v_extra, kv)]
             outputs.append(lanes[0] if len(lanes) == 1 else (lanes[0] + lanes[1]) / 2)
-        if cache is not None:
-            cache.ids = ids if cache.ids is None else torch.cat((cache.ids, ids), 1)
         return self.head(rms_norm(outputs[-1]), targets)
 
     def stream_input(self, lanes: list[Tensor], at: EffectiveLayer, values: list[Tensor],
@@ -1169,7 +1168,7 @@ class GPT(nn.Module):
 
     def parallel_layer(self, lanes: list[Tensor], x0: Tensor, at: EffectiveLayer, rope: Rope,
                        v_extra: Tensor | None = None, kv: Callable | None = None) -> list[Tensor]:
-        """Attention reads lane 0, the MLP lane 1; each scales both lanes and writes both with its routing."""
+        """Attention reads lane 0, the MLP lane 1; each scales both lanes, then writes both by its routing."""
         mix = self.resid_mix[at.scalars]
         attn_post, mlp_post = self.lane_post[at.block]
         attn_resid, mlp_resid = self.lane_resid[at.block]
