@@ -912,13 +912,14 @@ class KVCache:
         return context
 
     def extend(self, layer: int, k: Tensor, v: Tensor) -> list[Tensor]:
-        """Stores k, v (B, Hkv, T, hd) of the last T positions; returns those of all positions."""
+        """Stores k, v (B, Hkv, T, hd) of the last T positions; returns all positions' and a causal mask."""
         start = self.length - k.size(2)
         if layer not in self.kv:
             self.kv[layer] = [x.new_empty(*x.shape[:2], self.capacity, x.size(3)) for x in (k, v)]
         for buffer, new in zip(self.kv[layer], (k, v)):
             buffer[:, :, start:self.length] = new
-        return [buffer[:, :, :self.length] for buffer in self.kv[layer]]
+        visible = k.new_ones(k.size(2), self.length, dtype=torch.bool).tril(start)
+        return [*(buffer[:, :, :self.length] for buffer in self.kv[layer]), visible]
 
 
 def layer_plan(cfg: Config, repeats: int) -> list[tuple[int, int, int]]:
@@ -980,12 +981,9 @@ class Attention(nn.Module):
         q, k, v = (y.view(b, t, -1, self.head_dim).transpose(1, 2) for y in (q, k, v))  # (B, H or Hkv, T, hd)
         q = apply_rope(rms_norm(q), *rope) * q_gain.to(q.dtype)[None, :, None, None]  # unit-RMS q, k: the
         k = apply_rope(rms_norm(k), *rope)  # gain alone sets the temperature
-        if kv is None:  # enable_gqa: kv heads shared without copies
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        else:
-            keys, values = kv(k, v)  # decoding: those of every position
-            visible = torch.ones(t, keys.size(2), dtype=torch.bool, device=x.device).tril(keys.size(2) - t)
-            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, enable_gqa=True)
+        keys, values, visible = (k, v, None) if kv is None else kv(k, v)
+        # enable_gqa: kv heads shared without copies
+        y = F.scaled_dot_product_attention(q, keys, values, visible, is_causal=kv is None, enable_gqa=True)
         y = remove_self_value(y, v) if use_xsa else y
         return self.proj(y.transpose(1, 2).reshape(b, t, d))
 
