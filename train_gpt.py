@@ -652,9 +652,7 @@ SHARD_HEADER_INTS = 256
 
 def shard_tokens(path: Path) -> int:
     """The header's token count, checked against magic, version and file size (ValueError)."""
-    with path.open("rb") as fh:
-        head = fh.read(4 * SHARD_HEADER_INTS)
-    header = np.frombuffer(head[:len(head) // 4 * 4], dtype="<i4")
+    header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)  # fewer from a short file
     if header.size < SHARD_HEADER_INTS or header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
         raise ValueError(f"{path} is not a challenge shard: rebuild or remove it")
     count = int(header[2])
@@ -838,10 +836,11 @@ def rms_norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),), eps=RMS_EPS)
 
 
-def rope_tables(seq_len: int, dims: int, base: float, device: torch.device) -> Rope:
-    """cos, sin (T, dims/2) in fp32: bf16 has 513 distinct positions."""
+def rope_tables(seq_len: int, dims: int, base: float, device: torch.device, start: int = 0) -> Rope:
+    """cos, sin (T, dims/2) of positions start.. in fp32: bf16 has 513 distinct positions."""
     inv_freq = base ** (-torch.arange(0, dims, 2, dtype=torch.float32, device=device) / dims)
-    angles = torch.arange(seq_len, dtype=torch.float32, device=device)[:, None] * inv_freq[None, :]
+    positions = torch.arange(start, start + seq_len, dtype=torch.float32, device=device)
+    angles = positions[:, None] * inv_freq
     return angles.cos(), angles.sin()
 
 
@@ -862,32 +861,30 @@ def remove_self_value(y: Tensor, v: Tensor) -> Tensor:
 
 
 class KVCache:
-    """The tokens so far and each effective layer's keys and values."""
+    """Each effective layer's keys and values so far; the last two tokens."""
 
     def __init__(self, capacity: int):
         self.capacity = capacity
-        self.ids = None
+        self.length = 0
+        self.last = None
         self.kv = {}
 
-    @property
-    def length(self) -> int:
-        return 0 if self.ids is None else self.ids.size(1)
+    def append(self, ids: Tensor) -> Tensor:
+        """Counts ids in; returns them after the last two tokens (the bigram hash and smear gate read)."""
+        self.length += ids.size(1)
+        context = ids if self.last is None else torch.cat((self.last, ids), 1)
+        self.last = context[:, -2:]
+        return context
 
-    def with_context(self, ids: Tensor) -> Tensor:  # the bigram hash and smear gate read the last token
-        return ids if self.ids is None else torch.cat((self.ids[:, -2:], ids), 1)
-
-    def extend(self, layer: int, k: Tensor, v: Tensor) -> Rope:
-        """Append k, v (B, Hkv, T, hd); return those of all positions."""
-        end = self.length + k.size(2)
+    def extend(self, layer: int, k: Tensor, v: Tensor) -> list[Tensor]:
+        """Stores k, v (B, Hkv, T, hd) of the last T positions; returns all positions' and a causal mask."""
+        start = self.length - k.size(2)
         if layer not in self.kv:
             self.kv[layer] = [x.new_empty(*x.shape[:2], self.capacity, x.size(3)) for x in (k, v)]
         for buffer, new in zip(self.kv[layer], (k, v)):
-            buffer[:, :, self.length:end] = new
-        return tuple(buffer[:, :, :end] for buffer in self.kv[layer])
-
-
-def xsa_start(depth: int, xsa_last_n: int) -> int:
-    return max(0, depth - xsa_last_n) if xsa_last_n > 0 else depth
+            buffer[:, :, start:self.length] = new
+        visible = k.new_ones(k.size(2), self.length, dtype=torch.bool).tril(start)
+        return [*(buffer[:, :, :self.length] for buffer in self.kv[layer]), visible]
 
 
 def layer_plan(cfg: Config, repeats: int) -> list[tuple[int, int, int]]:
@@ -909,8 +906,7 @@ class EffectiveLayer:
     norm_scale: float
     v_embed: int | None  # row of layer scales
     skip: tuple[int, int] | None  # (skip row, index of the mirrored encoder layer)
-    cross_repeat: tuple[int, int] | None  # (run position, repeat - 1)
-    previous: int | None  # the block's previous application
+    cross_repeat: tuple[int, int, int] | None  # (run position, repeat - 1, the block's previous layer)
     repeat_mlp: int | None  # its own MLP's index
 
 
@@ -923,11 +919,10 @@ def effective_layers(cfg: Config, repeats: int) -> list[EffectiveLayer]:
     v_rows = {slot: row for row, slot in enumerate(parse_ints(cfg.ve_layers))}
     return [EffectiveLayer(
         block=p, slot=slot, scalars=slot if cfg.untie_scalars else p, v_embed=v_rows.get(slot),
-        attention=p > 0 or not cfg.disable_layer0_attn, xsa=i >= xsa_start(depth, cfg.xsa_last_n),
+        attention=p > 0 or not cfg.disable_layer0_attn, xsa=i >= depth - cfg.xsa_last_n,
         parallel=0 <= first_lane <= i, norm_scale=(slot + 1) ** -0.5 if cfg.ln_scale else 1.0,
         skip=(i - encoder, 2 * encoder - 1 - i) if 0 <= i - encoder < encoder else None,
-        cross_repeat=(p - lo, k - 1) if k and cfg.cross_repeat else None,
-        previous=i - (hi - lo) if k and cfg.cross_repeat else None,
+        cross_repeat=(p - lo, k - 1, i - (hi - lo)) if k and cfg.cross_repeat else None,
         repeat_mlp=(k - 1) * (hi - lo) + p - lo if k and cfg.untie_repeat_mlp else None)
         for i, (p, slot, k) in enumerate(plan)]
 
@@ -951,12 +946,9 @@ class Attention(nn.Module):
         q, k, v = (y.view(b, t, -1, self.head_dim).transpose(1, 2) for y in (q, k, v))  # (B, H or Hkv, T, hd)
         q = apply_rope(rms_norm(q), *rope) * q_gain.to(q.dtype)[None, :, None, None]  # unit-RMS q, k: the
         k = apply_rope(rms_norm(k), *rope)  # gain alone sets the temperature
-        if kv is None:  # enable_gqa: kv heads shared without copies
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        else:
-            keys, values = kv(k, v)  # decoding: those of every position
-            visible = torch.ones(t, keys.size(2), dtype=torch.bool, device=x.device).tril(keys.size(2) - t)
-            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, enable_gqa=True)
+        keys, values, visible = (k, v, None) if kv is None else kv(k, v)
+        # enable_gqa: kv heads shared without copies
+        y = F.scaled_dot_product_attention(q, keys, values, visible, is_causal=kv is None, enable_gqa=True)
         y = remove_self_value(y, v) if use_xsa else y
         return self.proj(y.transpose(1, 2).reshape(b, t, d))
 
@@ -1070,8 +1062,8 @@ class GPT(nn.Module):
         return frozenset(n for n in names if n.startswith(prefixes))
 
     def embed(self, ids: Tensor) -> Tensor:
-        x = self.tok_emb(ids) if self.bigram is None else self.tok_emb(ids) + self.bigram(ids)
-        x = rms_norm(x)
+        x = self.tok_emb(ids)
+        x = rms_norm(x if self.bigram is None else x + self.bigram(ids))
         if self.smear_gate is not None:  # (1 - g) x_t + g x_{t-1}, per-dim gate g, x_{-1} = 0
             x = torch.lerp(x, F.pad(x[:, :-1], (0, 0, 1, 0)), torch.sigmoid(self.smear_gate))
         return x
@@ -1081,41 +1073,36 @@ class GPT(nn.Module):
         """fp32 logits (B, T, V), or NLL (B, T) given targets; with a cache, ids continue it."""
         cfg = self.cfg
         start = 0 if cache is None else cache.length
-        x0 = self.embed(ids) if cache is None else self.embed(cache.with_context(ids))[:, -ids.size(1):]
+        x0 = self.embed(ids) if cache is None else self.embed(cache.append(ids))[:, -ids.size(1):]
         values = [table(ids) for table in self.value_embeds]
         v_values = None if self.v_embed is None else self.v_embed(ids)
-        rope = rope_tables(start + ids.size(1), cfg.rope_dims or cfg.head_dim, cfg.rope_base, ids.device)
-        if start:  # decoding only: inductor's fp32 CPU code broke the heap on a zero-offset slice
-            rope = tuple(t[start:] for t in rope)
+        rope = rope_tables(ids.size(1), cfg.rope_dims or cfg.head_dim, cfg.rope_base, ids.device, start)
         lanes = [x0]
         outputs = []
         for i, at in enumerate(self.plans[repeats]):
             if at.parallel and len(lanes) == 1:  # both lanes start from the stream
                 lanes = lanes * 2
-            delta = self.stream_input(at, values, outputs)
-            lanes = lanes if delta is None else [lane + delta for lane in lanes]
-            if at.skip is not None:
-                lanes = self.add_skip(lanes, outputs, *at.skip)
+            lanes = self.stream_input(lanes, at, values, outputs)
             v_extra = None if at.v_embed is None else self.v_embed.layer_scales[at.v_embed] * v_values
             kv = None if cache is None else functools.partial(cache.extend, i)
             lanes = self.parallel_layer(lanes, x0, at, rope, v_extra, kv) if at.parallel \
                 else [self.layer(lanes[0], x0, at, rope, v_extra, kv)]
             outputs.append(lanes[0] if len(lanes) == 1 else (lanes[0] + lanes[1]) / 2)
-        if cache is not None:
-            cache.ids = ids if cache.ids is None else torch.cat((cache.ids, ids), 1)
         return self.head(rms_norm(outputs[-1]), targets)
 
-    def stream_input(self, at: EffectiveLayer, values: list[Tensor], outputs: list[Tensor]) -> Tensor | None:
-        """The loop embedding, value embeddings and cross-repeat copy, added before a layer."""
+    def stream_input(self, lanes: list[Tensor], at: EffectiveLayer, values: list[Tensor],
+                     outputs: list[Tensor]) -> list[Tensor]:
+        """Adds the loop and value embeddings and cross-repeat copy, then adds or gates in the U-Net skip."""
         delta = self.loop_embed[at.slot] if self.loop_embed is not None else 0.0
         for j, value in enumerate(values):
             delta = delta + self.value_scales[at.slot, j] * value
         if at.cross_repeat is not None:
-            delta = delta + self.cross_repeat_scales[at.cross_repeat] * outputs[at.previous]
-        return delta if torch.is_tensor(delta) else None
-
-    def add_skip(self, lanes: list[Tensor], outputs: list[Tensor], row: int, source: int) -> list[Tensor]:
-        """U-Net: the mirrored encoder layer's output, added or gated in."""
+            position, repeat, previous = at.cross_repeat
+            delta = delta + self.cross_repeat_scales[position, repeat] * outputs[previous]
+        lanes = [lane + delta for lane in lanes] if torch.is_tensor(delta) else lanes
+        if at.skip is None:
+            return lanes
+        row, source = at.skip
         skip = self.skip_weights[row] * outputs[source]
         if self.skip_gates is None:
             return [lane + skip for lane in lanes]
@@ -1134,8 +1121,8 @@ class GPT(nn.Module):
         mlp = self.repeat_mlps[at.repeat_mlp] if untied else self.blocks[at.block].mlp
         return self.mlp_scale[at.scalars] * mlp(self.norm(x, at))
 
-    def layer(self, x: Tensor, x0: Tensor, at: EffectiveLayer, rope: Rope, v_extra: Tensor | None = None,
-              kv: Callable | None = None) -> Tensor:
+    def layer(self, x: Tensor, x0: Tensor, at: EffectiveLayer, rope: Rope, v_extra: Tensor | None,
+              kv: Callable | None) -> Tensor:
         mix = self.resid_mix[at.scalars]
         x = mix[0] * x + mix[1] * x0
         if at.attention:
@@ -1144,7 +1131,7 @@ class GPT(nn.Module):
 
     def parallel_layer(self, lanes: list[Tensor], x0: Tensor, at: EffectiveLayer, rope: Rope,
                        v_extra: Tensor | None = None, kv: Callable | None = None) -> list[Tensor]:
-        """Attention reads lane 0, the MLP lane 1; each scales both lanes and writes both with its routing."""
+        """Attention reads lane 0, the MLP lane 1; each scales both lanes, then writes both by its routing."""
         mix = self.resid_mix[at.scalars]
         attn_post, mlp_post = self.lane_post[at.block]
         attn_resid, mlp_resid = self.lane_resid[at.block]

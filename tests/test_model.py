@@ -174,8 +174,9 @@ def test_zero_init_step0_logits_are_the_tied_embedding(tiny_cfg):
 @pytest.mark.parametrize("repeats, xsa_last_n, first", [
     (2, 4, 2), (3, 4, 5), (4, 4, 8), (1, 4, 0), (4, 1, 11), (4, 12, 0), (4, 20, 0), (4, 0, 12), (2, 0, 6),
 ])
-def test_xsa_start(repeats, xsa_last_n, first):
-    assert train_gpt.xsa_start(3 * repeats, xsa_last_n) == first
+def test_xsa_start(tiny_cfg, repeats, xsa_last_n, first):
+    flags = [at.xsa for at in train_gpt.effective_layers(tiny_cfg(xsa_last_n=xsa_last_n), repeats)]
+    assert flags == [False] * first + [True] * (3 * repeats - first)
 
 
 @pytest.mark.parametrize("repeats, xsa_last_n, layers", [
