@@ -1445,8 +1445,7 @@ class Mixer:  # one MIXER eval's state, the same on all ranks: it learns at fixe
         return torch.stack([formula(evidence) for formula in self.experts.values()], -1)
 
     def mix(self, first: int, features: Tensor, mine: int, log_probs: Tensor) -> Tensor:
-        """Mixed NLL of targets first.. from (n, 2) neural NLL and entropy; check() spot-checks one of this
-        rank's targets, mine.. (`log_probs`: their neural distributions)."""
+        """Mixed NLL of targets first.. from (n, 2) NLL and entropy; checks one of this rank's (mine..)."""
         probe = mine + int(torch.randint(len(log_probs), (1,), generator=self.rng)) if len(log_probs) else -1
         out = []
         done = 0
@@ -1556,16 +1555,14 @@ def mix_batch(rt: Runtime, mixer: Mixer, batch: Tensor, rows: int, log_probs: Te
 
 def eval_windows(rt: Runtime, model_fn: ModelFn, tokens: Tensor, tables: ByteTables, repeats: int,
                  plan: Tensor, rows: int, mixer: Mixer | None = None) -> tuple[dict[str, Score], float]:
-    """This pass's scores by meter ("neural", and "mixed" with a mixer) and the mixer's ms."""
     meters = {"neural": BpbMeter(rt.device), **({"mixed": BpbMeter(rt.device)} if mixer else {})}
     mixer_ms = score_windows(rt, model_fn, tokens, tables, repeats, plan, rows, meters, mixer)
     return {name: meter.reduce(rt).result() for name, meter in meters.items()}, mixer_ms
 
 
 @torch.inference_mode()  # scored targets cannot reach the weights (TTT trains only after this returns)
-def score_windows(rt: Runtime, model_fn: ModelFn, tokens: Tensor, tables: ByteTables,
-                  repeats: int, plan: Tensor, rows: int, meters: dict[str, BpbMeter],
-                  mixer: Mixer | None = None) -> float:  # adds to this rank's meters; returns mixer ms
+def score_windows(rt: Runtime, model_fn: ModelFn, tokens: Tensor, tables: ByteTables, repeats: int,
+                  plan: Tensor, rows: int, meters: dict[str, BpbMeter], mixer: Mixer | None = None) -> float:
     mixer_ms = 0.0
     for batch in plan.split(rows * rt.world_size):
         logits, prev, y = scored_targets(rt, model_fn, tokens, batch, rows, repeats)
@@ -1670,15 +1667,14 @@ def ttt_train(cfg: Config, rt: Runtime, model: nn.Module, opt: torch.optim.Optim
     length = cfg.eval_seq_len
     per = cfg.ttt_batch_seqs
     params = opt.param_groups[0]["params"]
-    shares = (length * torch.arange((len(tokens) - 1) // length)).tensor_split(rt.world_size)
+    shares = tokens.unfold(0, length + 1, length).tensor_split(rt.world_size)  # each rank's (n, length + 1)
     steps = -(-len(shares[0]) // per)  # shares[0] is the largest: all ranks take the same steps
     for step in range(cfg.ttt_epochs * steps):
         first = step % steps * per
         count = sum(len(share[first:first + per]) for share in shares) * length
-        mine = shares[rt.rank][first:first + per]
+        seqs = shares[rt.rank][first:first + per].to(rt.device)
         opt.zero_grad(set_to_none=True)
-        if len(mine):  # a rank without sequences sends zero gradients
-            seqs = tokens[mine[:, None] + torch.arange(length + 1)].to(rt.device)
+        if len(seqs):  # a rank without sequences sends zero gradients
             with rt.autocast():
                 nll = model(seqs[:, :-1], cfg.num_repeats, seqs[:, 1:])
             (nll.sum() * (rt.world_size / count)).backward()  # the global mean NLL once averaged over ranks
