@@ -1543,7 +1543,7 @@ def scored_targets(rt: Runtime, model_fn: ModelFn, tokens: Tensor, batch: Tensor
 
 
 def mix_batch(rt: Runtime, mixer: Mixer, batch: Tensor, rows: int, log_probs: Tensor, nll: Tensor) -> Tensor:
-    """This rank's mixed NLL of `batch` (all ranks' plan rows): every rank mixes all of it."""
+    """This rank's mixed NLL of `batch` (all ranks' rows): every rank mixes all of them."""
     counts = [int(c.sum()) for c in (batch[:, 1] - batch[:, 2]).split(rows)]
     counts += [0] * (rt.world_size - len(counts))
     features = torch.stack([nll, torch.special.entr(log_probs.exp()).sum(-1)], 1)
@@ -1560,7 +1560,7 @@ def eval_windows(rt: Runtime, model_fn: ModelFn, tokens: Tensor, tables: ByteTab
     return {name: meter.reduce(rt).result() for name, meter in meters.items()}, mixer_ms
 
 
-@torch.inference_mode()  # scored targets cannot reach the weights (TTT trains only after this returns)
+@torch.inference_mode()  # scored targets cannot reach the weights: TTT trains after this returns
 def score_windows(rt: Runtime, model_fn: ModelFn, tokens: Tensor, tables: ByteTables, repeats: int,
                   plan: Tensor, rows: int, meters: dict[str, BpbMeter], mixer: Mixer | None = None) -> float:
     mixer_ms = 0.0
@@ -1610,7 +1610,7 @@ def final_block_eval(cfg: Config, rt: Runtime, name: str, model_fn: ModelFn, tok
 
 def run_final_evals(cfg: Config, rt: Runtime, model_fn: ModelFn, tokens: Tensor,
                     tables: ByteTables) -> dict[str, Score]:
-    """The sliding-window and, on its forwards, the MIXER eval at full depth: logged, and returned by name."""
+    """The sliding-window and (on its forwards) MIXER evals at full depth: logged and returned by name."""
     if not cfg.eval_stride:
         return {}
     mixer = None if cfg.mixer == "off" else Mixer(cfg, tokens, rt.device)
@@ -1654,7 +1654,7 @@ def ttt_eval(cfg: Config, rt: Runtime, model: nn.Module, tokens: Tensor, tables:
     for ci in range(n_chunks):
         score_windows(rt, model, tokens, tables, cfg.num_repeats, plan[chunk_of == ci],
                       cfg.eval_batch_seqs, {"neural": meter})
-        if ci < n_chunks - 1:  # the last chunk is never trained on; a cosine LR over the others
+        if ci < n_chunks - 1:  # never on the last chunk; a cosine LR over the others
             opt.param_groups[0]["lr"] = cfg.ttt_lr * 0.5 * (1 + math.cos(math.pi * ci / (n_chunks - 1)))
             ttt_train(cfg, rt, model, opt, tokens[ci * chunk:(ci + 1) * chunk + 1])
     result = meter.reduce(rt).result()  # its host read waits for the device
@@ -1663,11 +1663,11 @@ def ttt_eval(cfg: Config, rt: Runtime, model: nn.Module, tokens: Tensor, tables:
 
 
 def ttt_train(cfg: Config, rt: Runtime, model: nn.Module, opt: torch.optim.Optimizer, tokens: Tensor) -> None:
-    """TTT_EPOCHS passes over the targets of `tokens`: TTT_BATCH_SEQS sequences per rank per step."""
+    """TTT_EPOCHS passes over `tokens`, TTT_BATCH_SEQS sequences per rank per step."""
     length = cfg.eval_seq_len
     per = cfg.ttt_batch_seqs
     params = opt.param_groups[0]["params"]
-    shares = tokens.unfold(0, length + 1, length).tensor_split(rt.world_size)  # each rank's (n, length + 1)
+    shares = tokens.unfold(0, length + 1, length).tensor_split(rt.world_size)  # (n, length + 1)
     steps = -(-len(shares[0]) // per)  # shares[0] is the largest: all ranks take the same steps
     for step in range(cfg.ttt_epochs * steps):
         first = step % steps * per
@@ -1677,7 +1677,7 @@ def ttt_train(cfg: Config, rt: Runtime, model: nn.Module, opt: torch.optim.Optim
         if len(seqs):  # a rank without sequences sends zero gradients
             with rt.autocast():
                 nll = model(seqs[:, :-1], cfg.num_repeats, seqs[:, 1:])
-            (nll.sum() * (rt.world_size / count)).backward()  # the global mean NLL once averaged over ranks
+            (nll.sum() * (rt.world_size / count)).backward()  # averaged over ranks: the global mean NLL
         rt.average_gradients(params)
         if cfg.ttt_grad_clip:
             torch.nn.utils.clip_grad_norm_(params, cfg.ttt_grad_clip)
