@@ -1396,8 +1396,9 @@ class Mixer:  # one MIXER eval's state, the same on all ranks: it learns at fixe
     def log_probs(self, evidence: Evidence) -> Tensor:  # (..., experts)
         return torch.stack([formula(evidence) for formula in self.experts.values()], -1)
 
-    def mix(self, first: int, features: Tensor, probe: tuple[int, Tensor] | None) -> Tensor:
-        """Mixed NLL of targets first.. from (n, 2) neural NLL and entropy; probe (j, log-probs): check()."""
+    def mix(self, first: int, features: Tensor, mine: int, log_probs: Tensor) -> Tensor:
+        """Mixed NLL of targets first.. from (n, 2) NLL and entropy; checks one of this rank's (mine..)."""
+        probe = mine + int(torch.randint(len(log_probs), (1,), generator=self.rng)) if len(log_probs) else -1
         out = []
         done = 0
         while done < len(features):
@@ -1405,8 +1406,8 @@ class Mixer:  # one MIXER eval's state, the same on all ranks: it learns at fixe
             known = len(self.pending)
             chunk = torch.cat([self.pending, features[done:done + take]])
             out.append(self.score(first + done - known, chunk[:, 0], chunk[:, 1], known)[known:])
-            if probe is not None and done <= probe[0] < done + take:
-                self.check(known + probe[0] - done, probe[1])
+            if done <= probe < done + take:
+                self.check(known + probe - done, log_probs[probe - mine])
             done += take
             self.pending = chunk
             if first + done == self.next_update:
@@ -1465,21 +1466,6 @@ class Mixer:  # one MIXER eval's state, the same on all ranks: it learns at fixe
             self.log_weights[0] += self.eta * self.batch.log_probs.mean(0)
 
 
-def mix_batch(rt: Runtime, mixer: Mixer, batch: Tensor, rows: int, log_probs: Tensor, nll: Tensor) -> Tensor:
-    """This rank's mixed NLL of `batch` (all ranks' plan rows): every rank mixes all of it."""
-    counts = [int(c.sum()) for c in (batch[:, 1] - batch[:, 2]).split(rows)]
-    counts += [0] * (rt.world_size - len(counts))
-    features = torch.stack([nll, torch.special.entr(log_probs.exp()).sum(-1)], 1)
-    gathered = rt.all_gather(F.pad(features, (0, 0, 0, max(counts) - len(features))))
-    features = torch.cat([part[:count] for part, count in zip(gathered, counts)])
-    offset = sum(counts[:rt.rank])
-    probe = None
-    if len(nll):  # spot-check one of this rank's positions
-        j = int(torch.randint(len(nll), (1,), generator=mixer.rng))
-        probe = (offset + j, log_probs[j])
-    return mixer.mix(int(batch[0, 0] + batch[0, 2]), features, probe)[offset:offset + len(nll)]
-
-
 # === 10. EVALUATION ===
 # Every eval scores a window plan: `rows` consecutive windows per rank and batch (forwards padded to `rows`).
 
@@ -1508,18 +1494,27 @@ def scored_targets(rt: Runtime, model_fn: ModelFn, tokens: Tensor, batch: Tensor
     return logits[keep], chunk[:, :-1][keep], chunk[:, 1:][keep]
 
 
-def eval_windows(cfg: Config, rt: Runtime, model_fn: ModelFn, tokens: Tensor, tables: ByteTables,
-                 repeats: int, plan: Tensor, rows: int,
-                 mixer: Mixer | None = None) -> tuple[dict[str, Score], float]:  # neural[, mixed]; mixer ms
+def mix_batch(rt: Runtime, mixer: Mixer, batch: Tensor, rows: int, log_probs: Tensor, nll: Tensor) -> Tensor:
+    """This rank's mixed NLL of `batch` (all ranks' rows): every rank mixes all of them."""
+    counts = [int(c.sum()) for c in (batch[:, 1] - batch[:, 2]).split(rows)]
+    counts += [0] * (rt.world_size - len(counts))
+    features = torch.stack([nll, torch.special.entr(log_probs.exp()).sum(-1)], 1)
+    gathered = rt.all_gather(F.pad(features, (0, 0, 0, max(counts) - len(features))))
+    features = torch.cat([part[:count] for part, count in zip(gathered, counts)])
+    offset = sum(counts[:rt.rank])
+    return mixer.mix(int(batch[0, 0] + batch[0, 2]), features, offset, log_probs)[offset:offset + len(nll)]
+
+
+def eval_windows(rt: Runtime, model_fn: ModelFn, tokens: Tensor, tables: ByteTables, repeats: int,
+                 plan: Tensor, rows: int, mixer: Mixer | None = None) -> tuple[dict[str, Score], float]:
     meters = {"neural": BpbMeter(rt.device), **({"mixed": BpbMeter(rt.device)} if mixer else {})}
     mixer_ms = score_windows(rt, model_fn, tokens, tables, repeats, plan, rows, meters, mixer)
     return {name: meter.reduce(rt).result() for name, meter in meters.items()}, mixer_ms
 
 
-@torch.inference_mode()  # scored targets cannot reach the weights (TTT trains only after this returns)
-def score_windows(rt: Runtime, model_fn: ModelFn, tokens: Tensor, tables: ByteTables,
-                  repeats: int, plan: Tensor, rows: int, meters: dict[str, BpbMeter],
-                  mixer: Mixer | None = None) -> float:  # adds to this rank's meters; returns mixer ms
+@torch.inference_mode()  # scored targets cannot reach the weights: TTT trains after this returns
+def score_windows(rt: Runtime, model_fn: ModelFn, tokens: Tensor, tables: ByteTables, repeats: int,
+                  plan: Tensor, rows: int, meters: dict[str, BpbMeter], mixer: Mixer | None = None) -> float:
     mixer_ms = 0.0
     for batch in plan.split(rows * rt.world_size):
         logits, prev, y = scored_targets(rt, model_fn, tokens, batch, rows, repeats)
@@ -1543,7 +1538,7 @@ def eval_rows(cfg: Config) -> int:  # one process's share of VAL_BATCH_SIZE: one
 def eval_blocks(cfg: Config, rt: Runtime, model_fn: ModelFn, tokens: Tensor, tables: ByteTables,
                 repeats: int) -> Score:  # the float evals: non-overlapping TRAIN_SEQ_LEN blocks
     plan = window_plan(len(tokens) - 1, cfg.train_seq_len, cfg.train_seq_len)
-    results, _ = eval_windows(cfg, rt, model_fn, tokens, tables, repeats, plan, eval_rows(cfg))
+    results, _ = eval_windows(rt, model_fn, tokens, tables, repeats, plan, eval_rows(cfg))
     return results["neural"]
 
 
@@ -1567,15 +1562,15 @@ def final_block_eval(cfg: Config, rt: Runtime, name: str, model_fn: ModelFn, tok
 
 def run_final_evals(cfg: Config, rt: Runtime, model_fn: ModelFn, tokens: Tensor,
                     tables: ByteTables) -> dict[str, Score]:
-    """The sliding-window and, on its forwards, the MIXER eval at full depth: logged, and returned by name."""
+    """The sliding-window and (on its forwards) MIXER evals at full depth: logged and returned by name."""
     if not cfg.eval_stride:
         return {}
     mixer = None if cfg.mixer == "off" else Mixer(cfg, tokens, rt.device)
     plan = window_plan(len(tokens) - 1, cfg.eval_seq_len, cfg.eval_stride)
     rt.sync()
     start = time.perf_counter()
-    results, mixer_ms = eval_windows(cfg, rt, model_fn, tokens, tables, cfg.num_repeats, plan,
-                                     cfg.eval_batch_seqs, mixer)
+    results, mixer_ms = eval_windows(rt, model_fn, tokens, tables, cfg.num_repeats, plan, cfg.eval_batch_seqs,
+                                     mixer)
     total_ms = 1000 * (time.perf_counter() - start)
     log_eval(cfg, rt, "final_sliding_window", results["neural"], total_ms - mixer_ms, sliding=True)
     if mixer is None:
@@ -1611,33 +1606,30 @@ def ttt_eval(cfg: Config, rt: Runtime, model: nn.Module, tokens: Tensor, tables:
     for ci in range(n_chunks):
         score_windows(rt, model, tokens, tables, cfg.num_repeats, plan[chunk_of == ci],
                       cfg.eval_batch_seqs, {"neural": meter})
-        if ci < n_chunks - 1:  # the last chunk is never trained on; a cosine LR over the others
-            lr = cfg.ttt_lr * 0.5 * (1 + math.cos(math.pi * ci / (n_chunks - 1)))
-            ttt_train(cfg, rt, model, params, opt, tokens, ci * chunk, (ci + 1) * chunk, lr)
+        if ci < n_chunks - 1:  # never on the last chunk; a cosine LR over the others
+            opt.param_groups[0]["lr"] = cfg.ttt_lr * 0.5 * (1 + math.cos(math.pi * ci / (n_chunks - 1)))
+            ttt_train(cfg, rt, model, opt, tokens[ci * chunk:(ci + 1) * chunk + 1])
     result = meter.reduce(rt).result()  # its host read waits for the device
     log_eval(cfg, rt, "final_ttt", result, 1000 * (time.perf_counter() - start), sliding=True)
     return result
 
 
-def ttt_train(cfg: Config, rt: Runtime, model: nn.Module, params: list[nn.Parameter],
-              opt: torch.optim.Optimizer, tokens: Tensor, lo: int, hi: int, lr: float) -> None:
-    """TTT_EPOCHS passes over targets [lo, hi), TTT_BATCH_SEQS EVAL_SEQ_LEN sequences per rank per step."""
+def ttt_train(cfg: Config, rt: Runtime, model: nn.Module, opt: torch.optim.Optimizer, tokens: Tensor) -> None:
+    """TTT_EPOCHS passes over `tokens`, TTT_BATCH_SEQS sequences per rank per step."""
     length = cfg.eval_seq_len
     per = cfg.ttt_batch_seqs
-    shares = (lo + length * torch.arange((hi - lo) // length)).tensor_split(rt.world_size)
+    params = opt.param_groups[0]["params"]
+    shares = tokens.unfold(0, length + 1, length).tensor_split(rt.world_size)  # (n, length + 1)
     steps = -(-len(shares[0]) // per)  # shares[0] is the largest: all ranks take the same steps
-    for group in opt.param_groups:
-        group["lr"] = lr
     for step in range(cfg.ttt_epochs * steps):
         first = step % steps * per
         count = sum(len(share[first:first + per]) for share in shares) * length
-        mine = shares[rt.rank][first:first + per]
+        seqs = shares[rt.rank][first:first + per].to(rt.device)
         opt.zero_grad(set_to_none=True)
-        if len(mine):  # a rank without sequences sends zero gradients
-            seqs = tokens[mine[:, None] + torch.arange(length + 1)].to(rt.device)
+        if len(seqs):  # a rank without sequences sends zero gradients
             with rt.autocast():
                 nll = model(seqs[:, :-1], cfg.num_repeats, seqs[:, 1:])
-            (nll.sum() * (rt.world_size / count)).backward()  # the global mean NLL once averaged over ranks
+            (nll.sum() * (rt.world_size / count)).backward()  # averaged over ranks: the global mean NLL
         rt.average_gradients(params)
         if cfg.ttt_grad_clip:
             torch.nn.utils.clip_grad_norm_(params, cfg.ttt_grad_clip)

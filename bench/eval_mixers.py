@@ -85,7 +85,7 @@ def timed_eval(cfg, rt, model, val_tokens, tables, mixer) -> dict:
     plan = train_gpt.window_plan(len(val_tokens) - 1, cfg.eval_seq_len, cfg.eval_stride)
     rt.barrier()
     start = time.perf_counter()
-    results, mixer_ms = train_gpt.eval_windows(cfg, rt, model, val_tokens, tables, cfg.num_repeats, plan,
+    results, mixer_ms = train_gpt.eval_windows(rt, model, val_tokens, tables, cfg.num_repeats, plan,
                                                cfg.eval_batch_seqs, mixer)
     total_ms = 1000 * (time.perf_counter() - start)
     return dict(bpb=results["mixed"][1], total_ms=rt.all_max(total_ms)[0], mixer_ms=rt.all_max(mixer_ms)[0],

@@ -37,7 +37,7 @@ def one_pass(tg, cfg, val, features, row, world: int) -> float:
         first, last = int(batch[0, 0] + batch[0, 2]), int(batch[-1, 0] + batch[-1, 1])
         part = features[first:last]
         if hasattr(mixer, "mix"):
-            mixer.mix(first, part, (0, row))
+            mixer.mix(first, part, 0, row[None])
         else:  # the per-batch protocol before MIXER_UPDATE_TARGETS
             mixer.score(first, part[:, 0], part[:, 1])
             mixer.check(0, row)

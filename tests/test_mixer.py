@@ -200,8 +200,8 @@ def scored_stream(monkeypatch, cfg, rt, model, val) -> tuple[torch.Tensor, torch
 
     monkeypatch.setattr(train_gpt, "mix_batch", spy)
     plan = window_plan(len(val) - 1, cfg.eval_seq_len, cfg.eval_stride)
-    train_gpt.eval_windows(cfg, rt, model, val, flat_tables(cfg.vocab_size), cfg.num_repeats, plan,
-                           cfg.eval_batch_seqs, Mixer(cfg, val, rt.device))
+    train_gpt.eval_windows(rt, model, val, flat_tables(cfg.vocab_size), cfg.num_repeats, plan, cfg.eval_batch_seqs,
+                           Mixer(cfg, val, rt.device))
     monkeypatch.setattr(train_gpt, "mix_batch", real)
     return torch.cat(seen, 1).unbind(0)
 
@@ -241,7 +241,7 @@ def test_a_rank_that_scores_nothing_returns_nan_without_raising():
     plan = window_plan(len(val) - 1, 16, 8)  # 4 windows: with 2 per rank, ranks 2 and 3 of 4 get none
     for rank in (2, 3):
         fake = FakeRank(rank, 4)
-        results, _ = train_gpt.eval_windows(cfg, fake, model, val, flat_tables(VOCAB), 4, plan, 2)
+        results, _ = train_gpt.eval_windows(fake, model, val, flat_tables(VOCAB), 4, plan, 2)
         assert fake.reduced[0].tolist() == [0.0, 0.0, 0.0] and all(math.isnan(v) for v in results["neural"])
 
 
@@ -348,7 +348,7 @@ def test_mix_scores_do_not_depend_on_how_the_stream_is_batched(mode, monkeypatch
     for sizes in ([1000], [56], [112, 168], [1, 7, 64, 200, 33]):
         mixer, out = Mixer(cfg, tokens, torch.device("cpu")), []
         for a, b in batches_of(n, sizes):
-            out.append(mixer.mix(a, features[a:b], (0, logp[a].float())))
+            out.append(mixer.mix(a, features[a:b], 0, logp[a:a + 1].float()))  # checks target a
         outs.append(torch.cat(out))
         assert int(mixer.totals[0][0]) == 24 + 50 * 13  # learned from every finished chunk: 24, then 50 each
         assert mixer.errors[2] < 1e-12  # the spot checks rebuild the scored probability

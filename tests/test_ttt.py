@@ -65,8 +65,8 @@ def test_first_chunk_scores_like_the_plain_sliding_window_and_later_chunks_do_no
     seen, real = [], train_gpt.scored_targets
     monkeypatch.setattr(train_gpt, "scored_targets", lambda *a: seen.append(real(*a)) or seen[-1])
     plan = train_gpt.window_plan(300, 16, 8)
-    sliding, _ = train_gpt.eval_windows(cfg, train_gpt.Runtime(cfg, {}), random_model(tiny_config(vocab_size=VOCAB)),
-                                        val, flat_tables(VOCAB), cfg.num_repeats, plan, cfg.eval_batch_seqs)
+    sliding, _ = train_gpt.eval_windows(train_gpt.Runtime(cfg, {}), random_model(tiny_config(vocab_size=VOCAB)), val,
+                                        flat_tables(VOCAB), cfg.num_repeats, plan, cfg.eval_batch_seqs)
     monkeypatch.setattr(train_gpt, "scored_targets", real)
     plain = torch.cat([-logits.log_softmax(-1).gather(1, y[:, None]).squeeze(1) for logits, _, y in seen])
     _, adapted = run_ttt(monkeypatch, val, ttt_lr=1e-2)
