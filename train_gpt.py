@@ -1869,20 +1869,16 @@ def quantize_model(cfg: Config, model: nn.Module, hessians: Mapping[str, Tensor]
     return [t for t, _ in results], sum(fell_back for _, fell_back in results)
 
 
-def artifact_body(cfg: Config, stored: list[StoredTensor]) -> bytes:
-    """u32 length | JSON header | values | row scales, byte-planed: float exponent bytes sit together."""
+def pack_artifact(cfg: Config, stored: list[StoredTensor],
+                  rt: Runtime | None = None) -> tuple[bytes, dict[str, int]]:
+    """HEAD | smallest body (ties: CODECS order) | sha256, and each codec's size; `rt` splits the codecs.
+    The body: u32 length | JSON header | values | row scales, byte-planed: exponent bytes sit together."""
     header = {"config": {k: getattr(cfg, k) for k in MODEL_FIELDS},
               "tensors": [[t.name, list(t.shape), t.dtype, t.store, t.levels] for t in stored]}
     head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     arrays = [t.values for t in stored] + [t.scales for t in stored if t.levels]
     planes = [a.view(np.uint8).reshape(-1, a.itemsize).T.tobytes() for a in arrays]
-    return b"".join([struct.pack("<I", len(head)), head, *planes])
-
-
-def pack_artifact(cfg: Config, stored: list[StoredTensor],
-                  rt: Runtime | None = None) -> tuple[bytes, dict[str, int]]:
-    """HEAD | smallest body (ties: CODECS order) | sha256, and each codec's size; `rt` splits the codecs."""
-    body = artifact_body(cfg, stored)
+    body = b"".join([struct.pack("<I", len(head)), head, *planes])
     codecs = codecs_for(cfg.compressor)[0]
     mine = codecs[rt.rank::rt.world_size] if rt else codecs
     with ThreadPoolExecutor(max(len(mine), 1)) as pool:  # both codecs release the GIL
@@ -1986,18 +1982,16 @@ def choose_levels(costs: dict[str, dict[int, tuple[float, float]]], start: Mappi
     total = sum(costs[n][levels[n]][1] for n in costs)
     while True:
         up = total <= limit  # lowering ends within the limit, and raising never leaves it
-        options = []  # (signed error change per byte saved: best least), ...
-        for name in costs:
-            rungs = sorted(costs[name])
+        options = []  # (error change per byte, signed so that the best is least, name, new levels, changes)
+        for name, table in costs.items():
+            rungs = sorted(table)
             i = rungs.index(levels[name]) + (1 if up else -1)
             if not 0 <= i < len(rungs) or (up and not spend and rungs[i] > start[name]):
                 continue
-            err, size = costs[name][levels[name]]
-            new_err, new_size = costs[name][rungs[i]]
-            saved = size - new_size
-            if (saved < 0 and total - saved <= limit) if up else saved > 0:
-                per_byte = (err - new_err if up else new_err - err) / saved
-                options.append((per_byte, name, rungs[i], -saved, new_err - err))
+            d_err = table[rungs[i]][0] - table[levels[name]][0]
+            d_size = table[rungs[i]][1] - table[levels[name]][1]
+            if (d_size > 0 and total + d_size <= limit) if up else d_size < 0:
+                options.append((d_err / d_size if up else -d_err / d_size, name, rungs[i], d_size, d_err))
         if not options:
             return (levels if up else None), lines
         _, name, new, d_size, d_err = min(options)
@@ -2095,12 +2089,10 @@ def estimate_fit(cfg: Config, model: nn.Module, code_bytes: int) -> tuple[int | 
     """QUANT_FIT at init, error numel / L^2 (shapes only): bytes (None: no fit), GPTQ matrices' levels."""
     configured = estimate_model_bytes(cfg, model)
     target = fit_target(cfg, code_bytes)
-    levels = tensor_levels(cfg, model, {})
-    rows = [r for r in export_rows(model) if r.rule.group == "muon" and levels[r.name]]
-    start = {r.name: levels[r.name] for r in rows}
-    fits = configured <= target
-    if cfg.quant_fit == "off" or not cfg.uses_gptq or (cfg.quant_fit == "fit" and fits):
-        return (configured if fits else None), start
+    rows = [r for r in export_rows(model) if r.rule.group == "muon"]  # the quantized matrices GPTQ sees
+    start = {r.name: store_levels(cfg, r.rule.store) for r in rows}
+    if cfg.quant_fit == "off" or not cfg.uses_gptq or (cfg.quant_fit == "fit" and configured <= target):
+        return (configured if configured <= target else None), start
     costs = {r.name: {L: (math.prod(r.shape) / L**2, stored_bytes(r, L))
                       for L in rungs_of(cfg, start[r.name])} for r in rows}
     fixed = configured - sum(costs[n][start[n]][1] for n in costs)
