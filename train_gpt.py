@@ -1700,8 +1700,7 @@ REF_QUANTILES = (0.9999, 0.99995, 0.99999, 0.999995, 0.999999)  # QUANT_METHOD=r
 GPTQ_DAMP = 0.01  # x mean diag(H) on the diagonal: rarely excited inputs keep H invertible
 GPTQ_BLOCK = 128  # columns whose errors reach the later ones in one matmul
 SELFGEN_TEMPERATURE = 0.8
-STORES = ("q_attn", "q_mlp", "fp16", "fp32")  # payload order: like bytes next to like bytes
-FLOAT_STORES = {"fp16": "<f2", "fp32": "<f4"}
+STORE_DTYPES = {"q_attn": "<i1", "q_mlp": "<i1", "fp16": "<f2", "fp32": "<f4"}  # payload order
 DTYPES = ("float32", "bfloat16", "float16")
 CODECS = {  # name: (compress, decompress), in codec id order
     "zstd": (lambda b: zstandard.ZstdCompressor(level=22).compress(b), lambda b: zstandard.decompress(b)),
@@ -1831,9 +1830,8 @@ def tensor_levels(cfg: Config, model: nn.Module, hessians: Mapping[str, Tensor],
     levels = {name: store_levels(cfg, store) for name, store in stores.items()}
     if not cfg.quant_high_tensors:
         return levels
-    low = cfg.mlp_quant_levels
-    peak = {n: model.get_parameter(n).detach().float().abs().amax(1) for n in hessians if levels.get(n)}
-    error = {n: float(hessians[n].diagonal().sum() * (m / low).square().sum() / 12) for n, m in peak.items()}
+    step = {n: model.get_parameter(n).detach().float().abs().amax(1) / cfg.mlp_quant_levels for n in hessians}
+    error = {n: float(hessians[n].diagonal().sum() * s.square().sum() / 12) for n, s in step.items()}
     for rank, name in enumerate(sorted(error, key=lambda n: (n not in forced, -error[n], n))):
         levels[name] = store_levels(cfg, stores[name], high=rank < cfg.quant_high_tensors)
     return levels
@@ -1841,7 +1839,7 @@ def tensor_levels(cfg: Config, model: nn.Module, hessians: Mapping[str, Tensor],
 
 def export_rows(model: nn.Module) -> list[ParamRow]:
     rows = [row for row in param_table(model) if row.name not in model.unexported()]
-    return sorted(rows, key=lambda r: STORES.index(r.rule.store))
+    return sorted(rows, key=lambda r: list(STORE_DTYPES).index(r.rule.store))  # like bytes next to like
 
 
 @torch.no_grad()
@@ -1850,7 +1848,7 @@ def quantize_tensor(cfg: Config, name: str, p: Tensor, store: str, levels: int,
     """p as its store holds it and whether GPTQ fell back to rounding."""
     meta = (name, tuple(p.shape), str(p.dtype).removeprefix("torch."), store, levels)
     if not levels:
-        return StoredTensor(*meta, p.float().cpu().numpy().astype(FLOAT_STORES[store]).ravel()), False
+        return StoredTensor(*meta, p.float().cpu().numpy().astype(STORE_DTYPES[store]).ravel()), False
     w = p.float().reshape(p.shape[0], -1)
     scales = row_scales(w, levels, cfg.quant_method)
     use_gptq = cfg.uses_gptq and hessian is not None
@@ -1913,14 +1911,13 @@ def unpack_artifact(blob: bytes) -> tuple[dict, list[StoredTensor]]:
         (head_len,) = struct.unpack_from("<I", body)
         header = json.loads(body[4:4 + head_len])
         index = header["tensors"]
-        layout = [("<i1" if L else FLOAT_STORES[store], math.prod(shape)) for _, shape, _, store, L in index]
+        layout = [(STORE_DTYPES[store], math.prod(shape)) for _, shape, _, store, _ in index]
         layout += [("<f2", shape[0]) for _, shape, _, _, L in index if L]  # the row scales
         arrays = []
         offset = 4 + head_len
         for dtype, count in layout:  # undo the byte planes
-            itemsize = np.dtype(dtype).itemsize
-            planes = np.frombuffer(body, np.uint8, count * itemsize, offset).reshape(itemsize, count)
-            arrays.append(planes.T.copy().view(dtype).ravel())
+            planes = np.frombuffer(body, np.uint8, count * np.dtype(dtype).itemsize, offset)
+            arrays.append(planes.reshape(-1, count).T.copy().view(dtype).ravel())
             offset += planes.size
         scales = iter(arrays[len(index):])
         stored = [StoredTensor(name, tuple(shape), dtype, store, L, values, next(scales) if L else None)
@@ -1973,25 +1970,25 @@ def rungs_of(cfg: Config, levels: int) -> list[int]:
     return [r for r in LEVEL_LADDER if r < levels][-FIT_RUNGS_DOWN:] + [levels] + up
 
 
-def choose_levels(costs: dict[str, dict[int, tuple[float, float]]], start: Mapping[str, int], limit: float,
-                  spend: bool) -> tuple[dict[str, int] | None, list[str]]:
-    """costs: name -> levels -> (error, bytes). Over `limit`, lower where error grows least per byte saved;
-    within it, raise where it falls most per byte (to start; to spend, to the top rung). None: lowest over."""
+def choose_levels(costs: dict[str, dict[int, tuple[float, float]]], start: Mapping[str, int],
+                  limit: float) -> tuple[dict[str, int] | None, list[str]]:
+    """costs: name -> rungs -> (error, bytes). Over `limit`, lower where error grows least per byte saved;
+    within it, raise where it falls most per byte (up to the top rung). None: the lowest rungs are over."""
     levels = dict(start)
     lines = []
     total = sum(costs[n][levels[n]][1] for n in costs)
     while True:
         up = total <= limit  # lowering ends within the limit, and raising never leaves it
-        options = []  # (error change per byte, signed so that the best is least, name, new levels, changes)
+        options = []  # (error change per byte moved: least is best, name, new levels, bytes, error)
         for name, table in costs.items():
             rungs = sorted(table)
             i = rungs.index(levels[name]) + (1 if up else -1)
-            if not 0 <= i < len(rungs) or (up and not spend and rungs[i] > start[name]):
+            if not 0 <= i < len(rungs):
                 continue
             d_err = table[rungs[i]][0] - table[levels[name]][0]
             d_size = table[rungs[i]][1] - table[levels[name]][1]
             if (d_size > 0 and total + d_size <= limit) if up else d_size < 0:
-                options.append((d_err / d_size if up else -d_err / d_size, name, rungs[i], d_size, d_err))
+                options.append((d_err / abs(d_size), name, rungs[i], d_size, d_err))
         if not options:
             return (levels if up else None), lines
         _, name, new, d_size, d_err = min(options)
@@ -2045,7 +2042,7 @@ def export_artifact(cfg: Config, rt: Runtime, model: nn.Module, hessians: Mappin
     tighten = 0.0
     for round_ in range(1, FIT_ROUNDS + 1):
         limit = start_bytes + (target - tighten - configured) / slope
-        levels, lines = choose_levels(costs, start, limit, cfg.quant_fit == "spend")
+        levels, lines = choose_levels(costs, start, limit)
         if levels is None:
             rt.log(f"fit:impossible lowest_rungs_over_target target_bytes:{target}")
             return artifact
@@ -2069,7 +2066,7 @@ def export_artifact(cfg: Config, rt: Runtime, model: nn.Module, hessians: Mappin
 def stored_bytes(row: ParamRow, levels: int) -> float:
     """Floats, or fp16 scales + log2(L sqrt(pi e / ln C)) bits per code (Gaussian rows, clipped grid)."""
     if not levels:
-        return math.prod(row.shape) * np.dtype(FLOAT_STORES[row.rule.store]).itemsize
+        return math.prod(row.shape) * np.dtype(STORE_DTYPES[row.rule.store]).itemsize
     bits = math.log2(levels * math.sqrt(math.pi * math.e / math.log(max(row.shape[-1], 2))))
     return math.prod(row.shape) * min(max(bits, 0.0), math.log2(2 * levels + 1)) / 8 + 2 * row.shape[0]
 
@@ -2096,7 +2093,7 @@ def estimate_fit(cfg: Config, model: nn.Module, code_bytes: int) -> tuple[int | 
     costs = {r.name: {L: (math.prod(r.shape) / L**2, stored_bytes(r, L))
                       for L in rungs_of(cfg, start[r.name])} for r in rows}
     fixed = configured - sum(costs[n][start[n]][1] for n in costs)
-    fit, _ = choose_levels(costs, start, target - fixed, cfg.quant_fit == "spend")
+    fit, _ = choose_levels(costs, start, target - fixed)
     return (None, start) if fit is None else (round(fixed + sum(costs[n][fit[n]][1] for n in costs)), fit)
 
 
