@@ -1893,13 +1893,11 @@ def unpack_artifact(blob: bytes) -> tuple[dict, list[StoredTensor]]:
     if not blob.startswith(ARTIFACT_MAGIC):
         pickled = "; a torch.save/pickle file" if blob.startswith((b"PK", b"\x80")) else ""
         raise ValueError(f"not a train_gpt artifact (bad magic{pickled})")
-    if len(blob) < ARTIFACT_HEAD.size + 32:
-        raise ValueError(f"truncated artifact: {len(blob)} bytes")
-    _, version, codec, size = ARTIFACT_HEAD.unpack_from(blob)
-    if version != ARTIFACT_VERSION:
-        raise ValueError(f"artifact format version {version}; this script reads {ARTIFACT_VERSION}")
+    _, version, codec, size = ARTIFACT_HEAD.unpack_from(blob.ljust(ARTIFACT_HEAD.size, b"\0"))  # short: zeros
     if len(blob) != ARTIFACT_HEAD.size + size + 32:
         raise ValueError(f"truncated artifact: {len(blob)} bytes, want {ARTIFACT_HEAD.size + size + 32}")
+    if version != ARTIFACT_VERSION:
+        raise ValueError(f"artifact format version {version}; this script reads {ARTIFACT_VERSION}")
     if hashlib.sha256(blob[:-32]).digest() != blob[-32:]:
         raise ValueError("corrupted artifact: sha256 mismatch")
     name = list(CODECS)[codec] if codec < len(CODECS) else ""
@@ -1953,7 +1951,7 @@ FIT_ROUNDS = 6  # real-size checks (full compressions) before giving up
 
 
 def fit_target(cfg: Config, code_bytes: int) -> int:
-    """The model bytes the fit aims at: the budget less the code, and with spend less QUANT_FIT_MARGIN."""
+    """The model bytes QUANT_FIT aims at: what the code leaves of the budget (spend: less the margin)."""
     return cfg.budget_bytes - code_bytes - (cfg.quant_fit_margin if cfg.quant_fit == "spend" else 0)
 
 
@@ -1973,13 +1971,13 @@ def rungs_of(cfg: Config, levels: int) -> list[int]:
 def choose_levels(costs: dict[str, dict[int, tuple[float, float]]], start: Mapping[str, int],
                   limit: float) -> tuple[dict[str, int] | None, list[str]]:
     """costs: name -> rungs -> (error, bytes). Over `limit`, lower where error grows least per byte saved;
-    within it, raise where it falls most per byte (up to the top rung). None: the lowest rungs are over."""
+    within it, raise where it falls most per byte. None: the lowest rungs are over."""
     levels = dict(start)
     lines = []
     total = sum(costs[n][levels[n]][1] for n in costs)
     while True:
         up = total <= limit  # lowering ends within the limit, and raising never leaves it
-        options = []  # (error change per byte moved: least is best, name, new levels, bytes, error)
+        options = []  # (error change per byte moved: least is best), ...
         for name, table in costs.items():
             rungs = sorted(table)
             i = rungs.index(levels[name]) + (1 if up else -1)
@@ -2031,7 +2029,7 @@ def export_artifact(cfg: Config, rt: Runtime, model: nn.Module, hessians: Mappin
     artifact = build(start)
     configured = len(artifact[0])
     target = fit_target(cfg, code_bytes)
-    rungs = {n: rungs_of(cfg, start[n]) for n in sorted(hessians) if start.get(n)}
+    rungs = {n: rungs_of(cfg, start[n]) for n in sorted(hessians)}
     if cfg.quant_fit == "off" or not rungs or (cfg.quant_fit == "fit" and configured <= target):
         return artifact
     more = [(r.name, r.rule.store, L) for r in rows for L in rungs.get(r.name, ()) if L != start[r.name]]
@@ -2041,8 +2039,7 @@ def export_artifact(cfg: Config, rt: Runtime, model: nn.Module, hessians: Mappin
     slope = 1.0  # real bytes ~ configured + slope * size-model bytes moved
     tighten = 0.0
     for round_ in range(1, FIT_ROUNDS + 1):
-        limit = start_bytes + (target - tighten - configured) / slope
-        levels, lines = choose_levels(costs, start, limit)
+        levels, lines = choose_levels(costs, start, start_bytes + (target - tighten - configured) / slope)
         if levels is None:
             rt.log(f"fit:impossible lowest_rungs_over_target target_bytes:{target}")
             return artifact
@@ -2086,7 +2083,7 @@ def estimate_fit(cfg: Config, model: nn.Module, code_bytes: int) -> tuple[int | 
     """QUANT_FIT at init, error numel / L^2 (shapes only): bytes (None: no fit), GPTQ matrices' levels."""
     configured = estimate_model_bytes(cfg, model)
     target = fit_target(cfg, code_bytes)
-    rows = [r for r in export_rows(model) if r.rule.group == "muon"]  # the quantized matrices GPTQ sees
+    rows = [r for r in export_rows(model) if r.rule.group == "muon"]  # GPTQ's matrices
     start = {r.name: store_levels(cfg, r.rule.store) for r in rows}
     if cfg.quant_fit == "off" or not cfg.uses_gptq or (cfg.quant_fit == "fit" and configured <= target):
         return (configured if configured <= target else None), start
