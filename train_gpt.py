@@ -1701,7 +1701,7 @@ GPTQ_DAMP = 0.01  # x mean diag(H) on the diagonal: rarely excited inputs keep H
 GPTQ_BLOCK = 128  # columns whose errors reach the later ones in one matmul
 SELFGEN_TEMPERATURE = 0.8
 STORE_DTYPES = {"q_attn": "<i1", "q_mlp": "<i1", "fp16": "<f2", "fp32": "<f4"}  # payload order
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = {"float32", "bfloat16", "float16"}
 CODECS = {  # name: (compress, decompress), in codec id order
     "zstd": (lambda b: zstandard.ZstdCompressor(level=22).compress(b), lambda b: zstandard.decompress(b)),
     "brotli": (lambda b: brotli.compress(b, quality=11), lambda b: brotli.decompress(b)),
@@ -1825,7 +1825,7 @@ def calibrate(cfg: Config, rt: Runtime, model: GPT, batches: TrainBatches, train
 
 def tensor_levels(cfg: Config, model: nn.Module, hessians: Mapping[str, Tensor],
                   forced: frozenset[str] = frozenset()) -> dict[str, int]:
-    """QUANT_HIGH_TENSORS go high: `forced`, then by error at the low L, tr(H) sum_r (row max / L)^2 / 12."""
+    """QUANT_HIGH_TENSORS go high: `forced`, then by rounding error at the low L, tr(H) sum step^2 / 12."""
     stores = {row.name: row.rule.store for row in param_table(model)}
     levels = {name: store_levels(cfg, store) for name, store in stores.items()}
     if not cfg.quant_high_tensors:
@@ -1869,13 +1869,12 @@ def quantize_model(cfg: Config, model: nn.Module, hessians: Mapping[str, Tensor]
 
 def pack_artifact(cfg: Config, stored: list[StoredTensor],
                   rt: Runtime | None = None) -> tuple[bytes, dict[str, int]]:
-    """HEAD | smallest body (ties: CODECS order) | sha256, and each codec's size; `rt` splits the codecs.
-    The body: u32 length | JSON header | values | row scales, byte-planed: exponent bytes sit together."""
+    """The file, by the smallest codec (ties: CODECS order), and each codec's size; `rt` splits the codecs."""
     header = {"config": {k: getattr(cfg, k) for k in MODEL_FIELDS},
               "tensors": [[t.name, list(t.shape), t.dtype, t.store, t.levels] for t in stored]}
     head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     arrays = [t.values for t in stored] + [t.scales for t in stored if t.levels]
-    planes = [a.view(np.uint8).reshape(-1, a.itemsize).T.tobytes() for a in arrays]
+    planes = [a.view(np.uint8).reshape(-1, a.itemsize).T.tobytes() for a in arrays]  # exponent bytes together
     body = b"".join([struct.pack("<I", len(head)), head, *planes])
     codecs = codecs_for(cfg.compressor)[0]
     mine = codecs[rt.rank::rt.world_size] if rt else codecs
@@ -1893,17 +1892,19 @@ def unpack_artifact(blob: bytes) -> tuple[dict, list[StoredTensor]]:
     if not blob.startswith(ARTIFACT_MAGIC):
         pickled = "; a torch.save/pickle file" if blob.startswith((b"PK", b"\x80")) else ""
         raise ValueError(f"not a train_gpt artifact (bad magic{pickled})")
-    _, version, codec, size = ARTIFACT_HEAD.unpack_from(blob.ljust(ARTIFACT_HEAD.size, b"\0"))  # short: zeros
-    if len(blob) != ARTIFACT_HEAD.size + size + 32:
-        raise ValueError(f"truncated artifact: {len(blob)} bytes, want {ARTIFACT_HEAD.size + size + 32}")
+    if len(blob) < ARTIFACT_HEAD.size + 32:
+        raise ValueError(f"truncated artifact: {len(blob)} bytes")
+    _, version, codec, size = ARTIFACT_HEAD.unpack_from(blob)
     if version != ARTIFACT_VERSION:
         raise ValueError(f"artifact format version {version}; this script reads {ARTIFACT_VERSION}")
+    if len(blob) != ARTIFACT_HEAD.size + size + 32:
+        raise ValueError(f"truncated artifact: {len(blob)} bytes, want {ARTIFACT_HEAD.size + size + 32}")
     if hashlib.sha256(blob[:-32]).digest() != blob[-32:]:
         raise ValueError("corrupted artifact: sha256 mismatch")
-    name = list(CODECS)[codec] if codec < len(CODECS) else ""
-    if name and not OPTIONAL_CODECS[name][1]:
-        raise ValueError(f"compressed with {name}, not installed here: pip install "
-                         f"{OPTIONAL_CODECS[name][0]}")
+    name = dict(enumerate(CODECS)).get(codec, "")
+    _, missing = codecs_for(name)
+    if missing:
+        raise ValueError(f"compressed with {name}, not installed here: pip install {missing[0]}")
     try:  # past the checksum only a crafted file can fail
         body = CODECS[name][1](blob[ARTIFACT_HEAD.size:-32])
         (head_len,) = struct.unpack_from("<I", body)
@@ -1921,7 +1922,7 @@ def unpack_artifact(blob: bytes) -> tuple[dict, list[StoredTensor]]:
         stored = [StoredTensor(name, tuple(shape), dtype, store, L, values, next(scales) if L else None)
                   for (name, shape, dtype, store, L), values in zip(index, arrays)]
         if (offset != len(body) or set(header["config"]) != set(MODEL_FIELDS)
-                or {t.dtype for t in stored} - set(DTYPES)):
+                or {t.dtype for t in stored} - DTYPES):
             raise ValueError("the index does not match the payload")
     except Exception as err:
         raise ValueError(f"malformed artifact: {type(err).__name__}: {err}") from None
@@ -1951,7 +1952,7 @@ FIT_ROUNDS = 6  # real-size checks (full compressions) before giving up
 
 
 def fit_target(cfg: Config, code_bytes: int) -> int:
-    """The model bytes QUANT_FIT aims at: what the code leaves of the budget (spend: less the margin)."""
+    """The model bytes QUANT_FIT aims at (spend keeps QUANT_FIT_MARGIN back)."""
     return cfg.budget_bytes - code_bytes - (cfg.quant_fit_margin if cfg.quant_fit == "spend" else 0)
 
 
@@ -1970,8 +1971,7 @@ def rungs_of(cfg: Config, levels: int) -> list[int]:
 
 def choose_levels(costs: dict[str, dict[int, tuple[float, float]]], start: Mapping[str, int],
                   limit: float) -> tuple[dict[str, int] | None, list[str]]:
-    """costs: name -> rungs -> (error, bytes). Over `limit`, lower where error grows least per byte saved;
-    within it, raise where it falls most per byte. None: the lowest rungs are over."""
+    """Greedy on error per byte: lower while over `limit`, raise while within it; None: lowest rungs over."""
     levels = dict(start)
     lines = []
     total = sum(costs[n][levels[n]][1] for n in costs)
@@ -1998,9 +1998,9 @@ def choose_levels(costs: dict[str, dict[int, tuple[float, float]]], start: Mappi
 
 def quantize_shared(cfg: Config, rt: Runtime, model: nn.Module, hessians: Mapping[str, Tensor],
                     items: list[tuple[str, str, int]]) -> dict[tuple[str, int], tuple]:
-    """Each (name, store, levels) quantized by the least loaded rank: (stored, fell back, code_cost)."""
+    """Each (name, store, levels) by the least loaded rank, as (stored, fell back, code_cost)."""
     params = {name: p.detach() for name, p in model.named_parameters()}
-    work = {it: params[it[0]].numel() * params[it[0]].shape[-1] for it in items}  # GPTQ: rows x cols^2
+    work = {(n, s, L): params[n].numel() * params[n].shape[-1] for n, s, L in items}  # GPTQ: rows x cols^2
     loads = [0] * rt.world_size
     local = {}
     for name, store, L in sorted(work, key=lambda it: (-work[it], it)):
@@ -2083,10 +2083,11 @@ def estimate_fit(cfg: Config, model: nn.Module, code_bytes: int) -> tuple[int | 
     """QUANT_FIT at init, error numel / L^2 (shapes only): bytes (None: no fit), GPTQ matrices' levels."""
     configured = estimate_model_bytes(cfg, model)
     target = fit_target(cfg, code_bytes)
-    rows = [r for r in export_rows(model) if r.rule.group == "muon"]  # GPTQ's matrices
+    rows = [r for r in export_rows(model) if r.rule.group == "muon"]
     start = {r.name: store_levels(cfg, r.rule.store) for r in rows}
-    if cfg.quant_fit == "off" or not cfg.uses_gptq or (cfg.quant_fit == "fit" and configured <= target):
-        return (configured if configured <= target else None), start
+    fits = configured <= target
+    if cfg.quant_fit == "off" or not cfg.uses_gptq or (cfg.quant_fit == "fit" and fits):
+        return (configured if fits else None), start
     costs = {r.name: {L: (math.prod(r.shape) / L**2, stored_bytes(r, L))
                       for L in rungs_of(cfg, start[r.name])} for r in rows}
     fixed = configured - sum(costs[n][start[n]][1] for n in costs)
