@@ -1644,9 +1644,8 @@ REF_QUANTILES = (0.9999, 0.99995, 0.99999, 0.999995, 0.999999)  # QUANT_METHOD=r
 GPTQ_DAMP = 0.01  # x mean diag(H) on the diagonal: rarely excited inputs keep H invertible
 GPTQ_BLOCK = 128  # columns whose errors reach the later ones in one matmul
 SELFGEN_TEMPERATURE = 0.8
-STORES = ("q_attn", "q_mlp", "fp16", "fp32")  # payload order: like bytes next to like bytes
-FLOAT_STORES = {"fp16": "<f2", "fp32": "<f4"}
-DTYPES = ("float32", "bfloat16", "float16")
+STORE_DTYPES = {"q_attn": "<i1", "q_mlp": "<i1", "fp16": "<f2", "fp32": "<f4"}  # payload order
+DTYPES = {"float32", "bfloat16", "float16"}
 CODECS = {  # name: (compress, decompress), in codec id order
     "zstd": (lambda b: zstandard.ZstdCompressor(level=22).compress(b), lambda b: zstandard.decompress(b)),
     "brotli": (lambda b: brotli.compress(b, quality=11), lambda b: brotli.decompress(b)),
@@ -1770,14 +1769,13 @@ def calibrate(cfg: Config, rt: Runtime, model: GPT, batches: TrainBatches, train
 
 def tensor_levels(cfg: Config, model: nn.Module, hessians: Mapping[str, Tensor],
                   forced: frozenset[str] = frozenset()) -> dict[str, int]:
-    """QUANT_HIGH_TENSORS go high: `forced`, then by error at the low L, tr(H) sum_r (row max / L)^2 / 12."""
+    """QUANT_HIGH_TENSORS go high: `forced`, then by rounding error at the low L, tr(H) sum step^2 / 12."""
     stores = {row.name: row.rule.store for row in param_table(model)}
     levels = {name: store_levels(cfg, store) for name, store in stores.items()}
     if not cfg.quant_high_tensors:
         return levels
-    low = cfg.mlp_quant_levels
-    peak = {n: model.get_parameter(n).detach().float().abs().amax(1) for n in hessians if levels.get(n)}
-    error = {n: float(hessians[n].diagonal().sum() * (m / low).square().sum() / 12) for n, m in peak.items()}
+    step = {n: model.get_parameter(n).detach().float().abs().amax(1) / cfg.mlp_quant_levels for n in hessians}
+    error = {n: float(hessians[n].diagonal().sum() * s.square().sum() / 12) for n, s in step.items()}
     for rank, name in enumerate(sorted(error, key=lambda n: (n not in forced, -error[n], n))):
         levels[name] = store_levels(cfg, stores[name], high=rank < cfg.quant_high_tensors)
     return levels
@@ -1785,7 +1783,7 @@ def tensor_levels(cfg: Config, model: nn.Module, hessians: Mapping[str, Tensor],
 
 def export_rows(model: nn.Module) -> list[ParamRow]:
     rows = [row for row in param_table(model) if row.name not in model.unexported()]
-    return sorted(rows, key=lambda r: STORES.index(r.rule.store))
+    return sorted(rows, key=lambda r: list(STORE_DTYPES).index(r.rule.store))  # like bytes next to like
 
 
 @torch.no_grad()
@@ -1794,7 +1792,7 @@ def quantize_tensor(cfg: Config, name: str, p: Tensor, store: str, levels: int,
     """p as its store holds it and whether GPTQ fell back to rounding."""
     meta = (name, tuple(p.shape), str(p.dtype).removeprefix("torch."), store, levels)
     if not levels:
-        return StoredTensor(*meta, p.float().cpu().numpy().astype(FLOAT_STORES[store]).ravel()), False
+        return StoredTensor(*meta, p.float().cpu().numpy().astype(STORE_DTYPES[store]).ravel()), False
     w = p.float().reshape(p.shape[0], -1)
     scales = row_scales(w, levels, cfg.quant_method)
     use_gptq = cfg.uses_gptq and hessian is not None
@@ -1813,20 +1811,15 @@ def quantize_model(cfg: Config, model: nn.Module, hessians: Mapping[str, Tensor]
     return [t for t, _ in results], sum(fell_back for _, fell_back in results)
 
 
-def artifact_body(cfg: Config, stored: list[StoredTensor]) -> bytes:
-    """u32 length | JSON header | values | row scales, byte-planed: float exponent bytes sit together."""
+def pack_artifact(cfg: Config, stored: list[StoredTensor],
+                  rt: Runtime | None = None) -> tuple[bytes, dict[str, int]]:
+    """The file, by the smallest codec (ties: CODECS order), and each codec's size; `rt` splits the codecs."""
     header = {"config": {k: getattr(cfg, k) for k in MODEL_FIELDS},
               "tensors": [[t.name, list(t.shape), t.dtype, t.store, t.levels] for t in stored]}
     head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     arrays = [t.values for t in stored] + [t.scales for t in stored if t.levels]
-    planes = [a.view(np.uint8).reshape(-1, a.itemsize).T.tobytes() for a in arrays]
-    return b"".join([struct.pack("<I", len(head)), head, *planes])
-
-
-def pack_artifact(cfg: Config, stored: list[StoredTensor],
-                  rt: Runtime | None = None) -> tuple[bytes, dict[str, int]]:
-    """HEAD | smallest body (ties: CODECS order) | sha256, and each codec's size; `rt` splits the codecs."""
-    body = artifact_body(cfg, stored)
+    planes = [a.view(np.uint8).reshape(-1, a.itemsize).T.tobytes() for a in arrays]  # exponent bytes together
+    body = b"".join([struct.pack("<I", len(head)), head, *planes])
     codecs = codecs_for(cfg.compressor)[0]
     mine = codecs[rt.rank::rt.world_size] if rt else codecs
     with ThreadPoolExecutor(max(len(mine), 1)) as pool:  # both codecs release the GIL
@@ -1852,29 +1845,28 @@ def unpack_artifact(blob: bytes) -> tuple[dict, list[StoredTensor]]:
         raise ValueError(f"truncated artifact: {len(blob)} bytes, want {ARTIFACT_HEAD.size + size + 32}")
     if hashlib.sha256(blob[:-32]).digest() != blob[-32:]:
         raise ValueError("corrupted artifact: sha256 mismatch")
-    name = list(CODECS)[codec] if codec < len(CODECS) else ""
-    if name and not OPTIONAL_CODECS[name][1]:
-        raise ValueError(f"compressed with {name}, not installed here: pip install "
-                         f"{OPTIONAL_CODECS[name][0]}")
+    name = dict(enumerate(CODECS)).get(codec, "")
+    _, missing = codecs_for(name)
+    if missing:
+        raise ValueError(f"compressed with {name}, not installed here: pip install {missing[0]}")
     try:  # past the checksum only a crafted file can fail
         body = CODECS[name][1](blob[ARTIFACT_HEAD.size:-32])
         (head_len,) = struct.unpack_from("<I", body)
         header = json.loads(body[4:4 + head_len])
         index = header["tensors"]
-        layout = [("<i1" if L else FLOAT_STORES[store], math.prod(shape)) for _, shape, _, store, L in index]
+        layout = [(STORE_DTYPES[store], math.prod(shape)) for _, shape, _, store, _ in index]
         layout += [("<f2", shape[0]) for _, shape, _, _, L in index if L]  # the row scales
         arrays = []
         offset = 4 + head_len
         for dtype, count in layout:  # undo the byte planes
-            itemsize = np.dtype(dtype).itemsize
-            planes = np.frombuffer(body, np.uint8, count * itemsize, offset).reshape(itemsize, count)
-            arrays.append(planes.T.copy().view(dtype).ravel())
+            planes = np.frombuffer(body, np.uint8, count * np.dtype(dtype).itemsize, offset)
+            arrays.append(planes.reshape(-1, count).T.copy().view(dtype).ravel())
             offset += planes.size
         scales = iter(arrays[len(index):])
         stored = [StoredTensor(name, tuple(shape), dtype, store, L, values, next(scales) if L else None)
                   for (name, shape, dtype, store, L), values in zip(index, arrays)]
         if (offset != len(body) or set(header["config"]) != set(MODEL_FIELDS)
-                or {t.dtype for t in stored} - set(DTYPES)):
+                or {t.dtype for t in stored} - DTYPES):
             raise ValueError("the index does not match the payload")
     except Exception as err:
         raise ValueError(f"malformed artifact: {type(err).__name__}: {err}") from None
@@ -1904,7 +1896,7 @@ FIT_ROUNDS = 6  # real-size checks (full compressions) before giving up
 
 
 def fit_target(cfg: Config, code_bytes: int) -> int:
-    """The model bytes the fit aims at: the budget less the code, and with spend less QUANT_FIT_MARGIN."""
+    """The model bytes QUANT_FIT aims at (spend keeps QUANT_FIT_MARGIN back)."""
     return cfg.budget_bytes - code_bytes - (cfg.quant_fit_margin if cfg.quant_fit == "spend" else 0)
 
 
@@ -1921,27 +1913,24 @@ def rungs_of(cfg: Config, levels: int) -> list[int]:
     return [r for r in LEVEL_LADDER if r < levels][-FIT_RUNGS_DOWN:] + [levels] + up
 
 
-def choose_levels(costs: dict[str, dict[int, tuple[float, float]]], start: Mapping[str, int], limit: float,
-                  spend: bool) -> tuple[dict[str, int] | None, list[str]]:
-    """costs: name -> levels -> (error, bytes). Over `limit`, lower where error grows least per byte saved;
-    within it, raise where it falls most per byte (to start; to spend, to the top rung). None: lowest over."""
+def choose_levels(costs: dict[str, dict[int, tuple[float, float]]], start: Mapping[str, int],
+                  limit: float) -> tuple[dict[str, int] | None, list[str]]:
+    """Greedy on error per byte: lower while over `limit`, raise while within it; None: lowest rungs over."""
     levels = dict(start)
     lines = []
     total = sum(costs[n][levels[n]][1] for n in costs)
     while True:
         up = total <= limit  # lowering ends within the limit, and raising never leaves it
-        options = []  # (signed error change per byte saved: best least), ...
-        for name in costs:
-            rungs = sorted(costs[name])
+        options = []  # (error change per byte moved: least is best), ...
+        for name, table in costs.items():
+            rungs = sorted(table)
             i = rungs.index(levels[name]) + (1 if up else -1)
-            if not 0 <= i < len(rungs) or (up and not spend and rungs[i] > start[name]):
+            if not 0 <= i < len(rungs):
                 continue
-            err, size = costs[name][levels[name]]
-            new_err, new_size = costs[name][rungs[i]]
-            saved = size - new_size
-            if (saved < 0 and total - saved <= limit) if up else saved > 0:
-                per_byte = (err - new_err if up else new_err - err) / saved
-                options.append((per_byte, name, rungs[i], -saved, new_err - err))
+            d_err = table[rungs[i]][0] - table[levels[name]][0]
+            d_size = table[rungs[i]][1] - table[levels[name]][1]
+            if (d_size > 0 and total + d_size <= limit) if up else d_size < 0:
+                options.append((d_err / abs(d_size), name, rungs[i], d_size, d_err))
         if not options:
             return (levels if up else None), lines
         _, name, new, d_size, d_err = min(options)
@@ -1953,9 +1942,9 @@ def choose_levels(costs: dict[str, dict[int, tuple[float, float]]], start: Mappi
 
 def quantize_shared(cfg: Config, rt: Runtime, model: nn.Module, hessians: Mapping[str, Tensor],
                     items: list[tuple[str, str, int]]) -> dict[tuple[str, int], tuple]:
-    """Each (name, store, levels) quantized by the least loaded rank: (stored, fell back, code_cost)."""
+    """Each (name, store, levels) by the least loaded rank, as (stored, fell back, code_cost)."""
     params = {name: p.detach() for name, p in model.named_parameters()}
-    work = {it: params[it[0]].numel() * params[it[0]].shape[-1] for it in items}  # GPTQ: rows x cols^2
+    work = {(n, s, L): params[n].numel() * params[n].shape[-1] for n, s, L in items}  # GPTQ: rows x cols^2
     loads = [0] * rt.world_size
     local = {}
     for name, store, L in sorted(work, key=lambda it: (-work[it], it)):
@@ -1984,7 +1973,7 @@ def export_artifact(cfg: Config, rt: Runtime, model: nn.Module, hessians: Mappin
     artifact = build(start)
     configured = len(artifact[0])
     target = fit_target(cfg, code_bytes)
-    rungs = {n: rungs_of(cfg, start[n]) for n in sorted(hessians) if start.get(n)}
+    rungs = {n: rungs_of(cfg, start[n]) for n in sorted(hessians)}
     if cfg.quant_fit == "off" or not rungs or (cfg.quant_fit == "fit" and configured <= target):
         return artifact
     more = [(r.name, r.rule.store, L) for r in rows for L in rungs.get(r.name, ()) if L != start[r.name]]
@@ -1994,8 +1983,7 @@ def export_artifact(cfg: Config, rt: Runtime, model: nn.Module, hessians: Mappin
     slope = 1.0  # real bytes ~ configured + slope * size-model bytes moved
     tighten = 0.0
     for round_ in range(1, FIT_ROUNDS + 1):
-        limit = start_bytes + (target - tighten - configured) / slope
-        levels, lines = choose_levels(costs, start, limit, cfg.quant_fit == "spend")
+        levels, lines = choose_levels(costs, start, start_bytes + (target - tighten - configured) / slope)
         if levels is None:
             rt.log(f"fit:impossible lowest_rungs_over_target target_bytes:{target}")
             return artifact
@@ -2019,7 +2007,7 @@ def export_artifact(cfg: Config, rt: Runtime, model: nn.Module, hessians: Mappin
 def stored_bytes(row: ParamRow, levels: int) -> float:
     """Floats, or fp16 scales + log2(L sqrt(pi e / ln C)) bits per code (Gaussian rows, clipped grid)."""
     if not levels:
-        return math.prod(row.shape) * np.dtype(FLOAT_STORES[row.rule.store]).itemsize
+        return math.prod(row.shape) * np.dtype(STORE_DTYPES[row.rule.store]).itemsize
     bits = math.log2(levels * math.sqrt(math.pi * math.e / math.log(max(row.shape[-1], 2))))
     return math.prod(row.shape) * min(max(bits, 0.0), math.log2(2 * levels + 1)) / 8 + 2 * row.shape[0]
 
@@ -2039,16 +2027,15 @@ def estimate_fit(cfg: Config, model: nn.Module, code_bytes: int) -> tuple[int | 
     """QUANT_FIT at init, error numel / L^2 (shapes only): bytes (None: no fit), GPTQ matrices' levels."""
     configured = estimate_model_bytes(cfg, model)
     target = fit_target(cfg, code_bytes)
-    levels = tensor_levels(cfg, model, {})
-    rows = [r for r in export_rows(model) if r.rule.group == "muon" and levels[r.name]]
-    start = {r.name: levels[r.name] for r in rows}
+    rows = [r for r in export_rows(model) if r.rule.group == "muon"]
+    start = {r.name: store_levels(cfg, r.rule.store) for r in rows}
     fits = configured <= target
     if cfg.quant_fit == "off" or not cfg.uses_gptq or (cfg.quant_fit == "fit" and fits):
         return (configured if fits else None), start
     costs = {r.name: {L: (math.prod(r.shape) / L**2, stored_bytes(r, L))
                       for L in rungs_of(cfg, start[r.name])} for r in rows}
     fixed = configured - sum(costs[n][start[n]][1] for n in costs)
-    fit, _ = choose_levels(costs, start, target - fixed, cfg.quant_fit == "spend")
+    fit, _ = choose_levels(costs, start, target - fixed)
     return (None, start) if fit is None else (round(fixed + sum(costs[n][fit[n]][1] for n in costs)), fit)
 
 

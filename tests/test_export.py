@@ -98,16 +98,16 @@ def test_greedy_choice_is_within_one_percent_of_brute_force(tiny_low):
     start = dict.fromkeys(names, 7)
     full = sum(costs[n][7][1] for n in names)
     floor = sum(costs[n][3][1] for n in names)
-    assert choose_levels(costs, start, floor - 1, spend=False)[0] is None
+    assert choose_levels(costs, start, floor - 1)[0] is None
     for frac in (0.2, 0.5, 0.8):
         limit = floor + frac * (full - floor)
-        levels, _ = choose_levels(costs, start, limit, spend=False)
+        levels, _ = choose_levels(costs, start, limit)
         greedy = sum(costs[n][levels[n]][0] for n in names)
         assert sum(costs[n][levels[n]][1] for n in names) <= limit
         best = min(sum(costs[n][L][0] for n, L in zip(names, combo)) for combo in itertools.product((3, 5, 7),
                    repeat=len(names)) if sum(costs[n][L][1] for n, L in zip(names, combo)) <= limit)
         assert greedy <= 1.01 * best, (frac, greedy / best)
-        spent, _ = choose_levels(costs, dict.fromkeys(names, 3), limit, spend=True)  # from below, raising
+        spent, _ = choose_levels(costs, dict.fromkeys(names, 3), limit)  # from below, raising
         assert sum(costs[n][spent[n]][1] for n in names) <= limit
 
 
