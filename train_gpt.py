@@ -2243,16 +2243,13 @@ def saved_train_state(payload: dict) -> TrainState:
     return TrainState(swa_sum=payload["swa_sum"], ema=payload["ema"], **resumed)
 
 
-def weights_sha256(model: nn.Module) -> str:
+def check_same_weights(rt: Runtime, model: nn.Module) -> None:
+    """Logs the weights' digest; exits 1 unless every rank holds rank 0's weights."""
     digest = hashlib.sha256()
     for name, p in model.named_parameters():
         digest.update(name.encode() + p.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def check_same_weights(rt: Runtime, digest: str) -> None:
-    rt.log(f"weights_sha256:{digest}")
-    digests = rt.gather_objects(digest)
+    rt.log(f"weights_sha256:{digest.hexdigest()}")
+    digests = rt.gather_objects(digest.hexdigest())
     differing = [rank for rank, other in enumerate(digests) if other != digests[0]]
     rt.log(f"weights_identical_across_ranks:{int(not differing)}")
     if differing:
@@ -2553,12 +2550,12 @@ def load_inputs(cfg: Config, rt: Runtime) -> tuple[ByteTables, Tensor]:
     return tables, val_tokens
 
 
-def log_header(cfg: Config, rt: Runtime, model: GPT, n_val: int) -> None:
+def log_header(cfg: Config, rt: Runtime, val_tokens: Tensor) -> None:
     rt.log(Path(__file__).read_text(encoding="utf-8"), console=False)
     rt.log(f"python:{sys.version.split()[0]} torch:{torch.__version__}", console=False)
     rt.log(f"logs:{rt.log_path} run_id:{cfg.run_id} started:{time.strftime('%Y-%m-%dT%H:%M:%S%z')}")
     rt.log("config:" + json.dumps(dataclasses.asdict(cfg), sort_keys=True))
-    rt.log(describe_params(cfg, model)[0])
+    rt.log(describe_params(cfg, meta_model(cfg))[0])
     accum = grad_accum_for(cfg, rt.world_size)
     rt.log(f"world_size:{rt.world_size} device:{rt.device_name()} grad_accum_steps:{accum} "
            f"compile:{int(rt.use_compile)} autocast:{int(rt.use_autocast)}")
@@ -2569,14 +2566,13 @@ def log_header(cfg: Config, rt: Runtime, model: GPT, n_val: int) -> None:
         rt.log(f"codec_fallback: {names} not installed (pip install {names}); the artifact uses "
                f"{' '.join(usable)} only")
     shards = "" if cfg.eval_only else f"train_shards:{len(shard_paths(cfg.data_path, 'train'))} "
-    rt.log(f"{shards}val_tokens:{n_val} seed:{cfg.seed}")
+    rt.log(f"{shards}val_tokens:{len(val_tokens) - 1} seed:{cfg.seed}")
     # make_record.py tells the full FineWeb val split from other data by this line.
     rt.log(f"val_split tokens:{check_shards(cfg.data_path, 'val')} val_max_tokens:{cfg.val_max_tokens}")
 
 
 def train_and_export(cfg: Config, rt: Runtime, tables: ByteTables, val_tokens: Tensor) -> tuple[Path, float]:
     model = build_model(cfg, rt)
-    log_header(cfg, rt, model, len(val_tokens) - 1)
     batches = TrainBatches(TokenStream(shard_paths(cfg.data_path, "train")), rt.rank, rt.world_size,
                            local_batch_tokens(cfg, rt.world_size), cfg.train_seq_len, rt.device)
     reserve = cfg.calibration_reserve
@@ -2591,7 +2587,7 @@ def train_and_export(cfg: Config, rt: Runtime, tables: ByteTables, val_tokens: T
     train_end = time.perf_counter()
     rt.log(rt.peak_memory_line())
     rt.log(apply_weight_average(cfg, state, model))
-    check_same_weights(rt, weights_sha256(model))
+    check_same_weights(rt, model)
     hessians = calibrate(cfg, rt, model, batches, state.train_ms, reserve)
     bpb = final_block_eval(cfg, rt, "final_float", trainer.model_fn, val_tokens, tables, step=state.step,
                            train_time_ms=state.train_ms)
@@ -2637,29 +2633,26 @@ def write_record(rt: Runtime) -> None:
 
 
 def main() -> None:
+    rt = None
     try:
         cfg = Config.from_env(os.environ)
         if cfg.dry_run:
             return dry_run(cfg)
         check_inputs(cfg, os.environ)
-    except ConfigError as err:
-        exit_with_error(f"config_error: {err}", rank=int(os.environ.get("LOCAL_RANK", 0)))  # once per node
-    rt = Runtime(cfg, os.environ)
-    cfg = rt.cfg
-    path = Path(cfg.eval_only)
-    float_bpb = None
-    try:  # found after start-up (EVAL_ONLY's vocabulary, val token ids, RESUME): one line, every rank stops
+        rt = Runtime(cfg, os.environ)
+        cfg = rt.cfg
+        path = Path(cfg.eval_only)
+        float_bpb = None
         if cfg.eval_only:
             cfg, state = open_artifact(cfg, rt, path, os.environ)
         tables, val_tokens = load_inputs(cfg, rt)
-        if cfg.eval_only:
-            log_header(cfg, rt, meta_model(cfg), len(val_tokens) - 1)
-        else:
+        log_header(cfg, rt, val_tokens)
+        if not cfg.eval_only:
             path, float_bpb = train_and_export(cfg, rt, tables, val_tokens)
             rt.barrier()  # rank 0 has written the artifact
             cfg, state = open_artifact(cfg, rt, path, os.environ)
     except ConfigError as err:
-        exit_with_error(f"config_error: {err}", rt)
+        exit_with_error(f"config_error: {err}", rt, rank=int(os.environ.get("LOCAL_RANK", 0)))
     code_bytes = len(Path(__file__).read_bytes())
     line, excess = budget_line("artifact", code_bytes, path.stat().st_size, cfg.budget_bytes)
     rt.log(line)
