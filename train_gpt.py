@@ -2210,8 +2210,9 @@ def resume_key(cfg: Config) -> str:
     return json.dumps(values, sort_keys=True)
 
 
-def read_checkpoint(cfg: Config, path: Path, device: torch.device | str, mmap: bool = False) -> dict:
-    """A checkpoint of this config, loaded weights_only (no code runs); else one ConfigError."""
+def read_checkpoint(cfg: Config, path: Path, device: torch.device | str,
+                    mmap: bool = False) -> tuple[dict, TrainState]:
+    """This config's checkpoint and its TrainState, loaded weights_only (no code runs); else a ConfigError."""
     what = f"RESUME={cfg.resume}" + (f" ({path})" if str(path) != cfg.resume else "")
     if not path.is_file():
         raise ConfigError(f"RESUME={cfg.resume}: no checkpoint at {path}")
@@ -2234,13 +2235,9 @@ def read_checkpoint(cfg: Config, path: Path, device: torch.device | str, mmap: b
     changed = ", ".join(k for k in sorted(ours) if saved.get(k) != ours[k])
     if changed:
         raise ConfigError(f"{path} is a checkpoint of another configuration (differs in: {changed})")
-    return payload
-
-
-def saved_train_state(payload: dict) -> TrainState:
-    saved = json.loads(payload["state"])
-    resumed = {name: saved[name] for name in RESUMED_STATE}  # older files hold more keys
-    return TrainState(swa_sum=payload["swa_sum"], ema=payload["ema"], **resumed)
+    state = json.loads(payload["state"])
+    resumed = {name: state[name] for name in RESUMED_STATE}  # older files hold more keys
+    return payload, TrainState(swa_sum=payload["swa_sum"], ema=payload["ema"], **resumed)
 
 
 def check_same_weights(rt: Runtime, model: nn.Module) -> None:
@@ -2308,15 +2305,14 @@ class Trainer:
             (loss / accum).backward()
             loss_sum += loss.detach()
         self.rt.average_gradients(params)
+        if self.cfg.grad_clip_norm > 0:
+            nn.utils.clip_grad_norm_(params, self.cfg.grad_clip_norm)
         momentum = muon_momentum_at(self.cfg, state.step)
         for opt in self.optimizers.values():
             for group in opt.param_groups:
                 group["lr"] = group["base_lr"] * scale
                 if "momentum" in group:
                     group["momentum"] = momentum
-        if self.cfg.grad_clip_norm > 0:
-            nn.utils.clip_grad_norm_(params, self.cfg.grad_clip_norm)
-        for opt in self.optimizers.values():
             opt.step()
         self.model.zero_grad(set_to_none=True)
         return loss_sum / accum
@@ -2429,14 +2425,14 @@ class Trainer:
         self.clock.start()
 
     def load_checkpoint(self, path: Path) -> TrainState:
-        payload = read_checkpoint(self.cfg, path, self.rt.device)
+        payload, state = read_checkpoint(self.cfg, path, self.rt.device)
         self.model.load_state_dict(payload["model"])
         for name, opt in self.optimizers.items():
             opt.load_state_dict(payload["optimizers"][name])
         self.batches.seek(*payload["stream"])
         torch.set_rng_state(payload["rng"].cpu())
         self.rt.log(f"checkpoint:resumed path:{path}")
-        return saved_train_state(payload)
+        return state
 
 
 # === 13. MAIN ===
@@ -2473,9 +2469,9 @@ def dry_run(cfg: Config) -> None:
     counts = ",".join(f"{L}x{list(levels.values()).count(L)}" for L in sorted(set(levels.values()))[::-1])
     print(f"fit_estimate mode:{cfg.quant_fit} fits:{int(model_bytes is not None)} matrix_levels:{counts}")
     if cfg.resume:  # the weights the run would export had it ended at this checkpoint
-        payload = read_checkpoint(cfg, resume_path(cfg), "cpu")
+        payload, state = read_checkpoint(cfg, resume_path(cfg), "cpu")
         model.load_state_dict(payload["model"], assign=True)
-        apply_weight_average(cfg, saved_train_state(payload), model)
+        apply_weight_average(cfg, state, model)
         model_bytes = estimate_from_weights(cfg, model)
     print(budget_line("artifact_estimate", code_bytes, model_bytes or estimate_model_bytes(cfg, model),
                       cfg.budget_bytes)[0])
