@@ -2141,8 +2141,9 @@ def resume_key(cfg: Config) -> str:
     return json.dumps(values, sort_keys=True)
 
 
-def read_checkpoint(cfg: Config, path: Path, device: torch.device | str, mmap: bool = False) -> dict:
-    """A checkpoint of this config, loaded weights_only (no code runs); else one ConfigError."""
+def read_checkpoint(cfg: Config, path: Path, device: torch.device | str,
+                    mmap: bool = False) -> tuple[dict, TrainState]:
+    """This config's checkpoint and its TrainState, loaded weights_only (no code runs); else a ConfigError."""
     what = f"RESUME={cfg.resume}" + (f" ({path})" if str(path) != cfg.resume else "")
     if not path.is_file():
         raise ConfigError(f"RESUME={cfg.resume}: no checkpoint at {path}")
@@ -2165,25 +2166,18 @@ def read_checkpoint(cfg: Config, path: Path, device: torch.device | str, mmap: b
     changed = ", ".join(k for k in sorted(ours) if saved.get(k) != ours[k])
     if changed:
         raise ConfigError(f"{path} is a checkpoint of another configuration (differs in: {changed})")
-    return payload
+    state = json.loads(payload["state"])
+    resumed = {name: state[name] for name in RESUMED_STATE}  # older files hold more keys
+    return payload, TrainState(swa_sum=payload["swa_sum"], ema=payload["ema"], **resumed)
 
 
-def saved_train_state(payload: dict) -> TrainState:
-    saved = json.loads(payload["state"])
-    resumed = {name: saved[name] for name in RESUMED_STATE}  # older files hold more keys
-    return TrainState(swa_sum=payload["swa_sum"], ema=payload["ema"], **resumed)
-
-
-def weights_sha256(model: nn.Module) -> str:
+def check_same_weights(rt: Runtime, model: nn.Module) -> None:
+    """Logs the weights' digest; exits 1 unless every rank holds rank 0's weights."""
     digest = hashlib.sha256()
     for name, p in model.named_parameters():
         digest.update(name.encode() + p.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def check_same_weights(rt: Runtime, digest: str) -> None:
-    rt.log(f"weights_sha256:{digest}")
-    digests = rt.gather_objects(digest)
+    rt.log(f"weights_sha256:{digest.hexdigest()}")
+    digests = rt.gather_objects(digest.hexdigest())
     differing = [rank for rank, other in enumerate(digests) if other != digests[0]]
     rt.log(f"weights_identical_across_ranks:{int(not differing)}")
     if differing:
@@ -2242,15 +2236,14 @@ class Trainer:
             (loss / accum).backward()
             loss_sum += loss.detach()
         self.rt.average_gradients(params)
+        if self.cfg.grad_clip_norm > 0:
+            nn.utils.clip_grad_norm_(params, self.cfg.grad_clip_norm)
         momentum = muon_momentum_at(self.cfg, state.step)
         for opt in self.optimizers.values():
             for group in opt.param_groups:
                 group["lr"] = group["base_lr"] * scale
                 if "momentum" in group:
                     group["momentum"] = momentum
-        if self.cfg.grad_clip_norm > 0:
-            nn.utils.clip_grad_norm_(params, self.cfg.grad_clip_norm)
-        for opt in self.optimizers.values():
             opt.step()
         self.model.zero_grad(set_to_none=True)
         return loss_sum / accum
@@ -2363,14 +2356,14 @@ class Trainer:
         self.clock.start()
 
     def load_checkpoint(self, path: Path) -> TrainState:
-        payload = read_checkpoint(self.cfg, path, self.rt.device)
+        payload, state = read_checkpoint(self.cfg, path, self.rt.device)
         self.model.load_state_dict(payload["model"])
         for name, opt in self.optimizers.items():
             opt.load_state_dict(payload["optimizers"][name])
         self.batches.seek(*payload["stream"])
         torch.set_rng_state(payload["rng"].cpu())
         self.rt.log(f"checkpoint:resumed path:{path}")
-        return saved_train_state(payload)
+        return state
 
 
 # === 13. MAIN ===
@@ -2407,9 +2400,9 @@ def dry_run(cfg: Config) -> None:
     counts = ",".join(f"{L}x{list(levels.values()).count(L)}" for L in sorted(set(levels.values()))[::-1])
     print(f"fit_estimate mode:{cfg.quant_fit} fits:{int(model_bytes is not None)} matrix_levels:{counts}")
     if cfg.resume:  # the weights the run would export had it ended at this checkpoint
-        payload = read_checkpoint(cfg, resume_path(cfg), "cpu")
+        payload, state = read_checkpoint(cfg, resume_path(cfg), "cpu")
         model.load_state_dict(payload["model"], assign=True)
-        apply_weight_average(cfg, saved_train_state(payload), model)
+        apply_weight_average(cfg, state, model)
         model_bytes = estimate_from_weights(cfg, model)
     print(budget_line("artifact_estimate", code_bytes, model_bytes or estimate_model_bytes(cfg, model),
                       cfg.budget_bytes)[0])
@@ -2484,12 +2477,12 @@ def load_inputs(cfg: Config, rt: Runtime) -> tuple[ByteTables, Tensor]:
     return tables, val_tokens
 
 
-def log_header(cfg: Config, rt: Runtime, model: GPT, n_val: int) -> None:
+def log_header(cfg: Config, rt: Runtime, val_tokens: Tensor) -> None:
     rt.log(Path(__file__).read_text(encoding="utf-8"), console=False)
     rt.log(f"python:{sys.version.split()[0]} torch:{torch.__version__}", console=False)
     rt.log(f"logs:{rt.log_path} run_id:{cfg.run_id} started:{time.strftime('%Y-%m-%dT%H:%M:%S%z')}")
     rt.log("config:" + json.dumps(dataclasses.asdict(cfg), sort_keys=True))
-    rt.log(describe_params(cfg, model)[0])
+    rt.log(describe_params(cfg, meta_model(cfg))[0])
     accum = grad_accum_for(cfg, rt.world_size)
     rt.log(f"world_size:{rt.world_size} device:{rt.device_name()} grad_accum_steps:{accum} "
            f"compile:{int(rt.use_compile)} autocast:{int(rt.use_autocast)}")
@@ -2500,14 +2493,13 @@ def log_header(cfg: Config, rt: Runtime, model: GPT, n_val: int) -> None:
         rt.log(f"codec_fallback: {names} not installed (pip install {names}); the artifact uses "
                f"{' '.join(usable)} only")
     shards = "" if cfg.eval_only else f"train_shards:{len(shard_paths(cfg.data_path, 'train'))} "
-    rt.log(f"{shards}val_tokens:{n_val} seed:{cfg.seed}")
+    rt.log(f"{shards}val_tokens:{len(val_tokens) - 1} seed:{cfg.seed}")
     # make_record.py tells the full FineWeb val split from other data by this line.
     rt.log(f"val_split tokens:{check_shards(cfg.data_path, 'val')} val_max_tokens:{cfg.val_max_tokens}")
 
 
 def train_and_export(cfg: Config, rt: Runtime, tables: ByteTables, val_tokens: Tensor) -> tuple[Path, float]:
     model = build_model(cfg, rt)
-    log_header(cfg, rt, model, len(val_tokens) - 1)
     batches = TrainBatches(TokenStream(shard_paths(cfg.data_path, "train")), rt.rank, rt.world_size,
                            local_batch_tokens(cfg, rt.world_size), cfg.train_seq_len, rt.device)
     reserve = cfg.calibration_reserve
@@ -2522,7 +2514,7 @@ def train_and_export(cfg: Config, rt: Runtime, tables: ByteTables, val_tokens: T
     train_end = time.perf_counter()
     rt.log(rt.peak_memory_line())
     rt.log(apply_weight_average(cfg, state, model))
-    check_same_weights(rt, weights_sha256(model))
+    check_same_weights(rt, model)
     hessians = calibrate(cfg, rt, model, batches, state.train_ms, reserve)
     bpb = final_block_eval(cfg, rt, "final_float", trainer.model_fn, val_tokens, tables, step=state.step,
                            train_time_ms=state.train_ms)
@@ -2568,29 +2560,26 @@ def write_record(rt: Runtime) -> None:
 
 
 def main() -> None:
+    rt = None
     try:
         cfg = Config.from_env(os.environ)
         if cfg.dry_run:
             return dry_run(cfg)
         check_inputs(cfg, os.environ)
-    except ConfigError as err:
-        exit_with_error(f"config_error: {err}", rank=int(os.environ.get("LOCAL_RANK", 0)))  # once per node
-    rt = Runtime(cfg, os.environ)
-    cfg = rt.cfg
-    path = Path(cfg.eval_only)
-    float_bpb = None
-    try:  # found after start-up (EVAL_ONLY's vocabulary, val token ids, RESUME): one line, every rank stops
+        rt = Runtime(cfg, os.environ)
+        cfg = rt.cfg
+        path = Path(cfg.eval_only)
+        float_bpb = None
         if cfg.eval_only:
             cfg, state = open_artifact(cfg, rt, path, os.environ)
         tables, val_tokens = load_inputs(cfg, rt)
-        if cfg.eval_only:
-            log_header(cfg, rt, meta_model(cfg), len(val_tokens) - 1)
-        else:
+        log_header(cfg, rt, val_tokens)
+        if not cfg.eval_only:
             path, float_bpb = train_and_export(cfg, rt, tables, val_tokens)
             rt.barrier()  # rank 0 has written the artifact
             cfg, state = open_artifact(cfg, rt, path, os.environ)
     except ConfigError as err:
-        exit_with_error(f"config_error: {err}", rt)
+        exit_with_error(f"config_error: {err}", rt, rank=int(os.environ.get("LOCAL_RANK", 0)))
     code_bytes = len(Path(__file__).read_bytes())
     line, excess = budget_line("artifact", code_bytes, path.stat().st_size, cfg.budget_bytes)
     rt.log(line)
