@@ -1859,8 +1859,9 @@ def unpack_artifact(blob: bytes) -> tuple[dict, list[StoredTensor]]:
         arrays = []
         offset = 4 + head_len
         for dtype, count in layout:  # undo the byte planes
-            planes = np.frombuffer(body, np.uint8, count * np.dtype(dtype).itemsize, offset)
-            arrays.append(planes.reshape(-1, count).T.copy().view(dtype).ravel())
+            itemsize = np.dtype(dtype).itemsize
+            planes = np.frombuffer(body, np.uint8, count * itemsize, offset).reshape(itemsize, count)
+            arrays.append(planes.T.copy().view(dtype).ravel())
             offset += planes.size
         scales = iter(arrays[len(index):])
         stored = [StoredTensor(name, tuple(shape), dtype, store, L, values, next(scales) if L else None)
