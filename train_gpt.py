@@ -57,6 +57,7 @@ import struct
 import subprocess
 import sys
 import time
+import timeit
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -587,13 +588,9 @@ def matmul_ms(dtype: torch.dtype) -> float:
     w = torch.full((256, 768), 0.25, dtype=dtype)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    times = []
-    for _ in range(4):
-        start = time.perf_counter()
-        x @ w
-        times.append(1000 * (time.perf_counter() - start))
+    seconds = timeit.repeat(lambda: x @ w, repeat=4, number=1)
     torch.set_num_threads(threads)
-    return min(times[1:])
+    return 1000 * min(seconds[1:])
 
 
 def pick_cpu_precision(bf16_ms: float, fp32_ms: float) -> tuple[str, str]:
