@@ -2174,8 +2174,8 @@ def check_same_weights(rt: Runtime, model: nn.Module) -> None:
     digest = hashlib.sha256()
     for name, p in model.named_parameters():
         digest.update(name.encode() + p.detach().cpu().contiguous().numpy().tobytes())
-    rt.log(f"weights_sha256:{digest.hexdigest()}")
     digests = rt.gather_objects(digest.hexdigest())
+    rt.log(f"weights_sha256:{digests[rt.rank]}")
     differing = [rank for rank, other in enumerate(digests) if other != digests[0]]
     rt.log(f"weights_identical_across_ranks:{int(not differing)}")
     if differing:
