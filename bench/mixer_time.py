@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import statistics
 import sys
 import time
@@ -36,8 +37,11 @@ def one_pass(tg, cfg, val, features, row, world: int) -> float:
     for batch in plan.split(cfg.eval_batch_seqs * world):
         first, last = int(batch[0, 0] + batch[0, 2]), int(batch[-1, 0] + batch[-1, 1])
         part = features[first:last]
-        if hasattr(mixer, "mix"):
+        mix_args = inspect.signature(mixer.mix).parameters if hasattr(mixer, "mix") else {}
+        if "log_probs" in mix_args:  # the Mixer draws its own spot check among this rank's targets
             mixer.mix(first, part, 0, row[None])
+        elif mix_args:  # before that, the caller passed the probe (index, log-probs)
+            mixer.mix(first, part, (0, row))
         else:  # the per-batch protocol before MIXER_UPDATE_TARGETS
             mixer.score(first, part[:, 0], part[:, 1])
             mixer.check(0, row)
