@@ -912,12 +912,11 @@ def effective_layers(cfg: Config, repeats: int) -> list[EffectiveLayer]:
     lo, hi = cfg.recur_span
     depth = len(plan)
     encoder = depth // 2 if cfg.unet != "off" else 0
-    first_lane = depth - cfg.parallel_last_n  # < 0: no lanes at this depth
     v_rows = {slot: row for row, slot in enumerate(parse_ints(cfg.ve_layers))}
     return [EffectiveLayer(
         block=p, slot=slot, scalars=slot if cfg.untie_scalars else p, v_embed=v_rows.get(slot),
         attention=p > 0 or not cfg.disable_layer0_attn, xsa=i >= depth - cfg.xsa_last_n,
-        parallel=0 <= first_lane <= i, norm_scale=(slot + 1) ** -0.5 if cfg.ln_scale else 1.0,
+        parallel=i >= depth - cfg.parallel_last_n, norm_scale=(slot + 1) ** -0.5 if cfg.ln_scale else 1.0,
         skip=(i - encoder, 2 * encoder - 1 - i) if 0 <= i - encoder < encoder else None,
         cross_repeat=(p - lo, k - 1, i - (hi - lo)) if k and cfg.cross_repeat else None,
         repeat_mlp=(k - 1) * (hi - lo) + p - lo if k and cfg.untie_repeat_mlp else None)

@@ -179,6 +179,13 @@ def test_xsa_start(tiny_cfg, repeats, xsa_last_n, first):
     assert flags == [False] * first + [True] * (3 * repeats - first)
 
 
+@pytest.mark.parametrize("repeats, parallel_last_n, first", [(4, 4, 8), (2, 4, 2), (1, 4, 0), (4, 0, 12)])
+def test_parallel_lanes_on_the_last_layers_like_xsa(tiny_cfg, repeats, parallel_last_n, first):
+    """At a depth with fewer layers than PARALLEL_LAST_N, every layer runs two lanes (as XSA_LAST_N does)."""
+    flags = [at.parallel for at in train_gpt.effective_layers(tiny_cfg(parallel_last_n=parallel_last_n), repeats)]
+    assert flags == [False] * first + [True] * (3 * repeats - first)
+
+
 @pytest.mark.parametrize("repeats, xsa_last_n, layers", [
     (2, 4, [2, 3, 4, 5]),
     (3, 4, [5, 6, 7, 8]),

@@ -53,7 +53,7 @@ def test_size_caps():
     line count is a ratchet at today's figure until the rest of the cut lands: lower it as lines come off. Lines
     stay <= 110 characters (long lines are what drive bytes per line up)."""
     lines = SOURCE.count("\n")
-    assert lines <= 2598
+    assert lines <= 2597
     assert len(SOURCE.encode()) / lines <= 52
     assert max(len(line) for line in SOURCE.split("\n")) <= 110
 
