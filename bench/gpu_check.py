@@ -367,12 +367,18 @@ def training_checks(run: Run, fast_gpu: bool) -> list[Check]:
     return checks
 
 
-def primed_graphs(cfg: dict) -> dict[str, int]:
-    """The graphs each compiled function gets before the clock: the model's forward one per depth and grad mode,
-    and one for the sliding eval; Newton-Schulz one per shape bucket of train_gpt's own Muon (on a meta model)."""
+def import_train_gpt():
+    """The checkout's train_gpt.py (this file is in its bench/)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import train_gpt
 
+    return train_gpt
+
+
+def primed_graphs(cfg: dict) -> dict[str, int]:
+    """The graphs each compiled function gets before the clock: the model's forward one per depth and grad mode,
+    and one for the sliding eval; Newton-Schulz one per shape bucket of train_gpt's own Muon (on a meta model)."""
+    train_gpt = import_train_gpt()
     forward = 2 * len({r for _, r in depth_phases(cfg)}) + (1 if cfg.get("eval_stride") else 0)
     knobs = {f.name for f in dataclasses.fields(train_gpt.Config)}
     try:  # dry_run: a codec missing here is not this check's business
@@ -533,9 +539,7 @@ def probe_flash(torch, F) -> list[str]:
 def probe_optimizer(torch, time) -> str:
     """Median ms of one step of every optimizer of the full model on random gradients (20 steps after 3)."""
     try:
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-        import train_gpt
-
+        train_gpt = import_train_gpt()
         cfg = train_gpt.Config.from_env({})
         model = train_gpt.GPT(cfg).cuda()
         train_gpt.apply_param_dtypes(model)
